@@ -1,0 +1,815 @@
+"""model.py: the one file every stage stands on.
+
+What lives here (and nothing else: no loss, no training loop):
+  1. Errors        UserError and `run_main`, so bad input ends in one clear line, not a traceback.
+  2. Tokenizer     loading with an explicit padding side, PAD distinct from EOS, a start-up check.
+  3. Policy        any Hugging Face decoder-only causal LM (local folder or hub name), or a tiny
+                   LLaMA built from a named preset (random init) for the toy world and the tests.
+  4. ScoreModel    bare decoder (`AutoModel`) + linear `score_head` with bias: per-token scores
+                   (B, L) and the end score (B,) at the last attended token. Used for the reward
+                   model, the cost model and both critics (REFERENCE.md section 1).
+  5. Distributed   written by hand: torchrun's environment -> process group (nccl on CUDA, gloo on
+                   CPU, none for a plain `python x.py`), seeds, FSDP2 `fully_shard` per decoder
+                   layer then the root, full-state-dict gathering, atomic checkpoint folders.
+  6. Math helpers  shared by several stages: masked means, whitening, log-prob gathering with the
+                   one-token shift, and sampling from exactly softmax(logits / temperature).
+
+Checkpoint format (a Hugging Face-style folder, safetensors only, never pickle):
+  config.json        the backbone's config; a score model adds "architectures": ["<Family>ForScore"],
+                     "score_type" (reward | cost | critic), "score_dim": 1, "score_bias": true
+  model.safetensors  weights (sharded with an index for large models); a score model's keys are the
+                     causal LM's "model.*" keys plus "score_head.weight" / "score_head.bias"
+  tokenizer files    from `tokenizer.save_pretrained`
+  train_state.*      only in resumable checkpoints: optimiser/scheduler/RNG/data position
+                     (train_state.safetensors for tensors, train_state.json for the rest)
+A saved policy loads with plain `transformers.AutoModelForCausalLM.from_pretrained(path)`.
+
+Shape letters used below: B batch, L sequence length (prompt + response), S prompt length,
+T generated length, V vocabulary size, E hidden size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+# --------------------------------------------------------------------------------------------
+# 1. Errors: one line for the user, no traceback
+# --------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """Bad input (a missing file, field or checkpoint; an empty data set; NaN losses). The message
+    names the file, row or argument; `run_main` prints it as one line and exits with status 2."""
+
+
+def run_main(main, *args) -> None:
+    """Call main(*args); turn a UserError into `error: <message>` on stderr and exit code 2."""
+    try:
+        main(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
+
+
+def check_finite(value: torch.Tensor, what: str, step: int) -> None:
+    """Stop with one line when a loss is NaN/inf (nothing after the last good checkpoint is saved)."""
+    if not torch.isfinite(value).all():
+        raise UserError(f"{what} is not finite at step {step}; stopping before anything is saved "
+                        "(try a lower learning rate)")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Tokenizer
+# --------------------------------------------------------------------------------------------
+
+PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"  # REFERENCE.md 6.1
+DEFAULT_PAD_TOKEN = "<pad>"  # the official code adds "<pad>" when a tokenizer has none (REF 1.2)
+
+
+def format_prompt(request: str) -> str:
+    """The official single-turn template; the response is appended directly after 'ASSISTANT:'."""
+    return PROMPT_TEMPLATE.format(input=request)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, padding_side: str,
+                   trust_remote_code: bool = False):
+    """Load a tokenizer and make it safe for this project.
+
+    padding_side: 'right' for training (SFT, reward, cost), 'left' for generation (the prompt's
+    last token must sit in the last column so new tokens append to every row at once).
+    """
+    from transformers import AutoTokenizer
+
+    assert padding_side in ("left", "right"), padding_side
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {name_or_path!s}: {str(e).splitlines()[0]}") from None
+    # PAD must differ from EOS: if they were equal, the attention mask would hide every EOS and the
+    # end score would be read one token early (REFERENCE.md 10.5).
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
+    tokenizer.padding_side = padding_side
+    check_tokenizer(tokenizer, name_or_path)
+    return tokenizer
+
+
+def check_tokenizer(tokenizer, where) -> None:
+    """Start-up self-check: EOS exists and is a single token; PAD exists and is not EOS."""
+    if tokenizer.eos_token is None:
+        raise UserError(f"tokenizer at {where} has no EOS token")
+    eos_ids = tokenizer(tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    if eos_ids != [tokenizer.eos_token_id]:
+        raise UserError(f"tokenizer at {where}: EOS string {tokenizer.eos_token!r} encodes to {eos_ids}, "
+                        "not to the single EOS id")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise UserError(f"tokenizer at {where}: PAD must be a token distinct from EOS")
+
+
+def resize_embeddings(model: nn.Module, tokenizer) -> None:
+    """Grow the embedding (and LM head) to the tokenizer; new rows are the mean of the old ones,
+    as the official code does (REFERENCE.md 1.2). Never shrinks (padded vocabularies stay)."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    # Keep the config's special ids in sync with the tokenizer (REFERENCE.md 1.2).
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.config, name, getattr(tokenizer, name))
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Policy: a causal LM from a checkpoint, or a tiny LLaMA from a preset
+# --------------------------------------------------------------------------------------------
+
+# Presets are random-init LLaMA configs. "toy-*" are sized for a CPU; the others exist for the
+# memory estimate and the GPU benchmark (never downloaded: only the shapes are used).
+PRESETS: dict[str, dict] = {
+    "toy-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172),
+    "toy-small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=344),
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=8192, max_position_embeddings=2048, vocab_size=32000),
+    "llama-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
+                     max_position_embeddings=2048, vocab_size=32000),
+}
+
+
+def preset_config(preset: str, vocab_size: int | None = None, **overrides):
+    """A LlamaConfig from a named preset; vocab_size comes from the tokenizer for the toy presets."""
+    from transformers import LlamaConfig
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)} "
+                        "or give a checkpoint folder / hub name")
+    kwargs = dict(max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    kwargs.update(PRESETS[preset])
+    if vocab_size is not None:
+        kwargs["vocab_size"] = vocab_size
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def is_score_checkpoint(path: str | os.PathLike) -> bool:
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and "score_type" in json.loads(cfg.read_text())
+
+
+def _check_checkpoint_path(name_or_path: str, stage_hint: str = "") -> None:
+    """A local-looking path must be a checkpoint folder; a hub name ('org/name') is left to HF."""
+    p = Path(name_or_path)
+    looks_local = p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    if not looks_local:
+        return
+    hint = f" ({stage_hint})" if stage_hint else ""
+    if not p.exists():
+        raise UserError(f"checkpoint {name_or_path} does not exist{hint}")
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise UserError(f"{name_or_path} is not a checkpoint folder: no config.json{hint}")
+    if not any(p.glob("*.safetensors")) and not (p / "model.safetensors.index.json").is_file():
+        raise UserError(f"{name_or_path} is not a checkpoint folder: no *.safetensors weights{hint}")
+
+
+def load_causal_lm(name_or_path: str, tokenizer, *, dtype: torch.dtype = torch.float32,
+                   trust_remote_code: bool = False, stage_hint: str = "", device: str | torch.device = "cpu"):
+    """A policy: a named preset (random init; same weights on every rank because every rank uses
+    the same seed before this call) or any HF decoder-only causal LM checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    if name_or_path in PRESETS:
+        model = AutoModelForCausalLM.from_config(preset_config(name_or_path, vocab_size=len(tokenizer)))
+        model.to(dtype)
+    else:
+        _check_checkpoint_path(name_or_path, stage_hint)
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, device)
+    resize_embeddings(model, tokenizer)
+    return model
+
+
+def _from_pretrained(auto_cls, name_or_path, dtype, trust_remote_code, device="cpu"):
+    try:
+        return auto_cls.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                        use_safetensors=True, device_map=str(device) if device != "cpu" else None)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model from {name_or_path}: {str(e).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# 4. ScoreModel: reward model, cost model, reward critic, cost critic
+# --------------------------------------------------------------------------------------------
+
+SCORE_TYPES = ("reward", "cost", "critic")
+
+
+@dataclass
+class ScoreOutput:
+    scores: torch.Tensor      # (B, L) fp32: the head at every position (critics use these as V_t)
+    end_scores: torch.Tensor  # (B,)  fp32: the head at the last attended token (EOS in practice)
+    end_index: torch.Tensor   # (B,)  long: that token's position
+
+
+class ScoreModel(nn.Module):
+    """Backbone (the family's bare decoder, no LM head) + `score_head: R^E -> R^1` with bias.
+
+    The backbone attribute is called `model`, as in LlamaForCausalLM, so a score model's weights
+    have the causal LM's names plus `score_head.*`: initialising from a policy checkpoint is a
+    plain load, and the trained head travels with the score model's own checkpoints.
+    """
+
+    def __init__(self, backbone: nn.Module, score_type: str):
+        super().__init__()
+        assert score_type in SCORE_TYPES, score_type
+        self.model = backbone
+        self.config = backbone.config
+        self.score_type = score_type
+        self.score_head = nn.Linear(self.config.hidden_size, 1, bias=True)
+        # Head initialisation (REFERENCE.md 1.2): weight ~ N(0, initializer_range) as HF's
+        # _init_weights would do for a missing head; bias explicitly zero.
+        nn.init.normal_(self.score_head.weight, std=getattr(self.config, "initializer_range", 0.02))
+        nn.init.zeros_(self.score_head.bias)
+        self.score_head.to(next(backbone.parameters()).dtype)
+        self._no_split_modules = getattr(backbone, "_no_split_modules", None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ScoreOutput:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask),
+                            use_cache=False).last_hidden_state          # (B, L, E)
+        scores = self.score_head(hidden).squeeze(-1).float()              # (B, L) in fp32
+        end_index = last_attended_index(attention_mask)                   # (B,)
+        end_scores = scores.gather(1, end_index[:, None]).squeeze(1)      # (B,)
+        return ScoreOutput(scores=scores, end_scores=end_scores, end_index=end_index)
+
+    # Pass-throughs that generic code (FSDP wrapping, checkpointing, resizing) calls on HF models.
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        return self.model.resize_token_embeddings(*args, **kwargs)
+
+    def score_config(self) -> dict:
+        """The backbone config plus what says 'this is a score model' (REFERENCE.md 1.5)."""
+        cfg = self.config.to_dict()
+        family = type(self.model).__name__.removesuffix("Model")
+        cfg.update(architectures=[f"{family}ForScore"], score_type=self.score_type, score_dim=1, score_bias=True)
+        return cfg
+
+
+def last_attended_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (B,) index of the last 1 in each row, whatever side is padded
+    (REFERENCE.md 1.3). Plain loop it replaces: max(t for t in range(L) if mask[b, t])."""
+    L = attention_mask.shape[1]
+    positions = torch.arange(L, device=attention_mask.device).expand_as(attention_mask)  # (B, L)
+    return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values          # (B,)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded row starts at 0 like a right-
+    padded one (what HF `generate` does; the official forward passes skip this, REF 10.4)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                          # (B, L)
+
+
+def load_score_model(name_or_path: str, tokenizer, score_type: str, *, dtype: torch.dtype = torch.float32,
+                     trust_remote_code: bool = False, stage_hint: str = "") -> ScoreModel:
+    """From a saved score model (trained head restored) or from a causal-LM checkpoint / preset
+    (fresh head). `score_type` overrides the saved one (a critic loaded from a reward model)."""
+    from transformers import AutoConfig, AutoModel
+
+    if name_or_path in PRESETS:
+        backbone = AutoModel.from_config(preset_config(name_or_path, vocab_size=len(tokenizer))).to(dtype)
+        model = ScoreModel(backbone, score_type)
+    else:
+        _check_checkpoint_path(name_or_path, stage_hint)
+        if is_score_checkpoint(name_or_path):
+            # The saved config is the backbone's plus score fields; AutoModel ignores the extras and
+            # loads the "model.*" weights (HF strips the base-model prefix), the head is read below.
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            config.architectures = None
+            backbone = _from_pretrained_with_config(AutoModel, name_or_path, config, dtype, trust_remote_code)
+            model = ScoreModel(backbone, score_type)
+            head = _read_tensors(Path(name_or_path), ("score_head.weight", "score_head.bias"))
+            model.score_head.load_state_dict({k.removeprefix("score_head."): v.to(dtype) for k, v in head.items()})
+        else:
+            backbone = _from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code)
+            model = ScoreModel(backbone, score_type)
+    resize_embeddings(model, tokenizer)
+    return model
+
+
+def _from_pretrained_with_config(auto_cls, path, config, dtype, trust_remote_code):
+    try:
+        return auto_cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                        use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+
+
+def _read_tensors(folder: Path, names) -> dict[str, torch.Tensor]:
+    """Read named tensors from a (possibly sharded) safetensors checkpoint."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {n: folder / weight_map[n] for n in names if n in weight_map}
+    else:
+        files = {n: folder / "model.safetensors" for n in names}
+    out = {}
+    for name, file in files.items():
+        with safe_open(str(file), framework="pt") as f:
+            if name in f.keys():
+                out[name] = f.get_tensor(name)
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise UserError(f"{folder} is a score-model folder without {', '.join(missing)}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Distributed set-up, written by hand (torchrun -> process group -> FSDP2 -> checkpoints)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return dist.is_initialized()
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; init nccl on CUDA, gloo on CPU.
+
+    A plain `python x.py` (no RANK in the environment) gets no process group at all: one process,
+    no FSDP, the same code path otherwise. device: 'auto' (CUDA if present), 'cpu' or 'cuda'.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if "RANK" not in os.environ:
+        return Dist(0, 0, 1, torch.device("cuda" if use_cuda else "cpu"))
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if use_cuda:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return Dist(rank, local_rank, world_size, dev)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python and torch. Call it with the SAME seed on every rank before building models
+    (identical initial weights), then with a per-rank seed (seed + rank) before data shuffling and
+    sampling, so ranks see different data and draw different samples (CleanRL's multi-GPU note)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def print0(*args, **kwargs) -> None:
+    """The one printing helper: rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (identity without a process group)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= dist.get_world_size()
+    return x
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: modules whose class HF lists in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    inner = model.model if isinstance(model, ScoreModel) else model
+    names |= set(getattr(inner, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise UserError(f"cannot find decoder layers to shard in {type(model).__name__}")
+    return layers
+
+
+def prepare_model(model: nn.Module, dist_: Dist, *, trainable: bool, bf16: bool,
+                  activation_checkpointing: bool = False) -> nn.Module:
+    """Move to the device and, under torchrun, shard with FSDP2.
+
+    Trainable models keep fp32 master weights; with bf16 (GPU) FSDP2 computes in bf16 and reduces
+    gradients in fp32. Frozen models are cast to bf16 on GPU outright (no optimiser needs fp32).
+    Dropout is switched off everywhere (RLHF log-prob ratios must be deterministic).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    if activation_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not trainable:
+        model.requires_grad_(False)
+        if bf16:
+            model.to(torch.bfloat16)
+    if not dist_.enabled:
+        model.to(dist_.device)
+        return model if trainable else model.eval()
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Mixed precision policy: parameters all-gathered in bf16 for compute, gradients reduced in
+    # fp32 (GPU, trainable); fp32 throughout on CPU. Frozen bf16 models need no policy.
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if (bf16 and trainable) else MixedPrecisionPolicy()
+    model.to(dist_.device)
+    for layer in decoder_layers(model):  # each decoder block first, then the root
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    # Check once after wrapping (pytorch/examples FSDP2): every parameter is a sharded DTensor.
+    from torch.distributed.tensor import DTensor
+    for name, p in model.named_parameters():
+        assert isinstance(p, DTensor), f"{name} was not sharded"
+    return model if trainable else model.eval()
+
+
+@contextlib.contextmanager
+def gathered_weights(model: nn.Module):
+    """Gather an FSDP2 model's weights once for a whole generation instead of once per decoding
+    step: with reshard_after_forward off, the first forward all-gathers and later ones reuse the
+    full weights; on exit everything is resharded. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gather the full (unsharded) state dict, on CPU. Collective: call on every rank; under FSDP
+    only rank 0 receives the tensors (others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # clone: gathered tensors can be views into one flat buffer, which safetensors refuses
+    return {k: v.detach().cpu().clone() for k, v in sd.items()}
+
+
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Inverse of full_state_dict for a (possibly sharded) model; every rank passes the full dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+
+
+# ---- atomic checkpoint folders -------------------------------------------------------------
+
+
+def recover_checkpoint(folder: str | os.PathLike) -> None:
+    """Undo a save that was killed between its two renames (see atomic_folder), and drop stale
+    temporary folders. Safe to call on every start."""
+    folder = Path(folder)
+    old, parent = folder.with_name(folder.name + ".old"), folder.parent
+    if not folder.exists() and old.exists():
+        old.rename(folder)
+    elif old.exists():
+        shutil.rmtree(old)
+    if parent.exists():
+        for tmp in parent.glob(folder.name + ".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ("metrics.jsonl", "args.json", "samples.jsonl")):
+    """Write a checkpoint into `<folder>.tmp-<pid>`, then swap it into place.
+
+    A crash while writing leaves the previous `folder` untouched (the temporary folder is removed
+    on the next start). The swap is two renames (folder -> folder.old, tmp -> folder); a crash
+    between them is undone by `recover_checkpoint`. Run files named in `keep` (logs written next
+    to the checkpoint) are carried over from the old folder.
+    """
+    folder = Path(folder)
+    recover_checkpoint(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for name in keep:
+        if (folder / name).is_file() and not (tmp / name).exists():
+            shutil.copy2(folder / name, tmp / name)
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def write_model_files(folder: Path, model: nn.Module, state_dict: dict[str, torch.Tensor], tokenizer) -> None:
+    """Rank 0: config.json + safetensors weights (+ index when sharded) + tokenizer files."""
+    from huggingface_hub import save_torch_state_dict
+
+    if isinstance(model, ScoreModel):
+        (folder / "config.json").write_text(json.dumps(model.score_config(), indent=2, sort_keys=True) + "\n")
+    else:
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+    # Tied weights (e.g. lm_head = embed_tokens) are stored once, as HF does.
+    save_torch_state_dict(state_dict, folder, max_shard_size="5GB", metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
+
+
+def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: dict[str, nn.Module],
+                    train_state: dict | None = None) -> None:
+    """Save one or more models (and optionally a resumable train state) atomically.
+
+    models: {"": main model, "reward_critic": ..., ...}; "" goes in the folder itself, others in
+    sub-folders. Collective: every rank must call it (the state dicts are gathered), rank 0 writes.
+    train_state: {"tensors": {name: Tensor}, "json": {...}} or None.
+    """
+    state_dicts = {name: full_state_dict(m) for name, m in models.items()}
+    if dist_.is_main:
+        with atomic_folder(folder) as tmp:
+            for name, m in models.items():
+                sub = tmp / name if name else tmp
+                sub.mkdir(parents=True, exist_ok=True)
+                write_model_files(sub, m, state_dicts[name], tokenizer)
+            if train_state is not None:
+                save_file(train_state["tensors"], str(tmp / "train_state.safetensors"))
+                (tmp / "train_state.json").write_text(json.dumps(train_state["json"], indent=1) + "\n")
+    barrier()
+
+
+def load_train_state(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    if not (folder / "train_state.json").is_file():
+        raise UserError(f"--resume: {folder} holds no resumable state (train_state.json); "
+                        "it was not written by an interrupted run of this stage")
+    return {"tensors": load_file(str(folder / "train_state.safetensors")),
+            "json": json.loads((folder / "train_state.json").read_text())}
+
+
+# ---- optimiser, scheduler and RNG state as safetensors + JSON (no pickle) --------------------
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str) -> dict:
+    """Full (unsharded) optimiser state keyed by parameter name: tensors + JSON-able rest."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tensors = {}
+    for pname, st in osd["state"].items():
+        for k, v in st.items():
+            tensors[f"{prefix}.state.{pname}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    return {"tensors": tensors, "json": {f"{prefix}.param_groups": osd["param_groups"]}}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    tag = f"{prefix}.state."
+    per_param: dict[str, dict] = {}
+    for key, value in state["tensors"].items():
+        if key.startswith(tag):
+            pname, k = key[len(tag):].rsplit(".", 1)
+            per_param.setdefault(pname, {})[k] = value
+    osd = {"state": per_param, "param_groups": state["json"][f"{prefix}.param_groups"]}
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+
+
+def rng_state() -> dict:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    version, internal, gauss = random.getstate()
+    return {"tensors": tensors, "json": {"rng.python": [version, list(internal), gauss]}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["tensors"]["rng.torch"])
+    if torch.cuda.is_available() and "rng.cuda" in state["tensors"]:
+        torch.cuda.set_rng_state(state["tensors"]["rng.cuda"])
+    version, internal, gauss = state["json"]["rng.python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def merge_states(*parts: dict) -> dict:
+    out = {"tensors": {}, "json": {}}
+    for p in parts:
+        out["tensors"].update(p["tensors"])
+        out["json"].update(p["json"])
+    return out
+
+
+def gather_rng_states(dist_: Dist) -> dict:
+    """Every rank's RNG state, collected on rank 0 (per-rank seeds mean per-rank states)."""
+    mine = rng_state()
+    if not dist_.enabled:
+        return {"tensors": {f"rank0.{k}": v for k, v in mine["tensors"].items()},
+                "json": {f"rank0.{k}": v for k, v in mine["json"].items()}}
+    gathered = [None] * dist_.world_size
+    dist.all_gather_object(gathered, {"t": {k: v.tolist() for k, v in mine["tensors"].items()}, "j": mine["json"]})
+    out = {"tensors": {}, "json": {}}
+    for r, g in enumerate(gathered):
+        out["tensors"].update({f"rank{r}.{k}": torch.tensor(v, dtype=torch.uint8) for k, v in g["t"].items()})
+        out["json"].update({f"rank{r}.{k}": v for k, v in g["j"].items()})
+    return out
+
+
+def restore_rng_states(state: dict, dist_: Dist) -> None:
+    tag = f"rank{dist_.rank}."
+    if f"{tag}rng.torch" not in state["tensors"]:
+        raise UserError(f"--resume: the checkpoint was written by a run with fewer ranks (no RNG state for rank {dist_.rank})")
+    set_rng_state({"tensors": {k[len(tag):]: v for k, v in state["tensors"].items() if k.startswith(tag)},
+                   "json": {k[len(tag):]: v for k, v in state["json"].items() if k.startswith(tag)}})
+
+
+# ---- optimiser and schedule shared by every stage (REFERENCE.md 5.10) ------------------------
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, betas (0.9, 0.95) as the official code; no weight decay on biases and norm weights
+    (deviation: the official name test misses LLaMA's final `model.norm.weight`, REF 10.8; we
+    exclude every 1-D parameter)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """'cosine': linear warmup then cosine decay to 0 (HF get_cosine_schedule_with_warmup);
+    'constant': constant (the official critic schedule ignores warmup, REF 10.8)."""
+    def cosine(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    schedules = {"cosine": cosine, "constant": lambda step: 1.0}
+    if kind not in schedules:
+        raise UserError(f"unknown lr schedule {kind!r}; choose cosine or constant")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[kind])
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global-norm clipping; works on FSDP2 DTensor gradients (the norm is reduced over ranks)."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Math helpers shared by several stages
+# --------------------------------------------------------------------------------------------
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where mask is 1 (all positions pooled). (B, T), (B, T) -> ()"""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence token mean, then batch mean: the official `masked_mean` (REF 5.7).
+    Plain loop: mean_b( sum_t m[b,t] x[b,t] / sum_t m[b,t] ).   (B, T), (B, T) -> ()"""
+    per_sequence = (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B,)
+    return per_sequence.mean()                                                # ()
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over masked positions (unbiased variance), zero outside the mask.
+    shift_mean=False rescales only (keeps the sign). (B, T), (B, T) -> (B, T)"""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] per position, in fp32. (B, T, V), (B, T) -> (B, T)"""
+    logp = F.log_softmax(logits.float(), dim=-1)                   # (B, T, V)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)       # (B, T)
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The one-token shift: logits at position t predict token t+1 (REFERENCE.md 0).
+    Logits are divided by the sampling temperature before the log-softmax, so these are the
+    log-probs of exactly the distribution `sample` draws from.
+    (B, L, V), (B, L) -> (B, L-1), entry t = log pi(x_{t+1} | x_{<=t})."""
+    return gather_logprobs(logits[:, :-1] / temperature, input_ids[:, 1:])  # (B, L-1)
+
+
+def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Forward a causal LM and return sequence_logprobs. (B, L) -> (B, L-1)"""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    return sequence_logprobs(logits, input_ids, temperature)
+
+
+def all_ranks_done(done: bool, device: torch.device) -> bool:
+    """True once every rank is done (one tiny all-reduce). Keeps sharded forwards in lockstep."""
+    if not dist.is_initialized():
+        return done
+    flag = torch.tensor([0.0 if done else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return flag.item() == 0.0
+
+
+@torch.no_grad()
+def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+           eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample continuations of left-padded prompts with the KV cache.
+
+    Draws from softmax(logits / temperature) with nothing hidden: no top-k, no top-p (the official
+    rollout samples with HF's implicit top_k=50, REFERENCE.md 10.4, and then scores with the full
+    softmax; we sample from the distribution we score). temperature == 0 means greedy.
+    After a row emits EOS it gets PAD. Under torchrun every rank runs the same number of decoding
+    steps (it stops when all rows on all ranks are done), so sharded forwards never hang.
+
+    input_ids, attention_mask: (B, S) left-padded.
+    Returns sequences (B, S + T) and their attention mask (B, S + T), T <= max_new_tokens;
+    the mask is 1 on real prompt tokens and on generated tokens up to and including EOS.
+    """
+    from transformers import DynamicCache
+
+    B = input_ids.shape[0]
+    position_ids = position_ids_from_mask(attention_mask)                            # (B, S)
+    cache = DynamicCache()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True)
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)            # (B,)
+    next_position = position_ids[:, -1] + 1                                          # (B,)
+    new_tokens, new_mask = [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()                                        # (B, V)
+        if temperature == 0:
+            token = logits.argmax(dim=-1)                                            # (B,)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)                      # (B, V)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)     # (B,)
+        real = ~finished                                                             # (B,)
+        token = torch.where(real, token, torch.full_like(token, pad_token_id))      # PAD after EOS
+        new_tokens.append(token)
+        new_mask.append(real.long())
+        finished = finished | (token == eos_token_id)
+        if all_ranks_done(bool(finished.all()), input_ids.device):
+            break
+        attention_mask = torch.cat([attention_mask, real.long()[:, None]], dim=1)    # (B, S + t)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask,
+                    position_ids=next_position[:, None], past_key_values=out.past_key_values, use_cache=True)
+        next_position = next_position + 1
+    sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+    mask = torch.cat([attention_mask[:, :input_ids.shape[1]], torch.stack(new_mask, dim=1)], dim=1)
+    return sequences, mask
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

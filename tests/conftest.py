@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny word-level tokenizer and tiny LLaMA policies, built in code (no network)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+WORDS = ("BEGINNING OF CONVERSATION : USER ASSISTANT how do i bake bread fix a bike knead the dough "
+         "sorry cannot help with that call professional first then finally").split()
+
+
+def make_word_tokenizer(folder: Path, with_pad: bool = True):
+    """A LLaMA-like word-level tokenizer: BOS prepended, EOS '</s>' a single token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"] + (["<pad>"] if with_pad else [])
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>" if with_pad else None)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    return make_word_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir_nopad(tmp_path_factory):
+    return make_word_tokenizer(tmp_path_factory.mktemp("tok_nopad"), with_pad=False)
+
+
+def run(cmd, timeout=300, env=None, cwd=ROOT):
+    """Run a command, fail the test with its output if it fails or times out."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PYTHONPATH"] = str(ROOT)
+    p = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return p
+
+
+def torchrun(nproc: int, script_args, timeout=300, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(29500 + (os.getpid() % 1000)), *map(str, script_args)]
+    return run(cmd, timeout=timeout, env=dict({"OMP_NUM_THREADS": "1"}, **(env or {})))

@@ -1,0 +1,83 @@
+"""Worker for the distributed tests: run as `torchrun --nproc_per_node N tests/dist_worker.py MODE OUT TOK`
+or as a plain `python tests/dist_worker.py MODE OUT TOK` (one process, no process group).
+
+step:     one FSDP2 training step of a tiny LLaMA on a fixed global batch of 8 sequences; each rank
+          takes its slice; the masked token loss is normalised by the token count of the whole
+          global batch, so N ranks and 1 process optimise the same objective. Writes the loss and
+          the saved checkpoint (atomic, gathered from the shards) to OUT.
+generate: sampling where rows (and ranks) reach EOS at different steps; writes per-rank results.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model as M  # noqa: E402
+
+
+def global_batch(tokenizer):
+    g = torch.Generator().manual_seed(123)
+    rows = []
+    for i in range(8):
+        n = 4 + (i * 3) % 9
+        rows.append(torch.randint(4, len(tokenizer), (n,), generator=g).tolist())
+    L = max(map(len, rows))
+    ids = torch.full((8, L), tokenizer.pad_token_id)
+    mask = torch.zeros((8, L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def step(out: Path, tok_dir: str):
+    d = M.init_distributed("cpu")
+    M.seed_everything(0)  # same seed on every rank: identical initial weights
+    tokenizer = M.load_tokenizer(tok_dir, "right")
+    policy = M.load_causal_lm("toy-tiny", tokenizer)
+    policy = M.prepare_model(policy, d, trainable=True, bf16=False)
+    optimizer = M.make_optimizer(policy, lr=1e-2, weight_decay=0.1)
+    ids, mask = global_batch(tokenizer)
+    per_rank = 8 // d.world_size
+    sl = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
+    ids, mask = ids[sl], mask[sl]
+    logp = M.policy_logprobs(policy, ids, mask)                 # (b, L-1)
+    token_mask = mask[:, 1:].float()
+    n_tokens = M.all_reduce_sum(token_mask.sum())               # tokens in the global batch
+    # FSDP averages gradients over ranks, so scale by world_size to get sum / global count.
+    loss = -(logp * token_mask).sum() / n_tokens * d.world_size
+    loss.backward()
+    M.clip_grad_norm(policy, 1.0)
+    optimizer.step()
+    global_loss = M.all_reduce_mean(loss.detach())
+    M.save_checkpoint(out / "ckpt", d, tokenizer, {"": policy})
+    if d.is_main:
+        (out / "loss.json").write_text(json.dumps({"loss": global_loss.item()}))
+
+
+def generate(out: Path, tok_dir: str):
+    d = M.init_distributed("cpu")
+    M.seed_everything(0)
+    tokenizer = M.load_tokenizer(tok_dir, "left")
+    policy = M.load_causal_lm("toy-tiny", tokenizer)
+    torch.nn.init.zeros_(policy.lm_head.weight)    # uniform next-token distribution: EOS at random steps
+    policy = M.prepare_model(policy, d, trainable=True, bf16=False)
+    M.seed_everything(1000 + d.rank)               # per-rank sampling seed
+    enc = tokenizer(["how do i bake bread", "fix a bike"], return_tensors="pt", padding=True)
+    with M.gathered_weights(policy):
+        seqs, mask = M.sample(policy, enc.input_ids, enc.attention_mask, max_new_tokens=400,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    lengths = mask[:, enc.input_ids.shape[1]:].sum(1).tolist()
+    (out / f"gen_rank{d.rank}.json").write_text(json.dumps({"columns": seqs.shape[1], "lengths": lengths,
+                                                            "finished": bool((seqs == tokenizer.eos_token_id).any(1).all())}))
+
+
+if __name__ == "__main__":
+    mode, out, tok = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    out.mkdir(parents=True, exist_ok=True)
+    {"step": step, "generate": generate}[mode](out, tok)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
