@@ -37,6 +37,7 @@ import os
 import random
 import shutil
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -701,6 +702,106 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return norm
+
+
+# ---- arguments, data and logging plumbing every stage uses ---------------------------------
+
+
+def parse_args(cls, argv=None, description: str | None = None):
+    """Parse argv into the stage's Args dataclass. Each field's help is the one-line docstring
+    written under it (CleanRL style); bools get --flag / --no-flag; `--help` lists them all."""
+    import argparse
+    import ast
+    import dataclasses
+    import inspect
+    import types
+    import typing
+
+    helps = {}
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            helps[node.target.id] = nxt.value.value
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default,
+                                help=helps.get(f.name, ""))
+            continue
+        base = kind
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+            base = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(base) is list:
+            inner = typing.get_args(base)[0]
+            parser.add_argument(f"--{f.name}", type=inner, nargs="+", default=default, help=helps.get(f.name, ""))
+        else:
+            parser.add_argument(f"--{f.name}", type=base, default=default, help=helps.get(f.name, ""))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: int | None = None,
+              required: tuple[str, ...] = (), what: str = "--dataset") -> list[dict]:
+    """Rows of a data set through `datasets.load_dataset`, hub or local: the same code path.
+
+    dataset: a hub name (e.g. PKU-Alignment/PKU-SafeRLHF), a local .json/.jsonl file, or a local
+    folder holding `<split>.jsonl` (or `<split>.json`). Rows missing a required field, an empty
+    set, or an unreadable file give one UserError naming the file, field and row.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(dataset)
+    try:
+        if path.is_file():
+            ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
+        elif path.is_dir():
+            files = sorted(path.glob(f"{split}.json*"))
+            if not files:
+                raise UserError(f"{what} {dataset}: no {split}.jsonl or {split}.json in that folder")
+            ds = datasets.load_dataset("json", data_files={split: [str(f) for f in files]}, split=split)
+        elif dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
+            raise UserError(f"{what} {dataset}: no such file or folder (and not a hub name 'org/name')")
+        else:
+            ds = datasets.load_dataset(dataset, split=split, revision=revision)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
+        raise UserError(f"{what} {dataset} (split {split}): cannot read it: {str(e).splitlines()[0][:300]}") from None
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    rows = ds.to_list()
+    if not rows:
+        raise UserError(f"{what} {dataset} (split {split}) is empty")
+    for i, row in enumerate(rows):
+        for field in required:
+            if row.get(field) is None:
+                raise UserError(f"{what} {dataset} (split {split}): row {i} has no field {field!r}")
+    return rows
+
+
+class JsonlLogger:
+    """One structured sink that needs no service: a JSON line per record, rank 0 only. The file
+    is opened per write, so it follows the run folder across atomic checkpoint swaps."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def progress(iterable=None, total=None, enabled: bool = True, **kwargs):
+    """One tqdm bar on rank 0 (a silent stand-in elsewhere)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, disable=not enabled or not sys.stderr.isatty() and os.environ.get("CI") == "true",
+                dynamic_ncols=True, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
