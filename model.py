@@ -84,6 +84,15 @@ PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"  # REFER
 DEFAULT_PAD_TOKEN = "<pad>"  # the official code adds "<pad>" when a tokenizer has none (REF 1.2)
 
 
+def quiet_hf() -> None:
+    """Silence transformers' load reports and progress bars (expected 'unexpected keys' such as
+    lm_head.weight when a score model starts from a policy would otherwise flood every log)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def format_prompt(request: str) -> str:
     """The official single-turn template; the response is appended directly after 'ASSISTANT:'."""
     return PROMPT_TEMPLATE.format(input=request)
@@ -98,6 +107,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, padding_side: str,
     """
     from transformers import AutoTokenizer
 
+    quiet_hf()
     assert padding_side in ("left", "right"), padding_side
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
@@ -409,6 +419,13 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         x = x.clone()
@@ -601,11 +618,11 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    tensors = {}
-    for pname, st in osd["state"].items():
+    tensors = {}  # under FSDP only rank 0 receives the full state; the other ranks get {}
+    for pname, st in osd.get("state", {}).items():
         for k, v in st.items():
-            tensors[f"{prefix}.state.{pname}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    return {"tensors": tensors, "json": {f"{prefix}.param_groups": osd["param_groups"]}}
+            tensors[f"{prefix}.state.{pname}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
+    return {"tensors": tensors, "json": {f"{prefix}.param_groups": osd.get("param_groups", [])}}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str, state: dict) -> None:
@@ -882,6 +899,10 @@ def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     from transformers import DynamicCache
 
     B = input_ids.shape[0]
+    if dist.is_initialized():  # every rank must run the same number of steps: agree on the budget
+        budget = torch.tensor([max_new_tokens], device=input_ids.device)
+        dist.all_reduce(budget, op=dist.ReduceOp.MIN)
+        max_new_tokens = int(budget.item())
     position_ids = position_ids_from_mask(attention_mask)                            # (B, S)
     cache = DynamicCache()
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

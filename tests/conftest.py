@@ -47,7 +47,7 @@ def run(cmd, timeout=300, env=None, cwd=ROOT):
     """Run a command, fail the test with its output if it fails or times out."""
     full_env = dict(os.environ, **(env or {}))
     full_env["PYTHONPATH"] = str(ROOT)
-    p = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     return p
 
 

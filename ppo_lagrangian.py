@@ -1,0 +1,591 @@
+"""ppo_lagrangian.py: Safe RLHF's policy stage, PPO with a Lagrange multiplier (paper section 3.3).
+
+The constrained problem (paper eq. 9-10) and its Lagrangian dual (eq. 12):
+
+    max_theta J_R(theta)   s.t.   J_C(theta) = E[C(y, x)] + d <= 0
+    min_theta max_{lambda >= 0}  -J_R(theta) + lambda * J_C(theta)
+
+solved by alternating (a) a PPO step on the policy with the combined advantage
+(A_R - lambda * A_C) / (1 + lambda), GAE run separately on a reward stream and a cost stream, each
+with its own critic, and (b) a gradient-ascent step on lambda, parameterised as log(lambda) so it
+stays >= 0 (paper eq. 31): log lambda <- log lambda + lr * lambda * (J_C - threshold).
+
+Sign convention of the threshold (stated once): the constraint enforced is E[C] <= threshold,
+i.e. threshold = -d in the paper's notation. With the default threshold 0, "on average the cost
+model classifies the responses as safe" (a cost model trained with eq. 6 puts C > 0 on unsafe
+responses). How to choose it: for a real cost model, look at the cost distribution of the SFT
+policy on the RL prompts (evaluate.py prints it) and pick a value below its mean: 0 is the
+official choice (REFERENCE.md 5.9). On the toy world the SFT policy's mean cost is about +0.3
+(half the harmful requests answered unsafely); the default threshold -0.4 asks for the mean cost of
+a policy that answers benign requests helpfully and refuses harmful ones with alternatives.
+
+Baselines come from this same file, no second algorithm:
+  * plain PPO (RLHF):        --lambda_init 0 --lambda_lr 0   (the cost stream is still logged)
+  * reward shaping R - nu*C: --lambda_init nu --lambda_lr 0. With lambda fixed at nu the actor's
+    advantage (A_R - nu A_C)/(1 + nu) is, by linearity of GAE, the GAE of the per-token reward
+    -beta*k_t + [t = end](R - nu C)/(1 + nu): the official shaping baseline (REF 5.12) up to the
+    1/(1+nu) scale on the score (equivalently its step size and KL weight scaled by 1+nu), and with
+    two critics instead of one. Exact as long as the +-clip_range_score clip is not hit.
+
+Left out, on purpose: the score normaliser (the official RL default is off), a reward/cost model
+with a different tokenizer than the actor (re-tokenisation), num_return_sequences > 1, gradient
+accumulation inside one rl_step (the official default is 1), evaluation during training
+(evaluate.py does it), DeepSpeed. Deviations from the official code, each marked where it happens:
+sampling without the implicit top_k=50, position ids from the attention mask, gamma and GAE lambda
+exposed as arguments, lambda identical on every rank by an all-reduce (not reduce + broadcast).
+
+Run (the toy world, after sft.py, reward.py and cost.py):
+    python ppo_lagrangian.py
+    torchrun --nproc_per_node 2 ppo_lagrangian.py
+Real models on 8 GPUs, the official recipe (REFERENCE.md 5.14):
+    torchrun --nproc_per_node 8 ppo_lagrangian.py --actor_model_name_or_path runs/sft-7b \\
+        --reward_model_name_or_path runs/reward-7b --cost_model_name_or_path runs/cost-7b \\
+        --dataset PKU-Alignment/PKU-SafeRLHF --max_length 512 --epochs 1 --actor_lr 1e-5 \\
+        --critic_lr 5e-6 --kl_coeff 0.01 --threshold 0 --lambda_init 1 --lambda_max 5 \\
+        --lambda_lr 0.1 --gradient_checkpointing --output_dir runs/ppo-lag-7b
+
+Shape letters: B batch (sequences per rank), S padded prompt length, L = S + generated length,
+T = L - 1 - start response positions in the RL arrays, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import model as M
+
+# --------------------------------------------------------------------------------------------
+# Args
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    # models
+    actor_model_name_or_path: str = "runs/sft"
+    """the SFT policy: initialises the actor and the frozen reference"""
+    reward_model_name_or_path: str = "runs/reward"
+    """the trained reward model (reward.py), frozen"""
+    cost_model_name_or_path: str = "runs/cost"
+    """the trained cost model (cost.py), frozen"""
+    reward_critic_model_name_or_path: str | None = None
+    """reward critic init; default: the reward model (head included, REF 1.2)"""
+    cost_critic_model_name_or_path: str | None = None
+    """cost critic init; default: the cost model"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (off: only transformers' own architectures)"""
+    # data
+    dataset: str = "data/toy/prompts"
+    """prompt set: hub name (PKU-Alignment/PKU-SafeRLHF) or local JSON/JSONL file or folder"""
+    split: str = "train"
+    """split of --dataset"""
+    revision: str | None = None
+    """hub revision of --dataset"""
+    prompt_field: str = "prompt"
+    """column holding the raw request (the template is applied here)"""
+    limit: int | None = None
+    """use at most this many rows of --dataset"""
+    # rollout
+    max_length: int = 96
+    """prompt + response tokens at most (official 512; the toy world's answers are short)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs use the same temperature"""
+    missing_eos_penalty: float = 0.0
+    """subtracted from R (added to C) when a response hits max_length without EOS; 0 = off, as official"""
+    # sizes
+    epochs: int = 20
+    """passes over the prompt set (official 1 over PKU-SafeRLHF; the toy set has few prompts)"""
+    per_device_prompt_batch_size: int = 16
+    """prompts per rank per rollout"""
+    per_device_train_batch_size: int = 16
+    """sequences per rank per rl_step (one optimiser step of each trained model)"""
+    update_iters: int = 1
+    """PPO epochs over each rollout batch"""
+    # PPO
+    actor_lr: float = 5e-4
+    """actor learning rate (official 1e-5 for 7B; a random-init toy model needs more)"""
+    actor_weight_decay: float = 0.0
+    """actor AdamW weight decay (official script 0.01)"""
+    actor_lr_scheduler: str = "cosine"
+    """cosine or constant"""
+    actor_warmup_ratio: float = 0.03
+    """fraction of steps with linear warmup"""
+    critic_lr: float = 5e-4
+    """critics' learning rate (official 5e-6 for 7B)"""
+    critic_weight_decay: float = 0.0
+    """critics' AdamW weight decay"""
+    critic_lr_scheduler: str = "constant"
+    """official: constant (which ignores warmup)"""
+    kl_coeff: float = 0.02
+    """beta: per-token KL penalty, -beta*k in the reward stream, +beta*k in the cost stream (official 0.01)"""
+    clip_range_ratio: float = 0.2
+    """PPO ratio clip epsilon"""
+    clip_range_score: float = 50.0
+    """clip of every per-token reward / cost entry"""
+    clip_range_value: float = 5.0
+    """critic value clip around the old values"""
+    gamma: float = 1.0
+    """discount (hard-coded 1.0 in the official code)"""
+    gae_lambda: float = 0.95
+    """GAE lambda (hard-coded 0.95 in the official code)"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip for every trained model"""
+    ptx_dataset: str | None = None
+    """optional SFT-style data (alpaca schema) for the PTX loss; off by default"""
+    ptx_coeff: float = 16.0
+    """weight of the PTX loss when --ptx_dataset is given (official script 16)"""
+    # Lagrange multiplier (eq. 12)
+    threshold: float = -0.4
+    """the constraint is E[C] <= threshold (= -d in the paper); official 0.0"""
+    lambda_init: float = 1.0
+    """initial lambda; with --lambda_lr 0 it stays fixed (reward shaping; 0 = plain PPO)"""
+    lambda_lr: float = 0.1
+    """SGD learning rate on log(lambda)"""
+    lambda_max: float | None = 5.0
+    """upper bound on lambda (official script 5); none below: lambda = exp(log lambda) > 0"""
+    lambda_update_delay_steps: int = 0
+    """no lambda update before this many rl_steps"""
+    episode_cost_window_size: int = 128
+    """J_C = mean of the last this-many raw episode costs on each rank, averaged over ranks"""
+    # run
+    seed: int = 42
+    """seed (same on every rank for weights; seed + rank for sampling and data order)"""
+    output_dir: str = "runs/ppo_lagrangian"
+    """the actor (HF format) at the root, critics in reward_critic/ and cost_critic/"""
+    save_every: int = 50
+    """rl_steps between resumable checkpoints (0 = only at the end)"""
+    resume: bool = False
+    """continue the interrupted run in --output_dir"""
+    stop_at_step: int | None = None
+    """stop after this rl_step and save (split a long run into jobs; schedules stay sized for the whole run)"""
+    log_every: int = 10
+    """rl_steps between log lines"""
+    sample_every: int = 50
+    """rl_steps between printed sample tables"""
+    gradient_checkpointing: bool = False
+    """activation checkpointing in the trained models"""
+    device: str = "auto"
+    """auto (CUDA if present), cpu or cuda"""
+    # derived (filled in after parsing; logged with the config)
+    world_size: int = 0
+    """(derived) number of ranks"""
+    steps_per_rollout: int = 0
+    """(derived) rl_steps per rollout batch = update_iters * prompt batch / train batch"""
+    total_steps: int = 0
+    """(derived) rl_steps in the whole run"""
+
+
+# --------------------------------------------------------------------------------------------
+# The math, as small pure functions (what the tests import and auditors read first)
+# --------------------------------------------------------------------------------------------
+
+
+def end_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real action in each row. (B, T) 0/1 -> (B,)  (REF 5.4: end)."""
+    return M.last_attended_index(mask)
+
+
+def per_token_rewards_and_costs(reward: torch.Tensor, cost: torch.Tensor, old_logprobs: torch.Tensor,
+                                ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coeff: float,
+                                clip_range_score: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token reward and cost with the KL penalty (REFERENCE.md 5.5, after fix 2c1799f, 10.1):
+
+        r_t = clip(-beta * k_t + [t = end] * R, -c_s, c_s)
+        c_t = clip(+beta * k_t + [t = end] * C, -c_s, c_s),   k_t = log pi_old(a_t) - log pi_ref(a_t)
+
+    k_t is the single-sample log-ratio estimator of KL(pi || pi_ref) (the same one is logged).
+    The penalty enters the reward stream with -beta and the cost stream with +beta, so the actor's
+    combined advantage (A_R - lambda A_C)/(1 + lambda) carries exactly -beta*k whatever lambda is.
+    The score is added at the last real token only; positions after it are zeroed by the mask.
+
+    reward, cost: (B,); old_logprobs, ref_logprobs, mask: (B, T). Returns rewards, costs (B, T).
+    """
+    kl = old_logprobs - ref_logprobs                                             # (B, T)
+    end = end_indices(mask)                                                      # (B,)
+    at_end = torch.zeros_like(kl).scatter_(1, end[:, None], 1.0)                 # (B, T) one-hot
+    rewards = (-kl_coeff * kl + at_end * reward[:, None]).clamp(-clip_range_score, clip_range_score)  # (B, T)
+    costs = (kl_coeff * kl + at_end * cost[:, None]).clamp(-clip_range_score, clip_range_score)       # (B, T)
+    return rewards * mask, costs * mask
+
+
+def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float,
+        gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016; REFERENCE.md 5.6) on masked arrays.
+
+        V_t, r_t masked first (zero after the end), V_T := 0, A_T := 0,
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lambda * A_{t+1}
+        G_t     = A_t + V_t          (returns from the OLD values; advantages are not whitened)
+
+    At t = end, delta = r_end - V_end (terminal, no bootstrap). values, rewards, mask: (B, T).
+    Returns advantages (B, T) and returns (B, T), detached.
+    """
+    values, rewards = values * mask, rewards * mask                              # (B, T)
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)                                       # (B, T)
+    last = torch.zeros_like(rewards[:, 0])                                       # (B,)  A_{t+1}
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)  # (B,)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]                # (B,)
+        last = delta + gamma * gae_lambda * last                                 # (B,)
+        advantages[:, t] = last
+    returns = advantages + values                                                # (B, T)
+    return advantages.detach(), returns.detach()
+
+
+def combined_advantage(reward_advantages: torch.Tensor, cost_advantages: torch.Tensor,
+                       lagrange_multiplier: float) -> torch.Tensor:
+    """(A_R - lambda * A_C) / (1 + lambda) (paper eq. 12's primal step; REFERENCE.md 5.7).
+    The 1/(1+lambda) is a positive rescaling that keeps the advantage bounded as lambda grows.
+    (B, T), (B, T), float -> (B, T)"""
+    return (reward_advantages - lagrange_multiplier * cost_advantages) / (1.0 + lagrange_multiplier)
+
+
+def actor_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+               mask: torch.Tensor, clip_range_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate (REFERENCE.md 5.7):
+        L = -masked_sequence_mean( min(rho A, clip(rho, 1-eps, 1+eps) A) ),  rho = exp(logp - logp_old)
+    Per-sequence token mean, then batch mean (official since e64d1bc). (B, T) each -> loss (),
+    and the fraction of real tokens whose ratio was clipped (a diagnostic)."""
+    ratio = torch.exp(logprobs - old_logprobs)                                   # (B, T)
+    surrogate = ratio * advantages                                               # (B, T)
+    clipped = ratio.clamp(1.0 - clip_range_ratio, 1.0 + clip_range_ratio) * advantages  # (B, T)
+    loss = -M.masked_sequence_mean(torch.minimum(surrogate, clipped), mask)      # ()
+    clip_fraction = M.masked_mean((surrogate > clipped).float(), mask)           # ()
+    return loss, clip_fraction.detach()
+
+
+def critic_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                mask: torch.Tensor, clip_range_value: float) -> torch.Tensor:
+    """Clipped value loss (REFERENCE.md 5.8):
+        V_clip = clip(V, V_old - eps_v, V_old + eps_v)
+        L = 1/2 * masked_sequence_mean( max((V - G)^2, (V_clip - G)^2) )
+    (B, T) each -> ()"""
+    values_clipped = torch.maximum(torch.minimum(values, old_values + clip_range_value),
+                                   old_values - clip_range_value)                # (B, T)
+    losses = torch.maximum((values - returns) ** 2, (values_clipped - returns) ** 2)  # (B, T)
+    return 0.5 * M.masked_sequence_mean(losses, mask)                           # ()
+
+
+def lagrange_multiplier_loss(log_lambda: torch.Tensor, episode_cost: float, threshold: float) -> torch.Tensor:
+    """The lambda part of the dual (eq. 12), to be MINIMISED by SGD on log(lambda):
+        loss(log lambda) = -(J_C - threshold) * exp(log lambda)
+    Its gradient is -(J_C - threshold) * lambda, so one SGD step of size alpha gives
+        log lambda <- log lambda + alpha * lambda * (J_C - threshold)     (paper eq. 31)
+    lambda rises while the cost is above the threshold and falls below it; lambda = exp(.) > 0."""
+    return -(episode_cost - threshold) * log_lambda.exp()
+
+
+# --------------------------------------------------------------------------------------------
+# Data: unique prompts, left-padded for generation
+# --------------------------------------------------------------------------------------------
+
+
+def load_prompts(args: Args) -> list[str]:
+    if args.dataset == "data/toy/prompts":
+        import toyworld
+        toyworld.ensure_toy_data("data/toy")
+    rows = M.load_rows(args.dataset, args.split, revision=args.revision, limit=args.limit,
+                       required=(args.prompt_field,))
+    # Deduplicate, keeping the last occurrence's position (as the official PromptOnlyDataset, REF 10.7).
+    last = {row[args.prompt_field]: i for i, row in enumerate(rows)}
+    return [p for p, _ in sorted(last.items(), key=lambda kv: kv[1])]
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_length: int, device: torch.device):
+    """Template + left padding (the prompt's last token sits in column S-1 of every row). Prompts
+    are truncated to half of max_length (keeping their end) and padded to the longest prompt on ANY
+    rank, so every rank has the same S and the same generation budget max_length - S."""
+    texts = [M.format_prompt(p) for p in prompts]
+    tokenizer.truncation_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length // 2)
+    S = int(M.all_reduce_max(torch.tensor(enc.input_ids.shape[1])).item())
+    pad = S - enc.input_ids.shape[1]
+    ids = torch.nn.functional.pad(enc.input_ids, (pad, 0), value=tokenizer.pad_token_id)
+    mask = torch.nn.functional.pad(enc.attention_mask, (pad, 0), value=0)
+    return ids.to(device), mask.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> None:
+    # ---- distributed set-up (model.py) ----------------------------------------------------
+    d = M.init_distributed(args.device)
+    args.world_size = d.world_size
+    assert args.per_device_prompt_batch_size % args.per_device_train_batch_size == 0, \
+        "per_device_prompt_batch_size must be a multiple of per_device_train_batch_size"
+    args.steps_per_rollout = args.update_iters * args.per_device_prompt_batch_size // args.per_device_train_batch_size
+    bf16 = d.device.type == "cuda"
+    out = Path(args.output_dir)
+    M.recover_checkpoint(out)
+
+    # ---- data (validated before anything is written) ---------------------------------------
+    prompts = load_prompts(args)
+    global_prompt_batch = args.per_device_prompt_batch_size * d.world_size
+    rollouts_per_epoch = len(prompts) // global_prompt_batch
+    if rollouts_per_epoch == 0:
+        raise M.UserError(f"--dataset {args.dataset}: {len(prompts)} unique prompts, fewer than one global "
+                          f"prompt batch ({global_prompt_batch}); lower --per_device_prompt_batch_size")
+    args.total_steps = args.epochs * rollouts_per_epoch * args.steps_per_rollout
+    if args.resume and not (out / "train_state.json").is_file():
+        raise M.UserError(f"--resume: {out} holds no resumable state (train_state.json)")
+
+    # ---- models: actor, reference, reward, cost, two critics -------------------------------
+    M.seed_everything(args.seed)  # same on every rank: identical initial weights
+    actor_path = str(out) if args.resume else args.actor_model_name_or_path
+    tokenizer = M.load_tokenizer(actor_path, "left", args.trust_remote_code)
+    hint = {"sft": "run sft.py first", "reward": "run reward.py first", "cost": "run cost.py first"}
+    load = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    actor = M.load_causal_lm(actor_path, tokenizer, stage_hint=hint["sft"], **load)
+    reference = M.load_causal_lm(args.actor_model_name_or_path, tokenizer, stage_hint=hint["sft"], **load)
+    reward_model = M.load_score_model(args.reward_model_name_or_path, tokenizer, "reward", stage_hint=hint["reward"], **load)
+    cost_model = M.load_score_model(args.cost_model_name_or_path, tokenizer, "cost", stage_hint=hint["cost"], **load)
+    reward_critic = M.load_score_model(str(out / "reward_critic") if args.resume else
+                                       args.reward_critic_model_name_or_path or args.reward_model_name_or_path,
+                                       tokenizer, "critic", stage_hint=hint["reward"], **load)
+    cost_critic = M.load_score_model(str(out / "cost_critic") if args.resume else
+                                     args.cost_critic_model_name_or_path or args.cost_model_name_or_path,
+                                     tokenizer, "critic", stage_hint=hint["cost"], **load)
+    if reward_model.config.vocab_size != actor.config.vocab_size or cost_model.config.vocab_size != actor.config.vocab_size:
+        raise M.UserError("the reward/cost models' vocabulary differs from the actor's: they must share its tokenizer "
+                          "(re-tokenisation for a different tokenizer is not implemented)")
+    prep = dict(bf16=bf16, activation_checkpointing=args.gradient_checkpointing)
+    actor = M.prepare_model(actor, d, trainable=True, **prep)
+    reward_critic = M.prepare_model(reward_critic, d, trainable=True, **prep)
+    cost_critic = M.prepare_model(cost_critic, d, trainable=True, **prep)
+    reference = M.prepare_model(reference, d, trainable=False, bf16=bf16)
+    reward_model = M.prepare_model(reward_model, d, trainable=False, bf16=bf16)
+    cost_model = M.prepare_model(cost_model, d, trainable=False, bf16=bf16)
+    M.print0(f"actor {M.count_parameters(actor) * d.world_size / 1e6:.2f}M parameters (x6 models) | "
+             f"{len(prompts)} unique prompts | {args.total_steps} rl_steps | world size {d.world_size}")
+
+    # ---- optimisers: one per trained model, plus SGD on log(lambda) ------------------------
+    warmup = int(args.actor_warmup_ratio * args.total_steps)
+    actor_opt = M.make_optimizer(actor, args.actor_lr, args.actor_weight_decay)
+    actor_sched = M.make_scheduler(actor_opt, args.actor_lr_scheduler, warmup, args.total_steps)
+    critic_opts = {name: M.make_optimizer(m, args.critic_lr, args.critic_weight_decay)
+                   for name, m in (("reward_critic", reward_critic), ("cost_critic", cost_critic))}
+    critic_scheds = {name: M.make_scheduler(o, args.critic_lr_scheduler, warmup, args.total_steps)
+                     for name, o in critic_opts.items()}
+    log_lambda = torch.nn.Parameter(torch.tensor(math.log(args.lambda_init) if args.lambda_init > 0 else -math.inf,
+                                                 device=d.device))
+    lambda_opt = torch.optim.SGD([log_lambda], lr=args.lambda_lr)
+    episode_costs: collections.deque = collections.deque(maxlen=args.episode_cost_window_size)
+
+    step, epoch, rollout_in_epoch = 0, 0, 0
+    if args.resume:
+        state = M.load_train_state(out)
+        M.load_optimizer_state(actor, actor_opt, "actor", state)
+        for name, m in (("reward_critic", reward_critic), ("cost_critic", cost_critic)):
+            M.load_optimizer_state(m, critic_opts[name], name, state)
+            critic_scheds[name].load_state_dict(state["json"][f"{name}.scheduler"])
+        actor_sched.load_state_dict(state["json"]["actor.scheduler"])
+        with torch.no_grad():
+            log_lambda.copy_(state["tensors"]["log_lambda"])
+        episode_costs.extend(state["json"]["episode_costs"][d.rank])
+        step, epoch, rollout_in_epoch = state["json"]["step"], state["json"]["epoch"], state["json"]["rollout_in_epoch"]
+        M.restore_rng_states(state, d)
+        M.print0(f"resumed from {out} at rl_step {step}")
+    else:
+        M.seed_everything(args.seed + d.rank)  # per rank: different samples on every rank
+
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(asdict(args), indent=1) + "\n")
+    logger = M.JsonlLogger(out / "metrics.jsonl", d.is_main)
+    samples_log = M.JsonlLogger(out / "samples.jsonl", d.is_main)
+
+    def save() -> None:
+        # per-rank windows and lambdas, gathered (the lambdas must all be equal: checked by the tests)
+        per_rank = [(list(episode_costs), log_lambda.item())] * d.world_size
+        if d.enabled:
+            torch.distributed.all_gather_object(per_rank, (list(episode_costs), log_lambda.item()))
+        costs_all = [c for c, _ in per_rank]
+        state = M.merge_states(
+            M.optimizer_state(actor, actor_opt, "actor"),
+            M.optimizer_state(reward_critic, critic_opts["reward_critic"], "reward_critic"),
+            M.optimizer_state(cost_critic, critic_opts["cost_critic"], "cost_critic"),
+            M.gather_rng_states(d),
+            {"tensors": {"log_lambda": log_lambda.detach().cpu().reshape(())},
+             "json": {"actor.scheduler": actor_sched.state_dict(),
+                      "reward_critic.scheduler": critic_scheds["reward_critic"].state_dict(),
+                      "cost_critic.scheduler": critic_scheds["cost_critic"].state_dict(),
+                      "episode_costs": costs_all, "step": step, "epoch": epoch,
+                      "rollout_in_epoch": rollout_in_epoch, "log_lambda_per_rank": [l for _, l in per_rank]}})
+        M.save_checkpoint(out, d, tokenizer, {"": actor, "reward_critic": reward_critic, "cost_critic": cost_critic},
+                          train_state=state)
+
+    # ---- the loop -------------------------------------------------------------------------
+    bar = M.progress(total=args.total_steps, initial=step, enabled=d.is_main, desc="ppo-lag")
+    stop = False
+    while epoch < args.epochs and not stop:
+        # Same shuffled order on every rank (seeded by epoch); each rank takes its slice of a batch.
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+        while rollout_in_epoch < rollouts_per_epoch and not stop:
+            first = rollout_in_epoch * global_prompt_batch + d.rank * args.per_device_prompt_batch_size
+            batch_prompts = [prompts[i] for i in order[first:first + args.per_device_prompt_batch_size]]
+            timer = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
+
+            # ======== 1. rollout (no grad, eval mode) ========================================
+            t0 = time.perf_counter()
+            actor.eval()
+            prompt_ids, prompt_mask = encode_prompts(tokenizer, batch_prompts, args.max_length, d.device)
+            S = prompt_ids.shape[1]
+            with M.gathered_weights(actor):  # all-gather the actor once for the whole generation
+                sequences, attention_mask = M.sample(
+                    actor, prompt_ids, prompt_mask, max_new_tokens=max(1, args.max_length - S),
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    temperature=args.temperature)  # (B, L), (B, L): masks built once, here
+            timer["generation"] = time.perf_counter() - t0
+
+            # ======== 2. score and record the old policy (no grad) ===========================
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                # 2a. EOS truncation happened in sampling (PAD after EOS, mask 0 there).
+                has_eos = (sequences[:, S:] == tokenizer.eos_token_id).any(dim=1)            # (B,)
+                # 2b. reward and cost read at the last real token (the EOS, or the last token at max_length)
+                reward = reward_model(sequences, attention_mask).end_scores                   # (B,)
+                cost = cost_model(sequences, attention_mask).end_scores                       # (B,)
+                # 2c. optional penalty for a missing EOS (0 by default, as the official code)
+                reward = reward - args.missing_eos_penalty * (~has_eos).float()
+                cost = cost + args.missing_eos_penalty * (~has_eos).float()
+                # 2d. log-probs of the rollout policy and of the reference (temperature included)
+                old_logprobs = M.policy_logprobs(actor, sequences, attention_mask, args.temperature)      # (B, L-1)
+                ref_logprobs = M.policy_logprobs(reference, sequences, attention_mask, args.temperature)  # (B, L-1)
+                # 2e. critics' values: V_t is read at the token that precedes action t (one-token shift)
+                reward_values = reward_critic(sequences, attention_mask).scores[:, :-1]       # (B, L-1)
+                cost_values = cost_critic(sequences, attention_mask).scores[:, :-1]           # (B, L-1)
+            # 2f. the episode-cost window holds RAW cost-model scores (no KL, no clip) (REF 5.9)
+            episode_costs.extend(cost.tolist())
+            timer["scoring"] = time.perf_counter() - t0
+
+            # ======== 3. per-token rewards/costs, advantages and returns =====================
+            start = S - 1                                        # logp[:, start] is the first generated token
+            mask = attention_mask[:, 1:][:, start:].float()      # (B, T) keeps real response tokens
+            old_logprobs, ref_logprobs = old_logprobs[:, start:], ref_logprobs[:, start:]  # (B, T)
+            reward_values, cost_values = reward_values[:, start:], cost_values[:, start:]  # (B, T)
+            rewards, costs = per_token_rewards_and_costs(reward, cost, old_logprobs, ref_logprobs, mask,
+                                                         args.kl_coeff, args.clip_range_score)  # (B, T)
+            reward_advantages, reward_returns = gae(reward_values, rewards, mask, args.gamma, args.gae_lambda)
+            cost_advantages, cost_returns = gae(cost_values, costs, mask, args.gamma, args.gae_lambda)
+
+            # ======== 4. PPO updates: epochs x micro-batches of rl_steps =====================
+            t0 = time.perf_counter()
+            actor.train(), reward_critic.train(), cost_critic.train()
+            B, mb = sequences.shape[0], args.per_device_train_batch_size
+            for update_iter in range(args.update_iters):
+                for lo in range(0, B, mb):
+                    sl = slice(lo, lo + mb)
+                    # -- 4a. the dual step first (eq. 12): the same lambda on every rank ---------
+                    episode_cost = M.all_reduce_mean(torch.tensor(sum(episode_costs) / len(episode_costs),
+                                                                  device=d.device)).item()
+                    if args.lambda_lr > 0 and step >= args.lambda_update_delay_steps:
+                        lambda_opt.zero_grad()
+                        lagrange_multiplier_loss(log_lambda, episode_cost, args.threshold).backward()
+                        lambda_opt.step()
+                        if args.lambda_max is not None:
+                            with torch.no_grad():
+                                log_lambda.clamp_(max=math.log(args.lambda_max))
+                    lagrange_multiplier = log_lambda.exp().item()   # a constant in the actor loss
+                    # -- 4b. actor ------------------------------------------------------------------
+                    seq, am, m = sequences[sl], attention_mask[sl], mask[sl]
+                    logprobs = M.policy_logprobs(actor, seq, am, args.temperature)[:, start:]  # (b, T)
+                    advantages = combined_advantage(reward_advantages[sl], cost_advantages[sl], lagrange_multiplier)
+                    loss_actor, clip_fraction = actor_loss(logprobs, old_logprobs[sl], advantages, m,
+                                                           args.clip_range_ratio)
+                    # On the first pass over a fresh rollout the weights are those that sampled it,
+                    # so the ratio must be exactly 1 (a check of the log-prob bookkeeping).
+                    ratio_deviation = ((logprobs.detach() - old_logprobs[sl]).abs() * m).max()
+                    M.check_finite(loss_actor, "actor loss", step)
+                    actor_opt.zero_grad(set_to_none=True)
+                    loss_actor.backward()
+                    M.clip_grad_norm(actor, args.max_grad_norm)
+                    actor_opt.step()
+                    actor_sched.step()
+                    # -- 4c. reward critic, then cost critic --------------------------------------
+                    critic_losses = {}
+                    for name, critic, old_values, returns in (
+                            ("reward_critic", reward_critic, reward_values, reward_returns),
+                            ("cost_critic", cost_critic, cost_values, cost_returns)):
+                        values = critic(seq, am).scores[:, :-1][:, start:]                  # (b, T)
+                        loss = critic_loss(values, old_values[sl], returns[sl], m, args.clip_range_value)
+                        M.check_finite(loss, f"{name} loss", step)
+                        critic_opts[name].zero_grad(set_to_none=True)
+                        loss.backward()
+                        M.clip_grad_norm(critic, args.max_grad_norm)
+                        critic_opts[name].step()
+                        critic_scheds[name].step()
+                        critic_losses[name] = loss.detach()
+                    step += 1
+                    bar.update(1)
+
+                    # ======== 5. diagnostics ================================================
+                    with torch.no_grad():
+                        kl = ((old_logprobs[sl] - ref_logprobs[sl]) * m).sum(1).mean()
+                        stats = torch.stack([
+                            reward[sl].mean(), cost[sl].mean(), kl,
+                            (rewards[sl] * m).sum(1).mean(), (costs[sl] * m).sum(1).mean(),
+                            M.masked_mean(reward_advantages[sl], m), M.masked_mean(cost_advantages[sl], m),
+                            loss_actor.detach(), critic_losses["reward_critic"], critic_losses["cost_critic"],
+                            clip_fraction, m.sum(1).mean(), (~has_eos[sl]).float().mean(), ratio_deviation])
+                        stats = M.all_reduce_mean(stats).tolist()
+                    record = {
+                        "step": step, "epoch": epoch,
+                        "objective/reward": stats[0], "objective/cost": stats[1],
+                        "objective/kl": stats[2], "objective/reward_with_kl_penalty": stats[3],
+                        "objective/cost_with_kl_penalty": stats[4],
+                        "lagrangian/lambda": lagrange_multiplier, "lagrangian/episode_cost": episode_cost,
+                        "lagrangian/constraint_violation": episode_cost - args.threshold,
+                        "policy/reward_advantage_mean": stats[5], "policy/cost_advantage_mean": stats[6],
+                        "loss/actor": stats[7], "loss/reward_critic": stats[8], "loss/cost_critic": stats[9],
+                        "policy/clip_fraction": stats[10], "policy/response_length": stats[11],
+                        "policy/missing_eos_rate": stats[12], "lr/actor": actor_sched.get_last_lr()[0],
+                        "lr/critic": critic_scheds["reward_critic"].get_last_lr()[0],
+                    }
+                    if update_iter == 0:
+                        record["policy/first_pass_logratio_max"] = stats[13]
+                    timer["training"] = time.perf_counter() - t0
+                    record.update({f"time/{k}": v for k, v in timer.items()})
+                    logger.log(record)
+                    bar.set_postfix(R=f"{stats[0]:.2f}", C=f"{stats[1]:.2f}", lam=f"{lagrange_multiplier:.2f}",
+                                    kl=f"{stats[2]:.2f}")
+                    if step % args.log_every == 0 or step == args.total_steps:
+                        M.print0(f"step {step} | reward {stats[0]:+.3f} | cost {stats[1]:+.3f} | "
+                                 f"J_C {episode_cost:+.3f} | lambda {lagrange_multiplier:.3f} | kl {stats[2]:.3f} | "
+                                 f"len {stats[11]:.1f} | lr {record['lr/actor']:.2e} | "
+                                 f"gen {timer['generation']:.2f}s score {timer['scoring']:.2f}s "
+                                 f"train {timer['training']:.2f}s")
+                    if args.sample_every and step % args.sample_every == 0:
+                        texts = tokenizer.batch_decode(sequences[sl][:4, S:], skip_special_tokens=True)
+                        for p, r, rw, c in zip(batch_prompts[lo:lo + 4], texts, reward[sl].tolist(), cost[sl].tolist()):
+                            samples_log.log({"step": step, "prompt": p, "response": r, "reward": rw, "cost": c})
+                            M.print0(f"  [{rw:+.2f} R | {c:+.2f} C] {p} -> {r[:100]}")
+            rollout_in_epoch += 1
+            # stop only at a rollout boundary, so a resumed run continues with the next rollout
+            stop = args.stop_at_step is not None and step >= args.stop_at_step
+            if not stop and args.save_every and step % args.save_every < args.steps_per_rollout \
+                    and step < args.total_steps:
+                save()
+        if rollout_in_epoch >= rollouts_per_epoch:
+            epoch, rollout_in_epoch = epoch + 1, 0
+    bar.close()
+
+    # ---- saving, then tearing down ----------------------------------------------------------
+    save()
+    M.print0(f"saved the actor to {out} (critics in {out}/reward_critic, {out}/cost_critic)")
+    if d.enabled:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    M.run_main(main, M.parse_args(Args, description=__doc__.splitlines()[0]))

@@ -1,0 +1,250 @@
+"""ppo_lagrangian.py: each equation against an independent computation, then real runs."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model as M
+import ppo_lagrangian as P
+from conftest import run, torchrun
+
+# ---- per-token reward and cost (REFERENCE.md 5.5) ---------------------------------------------
+
+
+def test_kl_everywhere_score_only_at_last_real_token_zero_after():
+    old = torch.tensor([[-1.0, -2.0, -0.5, -1.0], [-0.3, -0.2, -0.1, -0.4]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -2.0], [-0.1, -0.2, -0.3, -0.4]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])   # row 0 ends at t=2
+    R, C, beta = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 3.0]), 0.1
+    rewards, costs = P.per_token_rewards_and_costs(R, C, old, ref, mask, beta, clip_range_score=50.0)
+    # by hand: k = old - ref; row 0: k = [0.5, -1.0, 0.0, (1.0 masked)]
+    assert rewards[0].tolist() == pytest.approx([-0.05, 0.1, 0.0 + 2.0, 0.0])
+    assert costs[0].tolist() == pytest.approx([0.05, -0.1, 0.0 + 0.5, 0.0])
+    # row 1: k = [-0.2, 0, 0.2, 0], ends at t=3
+    assert rewards[1].tolist() == pytest.approx([0.02, 0.0, -0.02, -1.0])
+    assert costs[1].tolist() == pytest.approx([-0.02, 0.0, 0.02, 3.0])
+
+
+def test_score_clip_applies_to_the_summed_entry():
+    old, ref, mask = torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2)
+    rewards, costs = P.per_token_rewards_and_costs(torch.tensor([80.0]), torch.tensor([-70.0]), old, ref, mask,
+                                                   0.1, clip_range_score=50.0)
+    assert rewards.tolist() == [[0.0, 50.0]] and costs.tolist() == [[0.0, -50.0]]
+
+
+# ---- GAE against a plain backward loop on ragged masks ---------------------------------------
+
+
+def naive_gae(values, rewards, length, gamma, lam):
+    """Per row, only the first `length` steps exist; the episode ends after the last one."""
+    adv = [0.0] * length
+    next_adv, next_value = 0.0, 0.0
+    for t in reversed(range(length)):
+        delta = rewards[t] + gamma * next_value - values[t]
+        next_adv = delta + gamma * lam * next_adv
+        adv[t], next_value = next_adv, values[t]
+    return adv, [a + v for a, v in zip(adv, values[:length])]
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
+def test_gae_matches_backward_loop_on_ragged_masks(gamma, lam):
+    torch.manual_seed(0)
+    lengths = [5, 2, 7, 1]
+    T = 7
+    values, rewards = torch.randn(4, T), torch.randn(4, T)
+    mask = torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
+    adv, ret = P.gae(values, rewards, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        a, g = naive_gae(values[b].tolist(), rewards[b].tolist(), n, gamma, lam)
+        assert adv[b, :n].tolist() == pytest.approx(a, rel=1e-5, abs=1e-6)
+        assert ret[b, :n].tolist() == pytest.approx(g, rel=1e-5, abs=1e-6)
+        assert torch.all(adv[b, n:] == 0)
+
+
+def test_gae_terminal_step_does_not_bootstrap():
+    values = torch.tensor([[0.0, 10.0, 99.0]])
+    rewards = torch.tensor([[0.0, 1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv, _ = P.gae(values, rewards, mask, 1.0, 1.0)
+    assert adv[0, 1].item() == pytest.approx(1.0 - 10.0)         # r_end - V_end, no V_{end+1}
+
+
+# ---- combined advantage and the clipped actor loss -------------------------------------------
+
+
+def test_combined_advantage():
+    ar, ac = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -1.0]])
+    assert P.combined_advantage(ar, ac, 0.0).tolist() == [[1.0, 2.0]]
+    assert P.combined_advantage(ar, ac, 1.0).tolist() == [[(1 - 3) / 2, (2 + 1) / 2]]
+    assert P.combined_advantage(ar, ac, 4.0)[0].tolist() == pytest.approx([(1 - 12) / 5, (2 + 4) / 5])
+
+
+def test_actor_loss_clips_on_both_sides():
+    eps = 0.2
+    ratio = torch.tensor([[1.5, 0.5, 1.1, 0.5]])
+    adv = torch.tensor([[1.0, -1.0, 2.0, 1.0]])
+    old = torch.zeros(1, 4)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    loss, clip_frac = P.actor_loss(torch.log(ratio), old, adv, mask, eps)
+    # by hand: min(r A, clip(r) A) = [min(1.5, 1.2), min(-0.5, -0.8), min(2.2, 2.2), min(0.5, 0.8)]
+    expected = -(1.2 - 0.8 + 2.2 + 0.5) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert clip_frac.item() == pytest.approx(2 / 4)               # tokens 0 and 1 were clipped
+    # the gradient through a clipped token is zero, through an unclipped one it is -A/n
+    logp = torch.log(ratio).requires_grad_(True)
+    P.actor_loss(logp, old, adv, mask, eps)[0].backward()
+    assert logp.grad[0, 0].item() == 0 and logp.grad[0, 1].item() == 0
+    assert logp.grad[0, 2].item() == pytest.approx(-2.0 * 1.1 / 4)
+
+
+def test_actor_loss_is_per_sequence_mean_then_batch_mean():
+    logp, old = torch.zeros(2, 3), torch.zeros(2, 3)
+    adv = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    loss, _ = P.actor_loss(logp, old, adv, mask, 0.2)
+    assert loss.item() == pytest.approx(-(1.0 + 4.0) / 2)        # not -(3 + 4) / 4
+
+
+# ---- clipped value loss ----------------------------------------------------------------------
+
+
+def test_critic_loss_value_clipping_by_hand():
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    values = torch.tensor([[8.0, 1.0, -7.0]])
+    returns = torch.tensor([[10.0, 0.0, 0.0]])
+    mask = torch.ones(1, 3)
+    loss = P.critic_loss(values, old, returns, mask, clip_range_value=5.0)
+    # V_clip = [5, 1, -5]; max((V-G)^2, (Vc-G)^2) = [max(4, 25), max(1, 1), max(49, 25)]
+    assert loss.item() == pytest.approx(0.5 * (25 + 1 + 49) / 3)
+
+
+# ---- the dual update (eq. 12 / 31) -------------------------------------------------------------
+
+
+def lambda_step(log_lambda0, episode_cost, threshold, lr, lambda_max=None):
+    log_lambda = torch.nn.Parameter(torch.tensor(log_lambda0))
+    opt = torch.optim.SGD([log_lambda], lr=lr)
+    P.lagrange_multiplier_loss(log_lambda, episode_cost, threshold).backward()
+    opt.step()
+    if lambda_max is not None:
+        with torch.no_grad():
+            log_lambda.clamp_(max=math.log(lambda_max))
+    return log_lambda.item()
+
+
+def test_lambda_update_direction_closed_form_cap_and_sign():
+    lam0 = 2.0
+    up = lambda_step(math.log(lam0), episode_cost=0.5, threshold=0.0, lr=0.1)
+    down = lambda_step(math.log(lam0), episode_cost=-0.5, threshold=0.0, lr=0.1)
+    assert up > math.log(lam0) > down
+    # closed form, paper eq. 31: log l + lr * l * (J_C - d)
+    assert up == pytest.approx(math.log(lam0) + 0.1 * lam0 * 0.5, rel=1e-6)
+    # the threshold is where the direction flips: E[C] <= threshold is the constraint
+    assert lambda_step(0.0, episode_cost=-0.3, threshold=-0.4, lr=0.1) > 0.0
+    assert lambda_step(0.0, episode_cost=-0.5, threshold=-0.4, lr=0.1) < 0.0
+    # the cap
+    assert lambda_step(math.log(4.9), episode_cost=10.0, threshold=0.0, lr=1.0, lambda_max=5.0) == pytest.approx(math.log(5.0))
+    # lambda stays positive however far the cost is below the threshold
+    log_l = 0.0
+    for _ in range(200):
+        log_l = lambda_step(log_l, episode_cost=-5.0, threshold=0.0, lr=0.5)
+    assert math.exp(log_l) > 0.0
+
+
+# ---- real runs: single process, 2 ranks, resume ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Toy data plus random-init tiny SFT / reward / cost checkpoints (the stages' output format)."""
+    import toyworld
+
+    root = tmp_path_factory.mktemp("ppo")
+    data = toyworld.ensure_toy_data(root / "toy")
+    tok = M.load_tokenizer(data / "tokenizer", "right")
+    d = M.Dist(0, 0, 1, torch.device("cpu"))
+    torch.manual_seed(0)
+    M.save_checkpoint(root / "sft", d, tok, {"": M.load_causal_lm("toy-tiny", tok)})
+    for kind in ("reward", "cost"):
+        M.save_checkpoint(root / kind, d, tok, {"": M.load_score_model(str(root / "sft"), tok, kind)})
+    return root
+
+
+def ppo_cmd(toy, out, *extra):
+    return ["ppo_lagrangian.py", "--actor_model_name_or_path", toy / "sft", "--reward_model_name_or_path",
+            toy / "reward", "--cost_model_name_or_path", toy / "cost", "--dataset", toy / "toy" / "prompts",
+            "--limit", 16, "--per_device_prompt_batch_size", 4, "--per_device_train_batch_size", 4,
+            "--epochs", 1, "--max_length", 40, "--sample_every", 0, "--output_dir", out, "--device", "cpu",
+            "--threshold", -1.0, *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_single_process_run_saves_loadable_checkpoint(toy, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    p = run([sys.executable, *ppo_cmd(toy, tmp_path / "run")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 4
+    assert all(r["policy/first_pass_logratio_max"] < 1e-5 for r in rows)   # ratio == 1 on a fresh rollout
+    # episode cost above the threshold (-1) -> lambda rises every step
+    lambdas = [r["lagrangian/lambda"] for r in rows]
+    assert all(b > a for a, b in zip([1.0] + lambdas, lambdas))
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    tok = M.load_tokenizer(tmp_path / "run", "right")
+    for critic in ("reward_critic", "cost_critic"):
+        M.load_score_model(str(tmp_path / "run" / critic), tok, "critic")
+
+
+def test_fixed_lambda_baselines_keep_lambda(toy, tmp_path):
+    p = run([sys.executable, *ppo_cmd(toy, tmp_path / "ppo", "--lambda_init", 0, "--lambda_lr", 0)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {r["lagrangian/lambda"] for r in metrics(tmp_path / "ppo")} == {0.0}
+    p = run([sys.executable, *ppo_cmd(toy, tmp_path / "nu", "--lambda_init", 2.0, "--lambda_lr", 0)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {round(r["lagrangian/lambda"], 6) for r in metrics(tmp_path / "nu")} == {2.0}
+
+
+def test_two_ranks_finish_with_identical_lambda(toy, tmp_path):
+    p = torchrun(2, ppo_cmd(toy, tmp_path / "run2"), timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = json.loads((tmp_path / "run2" / "train_state.json").read_text())
+    assert len(state["log_lambda_per_rank"]) == 2
+    assert state["log_lambda_per_rank"][0] == state["log_lambda_per_rank"][1]
+    assert state["step"] == 2                                   # 16 prompts / (2 ranks x 4)
+    tok = M.load_tokenizer(tmp_path / "run2", "right")
+    assert M.count_parameters(M.load_causal_lm(str(tmp_path / "run2"), tok)) > 0
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(toy, tmp_path):
+    full = run([sys.executable, *ppo_cmd(toy, tmp_path / "full", "--limit", 24)])
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = run([sys.executable, *ppo_cmd(toy, tmp_path / "split", "--limit", 24, "--stop_at_step", 3)])
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert json.loads((tmp_path / "split" / "train_state.json").read_text())["step"] == 3
+    rest = run([sys.executable, *ppo_cmd(toy, tmp_path / "split", "--limit", 24, "--resume")])
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    for sub in ("", "reward_critic", "cost_critic"):
+        a = load_file(tmp_path / "full" / sub / "model.safetensors")
+        b = load_file(tmp_path / "split" / sub / "model.safetensors")
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{sub}/{k} differs after resume"
+    sa = json.loads((tmp_path / "full" / "train_state.json").read_text())
+    sb = json.loads((tmp_path / "split" / "train_state.json").read_text())
+    assert sa["log_lambda_per_rank"] == sb["log_lambda_per_rank"] and sa["episode_costs"] == sb["episode_costs"]
+
+
+def test_missing_checkpoint_says_which_stage_to_run(toy, tmp_path):
+    cmd = ppo_cmd(toy, tmp_path / "x")
+    cmd[cmd.index("--cost_model_name_or_path") + 1] = tmp_path / "nope"
+    p = run([sys.executable, *cmd])
+    assert p.returncode == 2
+    assert "run cost.py first" in p.stderr and p.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "x").exists()
