@@ -196,11 +196,18 @@ def _check_checkpoint_path(name_or_path: str, stage_hint: str = "") -> None:
 
 
 def load_causal_lm(name_or_path: str, tokenizer, *, dtype: torch.dtype = torch.float32,
-                   trust_remote_code: bool = False, stage_hint: str = "", device: str | torch.device = "cpu"):
+                   trust_remote_code: bool = False, stage_hint: str = "", device: str | torch.device = "cpu",
+                   meta: bool = False):
     """A policy: a named preset (random init; same weights on every rank because every rank uses
-    the same seed before this call) or any HF decoder-only causal LM checkpoint."""
+    the same seed before this call) or any HF decoder-only causal LM checkpoint.
+
+    meta=True builds only the skeleton on the meta device (no memory, no disk reads): under
+    torchrun every rank but 0 does this, and prepare_model broadcasts rank 0's weights into the
+    shards, so an 8-GPU node holds one CPU copy of each checkpoint instead of eight."""
     from transformers import AutoModelForCausalLM
 
+    if meta:
+        return _skeleton(AutoModelForCausalLM, name_or_path, tokenizer, dtype, trust_remote_code, stage_hint)
     if name_or_path in PRESETS:
         model = AutoModelForCausalLM.from_config(preset_config(name_or_path, vocab_size=len(tokenizer)))
         model.to(dtype)
@@ -208,6 +215,27 @@ def load_causal_lm(name_or_path: str, tokenizer, *, dtype: torch.dtype = torch.f
         _check_checkpoint_path(name_or_path, stage_hint)
         model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, device)
     resize_embeddings(model, tokenizer)
+    return model
+
+
+def _skeleton(auto_cls, name_or_path, tokenizer, dtype, trust_remote_code, stage_hint, score_type=None):
+    """The model's modules with meta tensors: shapes only, from the preset or the checkpoint config."""
+    from transformers import AutoConfig
+
+    if name_or_path in PRESETS:
+        config = preset_config(name_or_path, vocab_size=len(tokenizer))
+    else:
+        _check_checkpoint_path(name_or_path, stage_hint)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config.architectures = None
+    config.vocab_size = max(config.vocab_size, len(tokenizer))  # as resize_embeddings on rank 0
+    with torch.device("meta"):
+        model = auto_cls.from_config(config, trust_remote_code=trust_remote_code)
+        if score_type is not None:
+            model = ScoreModel(model, score_type)
+    model.to(dtype)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.config, name, getattr(tokenizer, name))
     return model
 
 
@@ -297,11 +325,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def load_score_model(name_or_path: str, tokenizer, score_type: str, *, dtype: torch.dtype = torch.float32,
-                     trust_remote_code: bool = False, stage_hint: str = "") -> ScoreModel:
+                     trust_remote_code: bool = False, stage_hint: str = "", meta: bool = False) -> ScoreModel:
     """From a saved score model (trained head restored) or from a causal-LM checkpoint / preset
-    (fresh head). `score_type` overrides the saved one (a critic loaded from a reward model)."""
+    (fresh head). `score_type` overrides the saved one (a critic loaded from a reward model).
+    meta=True: the skeleton only, as in load_causal_lm."""
     from transformers import AutoConfig, AutoModel
 
+    if meta:
+        return _skeleton(AutoModel, name_or_path, tokenizer, dtype, trust_remote_code, stage_hint, score_type)
     if name_or_path in PRESETS:
         backbone = AutoModel.from_config(preset_config(name_or_path, vocab_size=len(tokenizer))).to(dtype)
         model = ScoreModel(backbone, score_type)
@@ -471,10 +502,24 @@ def prepare_model(model: nn.Module, dist_: Dist, *, trainable: bool, bf16: bool,
     # fp32 (GPU, trainable); fp32 throughout on CPU. Frozen bf16 models need no policy.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if (bf16 and trainable) else MixedPrecisionPolicy()
-    model.to(dist_.device)
+    # Rank 0 holds the real weights (other ranks may hold a meta skeleton, see load_causal_lm).
+    # Shard the skeleton, allocate the shards, then scatter rank 0's full tensors into them.
+    full = {k: v for k, v in model.state_dict().items()} if dist_.is_main else {}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if dist_.is_main else {}
+    model.to("meta")
     for layer in decoder_layers(model):  # each decoder block first, then the root
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    model.to_empty(device=dist_.device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    with torch.no_grad():  # buffers (e.g. RoPE's inv_freq, not in the state dict) are replicated
+        for name, buf in model.named_buffers():
+            if dist_.is_main:
+                buf.copy_(buffers[name].to(buf.device))
+            dist.broadcast(buf, src=0)
     # Check once after wrapping (pytorch/examples FSDP2): every parameter is a sharded DTensor.
     from torch.distributed.tensor import DTensor
     for name, p in model.named_parameters():

@@ -345,7 +345,9 @@ def main(args: Args) -> None:
     actor_path = str(out) if args.resume else args.actor_model_name_or_path
     tokenizer = M.load_tokenizer(actor_path, "left", args.trust_remote_code)
     hint = {"sft": "run sft.py first", "reward": "run reward.py first", "cost": "run cost.py first"}
-    load = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    # Only rank 0 reads the checkpoints; the other ranks build meta skeletons and receive the
+    # weights when prepare_model shards them (one CPU copy per node instead of one per rank).
+    load = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code, meta=d.enabled and not d.is_main)
     actor = M.load_causal_lm(actor_path, tokenizer, stage_hint=hint["sft"], **load)
     reference = M.load_causal_lm(args.actor_model_name_or_path, tokenizer, stage_hint=hint["sft"], **load)
     reward_model = M.load_score_model(args.reward_model_name_or_path, tokenizer, "reward", stage_hint=hint["reward"], **load)

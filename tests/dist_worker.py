@@ -1,7 +1,9 @@
-"""Worker for the distributed tests: run as `torchrun --nproc_per_node N tests/dist_worker.py MODE OUT TOK`
-or as a plain `python tests/dist_worker.py MODE OUT TOK` (one process, no process group).
+"""Worker for the distributed tests: run as `torchrun --nproc_per_node N tests/dist_worker.py MODE OUT ARG`
+or as a plain `python tests/dist_worker.py MODE OUT ARG` (one process, no process group).
 
-step:     one FSDP2 training step of a tiny LLaMA on a fixed global batch of 8 sequences; each rank
+init:     save a random-init tiny LLaMA to OUT/init (ARG: tokenizer folder).
+
+step:     (ARG: the init checkpoint) one FSDP2 training step of a tiny LLaMA on a fixed global batch of 8 sequences; each rank
           takes its slice; the masked token loss is normalised by the token count of the whole
           global batch, so N ranks and 1 process optimise the same objective. Writes the loss and
           the saved checkpoint (atomic, gathered from the shards) to OUT.
@@ -33,11 +35,13 @@ def global_batch(tokenizer):
     return ids, mask
 
 
-def step(out: Path, tok_dir: str):
+def step(out: Path, init: str):
+    """init: a checkpoint folder; under torchrun only rank 0 reads it (the others build a meta
+    skeleton and receive rank 0's weights when prepare_model shards the model)."""
     d = M.init_distributed("cpu")
-    M.seed_everything(0)  # same seed on every rank: identical initial weights
-    tokenizer = M.load_tokenizer(tok_dir, "right")
-    policy = M.load_causal_lm("toy-tiny", tokenizer)
+    M.seed_everything(0)
+    tokenizer = M.load_tokenizer(init, "right")
+    policy = M.load_causal_lm(init, tokenizer, meta=d.enabled and not d.is_main)
     policy = M.prepare_model(policy, d, trainable=True, bf16=False)
     optimizer = M.make_optimizer(policy, lr=1e-2, weight_decay=0.1)
     ids, mask = global_batch(tokenizer)
@@ -56,6 +60,13 @@ def step(out: Path, tok_dir: str):
     M.save_checkpoint(out / "ckpt", d, tokenizer, {"": policy})
     if d.is_main:
         (out / "loss.json").write_text(json.dumps({"loss": global_loss.item()}))
+
+
+def init(out: Path, tok_dir: str):
+    """Save a random-init tiny policy as the common starting checkpoint."""
+    M.seed_everything(0)
+    tokenizer = M.load_tokenizer(tok_dir, "right")
+    M.save_checkpoint(out / "init", M.init_distributed("cpu"), tokenizer, {"": M.load_causal_lm("toy-tiny", tokenizer)})
 
 
 def generate(out: Path, tok_dir: str):
@@ -78,6 +89,6 @@ def generate(out: Path, tok_dir: str):
 if __name__ == "__main__":
     mode, out, tok = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     out.mkdir(parents=True, exist_ok=True)
-    {"step": step, "generate": generate}[mode](out, tok)
+    {"init": init, "step": step, "generate": generate}[mode](out, tok)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -254,9 +254,12 @@ def test_sample_uses_the_kv_cache_consistently(tok):
 # ---- torchrun: 2 ranks with FSDP2 against one process ----------------------------------------
 
 def test_fsdp_two_ranks_match_one_process(tmp_path, tokenizer_dir):
-    one = run([sys.executable, "tests/dist_worker.py", "step", tmp_path / "one", tokenizer_dir])
+    p = run([sys.executable, "tests/dist_worker.py", "init", tmp_path, tokenizer_dir])
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = run([sys.executable, "tests/dist_worker.py", "step", tmp_path / "one", tmp_path / "init"])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, ["tests/dist_worker.py", "step", tmp_path / "two", tokenizer_dir], timeout=240)
+    # rank 1 builds a meta skeleton and gets rank 0's weights through the sharding broadcast
+    two = torchrun(2, ["tests/dist_worker.py", "step", tmp_path / "two", tmp_path / "init"], timeout=240)
     assert two.returncode == 0, two.stderr[-3000:]
     l1 = json.loads((tmp_path / "one" / "loss.json").read_text())["loss"]
     l2 = json.loads((tmp_path / "two" / "loss.json").read_text())["loss"]
