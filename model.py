@@ -293,8 +293,8 @@ class ScoreModel(nn.Module):
         return ScoreOutput(scores=scores, end_scores=end_scores, end_index=end_index)
 
     # Pass-throughs that generic code (FSDP wrapping, checkpointing, resizing) calls on HF models.
-    def gradient_checkpointing_enable(self, **kwargs):
-        self.model.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs):
+        self.model.activation_checkpointing_enable(**kwargs)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -487,7 +487,7 @@ def prepare_model(model: nn.Module, dist_: Dist, *, trainable: bool, bf16: bool,
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     if activation_checkpointing and trainable:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if not trainable:
         model.requires_grad_(False)
         if bf16:

@@ -284,3 +284,17 @@ def test_fsdp_generation_with_ranks_finishing_at_different_steps(tmp_path, token
     assert r0["finished"] and r1["finished"]
     assert r0["columns"] == r1["columns"]                     # same number of decoding steps
     assert max(r0["lengths"]) != max(r1["lengths"])           # yet the ranks finished at different steps
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tok):
+    ids, mask = padded(tok, ROWS, "right")
+    grads = []
+    for ckpt in (False, True):
+        policy = M.prepare_model(tiny_policy(tok, seed=7), M.Dist(0, 0, 1, torch.device("cpu")),
+                                 trainable=True, bf16=False, activation_checkpointing=ckpt)
+        policy.train()
+        M.policy_logprobs(policy, ids, mask).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters()})
+    assert policy.model.gradient_checkpointing
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6)
