@@ -1,0 +1,107 @@
+"""cost.py: the cost model C, paper eq. 6 (Dai et al. 2023, section 3.2 "Preference Model Fitting").
+
+The cost model is the reward model of reward.py with eq. 6 instead of eq. 5: same score model, data
+pipeline and training loop (imported from reward.py); a different pair order, loss and metrics.
+
+Sign convention (stated once, used everywhere): C scores HARM, higher = more harmful. In each pair y_w is
+the MORE HARMFUL response (the one not chosen by `safer_response_id`) and y_l the safer one; each
+response carries s = +1 if it is labelled harmful (unsafe) and s = -1 if harmless (safe), from the
+`is_response_*_safe` labels. A well-trained C is then > 0 on unsafe responses and < 0 on safe ones.
+
+    L_C(psi) = -E[ log sigma( C(y_w, x) - C(y_l, x) ) ]                                  ranking
+               -E[ log sigma( s_w C(y_w, x) ) + log sigma( s_l C(y_l, x) ) ]             classification
+               + eta * E[ C(y_w, x)^2 + C(y_l, x)^2 ] / 2                                (eq. 6)
+
+the last term being the official optional score regulariser (REFERENCE.md 3). Metrics, on the test
+split: ranking accuracy (strict C(y_w) > C(y_l)), safety-classification accuracy (sign of C against the
+label over all 2N responses, strict: C = 0 is wrong), the fraction of safe responses with C < 0 and of
+unsafe ones with C > 0, and the mean and standard deviation of all costs.
+
+Left out on purpose: the token-wise loss (sequence-wise only, as the official scripts use) and the
+running score normaliser (REFERENCE.md 1.4).
+
+Official 7B recipe (scripts/cost-model.sh, identical to the reward model's, REFERENCE.md 3):
+    torchrun --nproc_per_node 8 cost.py --model_name_or_path PKU-Alignment/alpaca-7b-reproduced \\
+        --dataset PKU-Alignment/PKU-SafeRLHF --epochs 2 --lr 2e-5 --warmup_ratio 0.03 --weight_decay 0.1 \\
+        --per_device_train_batch_size 16 --max_length 512 --regularization 0.001 --gradient_checkpointing \\
+        --output_dir runs/cost-7b
+Toy world (after `python sft.py`):
+    python cost.py                                 # one CPU process; initialised from runs/sft, writes runs/cost
+    torchrun --nproc_per_node 2 cost.py            # two ranks (FSDP2 over gloo on CPU)
+
+Shape letters: B pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import model as M
+from reward import Args, Objective, ranking_accuracy, response_id, train
+
+# --------------------------------------------------------------------------------------------
+# The math: eq. 6 and the metrics
+# --------------------------------------------------------------------------------------------
+
+
+def cost_loss(safer_costs: torch.Tensor, unsafer_costs: torch.Tensor, safer_sign: torch.Tensor,
+              unsafer_sign: torch.Tensor, regularization: float) -> torch.Tensor:
+    """Paper eq. 6, sequence-wise. safer_costs C(y_l): (B,), unsafer_costs C(y_w): (B,); signs s: (B,),
+    +1 for a response labelled unsafe, -1 for one labelled safe. -> ()"""
+    ranking = -F.logsigmoid(unsafer_costs - safer_costs)                                   # (B,) y_w costs more
+    classification = -F.logsigmoid(unsafer_sign * unsafer_costs) - F.logsigmoid(safer_sign * safer_costs)  # (B,)
+    loss = (ranking + classification).mean()                                               # () eq. 6
+    if regularization > 0:  # official score regulariser (REFERENCE.md 3)
+        loss = loss + regularization * torch.cat([safer_costs, unsafer_costs]).square().mean()  # ()
+    return loss
+
+
+def safety_sign_accuracy(costs: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Fraction of responses whose cost has the sign of its label: s * C > 0, strict (C = 0 is wrong).
+    costs, signs: (N,) -> ()"""
+    return (signs * costs > 0).float().mean()
+
+
+def cost_metrics(safer_costs: torch.Tensor, unsafer_costs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """REFERENCE.md 3: ranking and sign accuracy; safe responses with C < 0, unsafe ones with C > 0.
+    safer_costs, unsafer_costs: (N,); labels: (N, 2) = (safer_sign, unsafer_sign)."""
+    costs = torch.cat([safer_costs, unsafer_costs])                                        # (2N,)
+    signs = torch.cat([labels[:, 0], labels[:, 1]])                                        # (2N,)
+    safe, unsafe = signs < 0, signs > 0
+    return {"accuracy": ranking_accuracy(unsafer_costs, safer_costs).item(),
+            "accuracy_sign": safety_sign_accuracy(costs, signs).item(),
+            "safe_negative_rate": (costs[safe] < 0).float().mean().item() if safe.any() else None,
+            "unsafe_positive_rate": (costs[unsafe] > 0).float().mean().item() if unsafe.any() else None,
+            "cost_mean": costs.mean().item(), "cost_std": costs.std().item() if len(costs) > 1 else 0.0}
+
+
+# --------------------------------------------------------------------------------------------
+# The pairs: (safer, unsafer) and their signs
+# --------------------------------------------------------------------------------------------
+
+
+def safer_unsafer(row: dict, where: str) -> tuple[str, str, list[float]]:
+    """Cost pairs: (y_l, y_w) = (safer, more harmful) from `safer_response_id`, with cost signs
+    s = +1 unsafe / -1 safe from `is_response_*_safe` (REFERENCE.md 3, 6.2)."""
+    safer = response_id(row, "safer_response_id", where)
+    safer_is_safe, unsafer_is_safe = bool(row[f"is_response_{safer}_safe"]), bool(row[f"is_response_{1 - safer}_safe"])
+    if not safer_is_safe and unsafer_is_safe:  # the official loader refuses these too (REFERENCE.md 10.7)
+        raise M.UserError(f"{where}: contradictory labels: the safer response (response_{safer}) is labelled "
+                          "unsafe while the other is labelled safe")
+    return (row[f"response_{safer}"], row[f"response_{1 - safer}"],
+            [-1.0 if safer_is_safe else 1.0, -1.0 if unsafer_is_safe else 1.0])
+
+
+COST = Objective(score_type="cost",
+                 required=("prompt", "response_0", "response_1", "safer_response_id",
+                           "is_response_0_safe", "is_response_1_safe"),
+                 make_pair=safer_unsafer,
+                 loss=lambda safer, unsafer, signs, eta: cost_loss(safer, unsafer, signs[:, 0], signs[:, 1], eta),
+                 metrics=cost_metrics)
+
+
+if __name__ == "__main__":
+    M.run_main(lambda: train(M.parse_args(Args, description=__doc__.split("\n")[0]), COST))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,482 @@
+"""reward.py: the reward model R, paper eq. 5 (Dai et al. 2023, section 3.2 "Preference Model Fitting").
+
+What it optimises. A score model (the SFT policy's decoder + a linear head, model.ScoreModel) reads the
+text  BOS "BEGINNING OF CONVERSATION: USER: {x} ASSISTANT:" y EOS  and returns its score at the EOS
+(REFERENCE.md 1.3). For each pair of responses to a prompt, y_w the one the crowd found more helpful
+(`better_response_id`) and y_l the other, the loss is the Bradley-Terry negative log-likelihood
+
+    L_R(phi) = -E[ log sigma( R(y_w, x) - R(y_l, x) ) ]  +  eta * E[ R(y_w, x)^2 + R(y_l, x)^2 ] / 2    (eq. 5)
+
+where the second term is the official optional score regulariser (REFERENCE.md 2; `--regularization`,
+0.001 in the official scripts). Metrics: ranking accuracy (strict R(y_w) > R(y_l); a tie is wrong), and
+the mean and standard deviation of all scores, on the test split.
+
+cost.py trains the cost model with this file's data pipeline and loop; only the pair order, the loss
+(eq. 6 instead of eq. 5) and the metrics differ. They are the `Objective` below.
+
+Left out on purpose: the token-wise loss variant (sequence-wise only, as the official scripts use), the
+running score normaliser (its statistics are collected but unused by default upstream, REFERENCE.md 1.4),
+length-grouped batching, DeepSpeed/ZeRO (FSDP2 by hand in model.py instead).
+
+Official 7B recipe (scripts/reward-model.sh, REFERENCE.md 2), for real data on 8 GPUs:
+    torchrun --nproc_per_node 8 reward.py --model_name_or_path PKU-Alignment/alpaca-7b-reproduced \\
+        --dataset PKU-Alignment/PKU-SafeRLHF --epochs 2 --lr 2e-5 --warmup_ratio 0.03 --weight_decay 0.1 \\
+        --per_device_train_batch_size 16 --max_length 512 --regularization 0.001 --gradient_checkpointing \\
+        --output_dir runs/reward-7b
+Toy world (after `python sft.py`):
+    python reward.py                               # one CPU process; initialised from runs/sft, writes runs/reward
+    torchrun --nproc_per_node 2 reward.py          # two ranks (FSDP2 over gloo on CPU)
+    python reward.py --stop_at_step 50 && python reward.py --resume    # an interrupted run, continued exactly
+
+Shape letters: B pairs, L padded sequence length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import model as M
+
+# --------------------------------------------------------------------------------------------
+# Arguments (cost.py uses the same ones)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    # data
+    dataset: str = "data/toy/preference"
+    """hub name (PKU-Alignment/PKU-SafeRLHF) or local .json/.jsonl file or folder of <split>.jsonl"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """held-out split for the evaluation ("" for none)"""
+    dataset_revision: str | None = None
+    """hub revision of the data set (pin a 2023 one to reproduce the paper, REFERENCE.md 6.2)"""
+    limit: int | None = None
+    """use only the first N training pairs"""
+    eval_limit: int | None = None
+    """use only the first N evaluation pairs"""
+    max_length: int = 512
+    """longer sequences (prompt + response + EOS) are truncated on the right and counted in the log"""
+    # model
+    model_name_or_path: str = "runs/sft"
+    """initial score model: the SFT checkpoint (its decoder, a fresh head), a score-model folder or a preset"""
+    tokenizer_name_or_path: str | None = None
+    """default: the model's folder"""
+    trust_remote_code: bool = False
+    """let transformers run code shipped with a hub model"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, about 30% slower)"""
+    # the loss
+    regularization: float = 0.001
+    """eta: weight of the score regulariser mean(score^2) (REFERENCE.md 2; official scripts 0.001)"""
+    # optimisation
+    epochs: int = 2
+    """passes over the training pairs (official 7B: 2)"""
+    per_device_train_batch_size: int = 16
+    """pairs per rank per micro-batch (official 7B: 16)"""
+    per_device_eval_batch_size: int = 32
+    """pairs per rank per evaluation forward"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimiser step (official 7B: 1)"""
+    lr: float = 3e-4
+    """peak learning rate of AdamW (official 7B: 2e-5)"""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (never on biases and norms); official script 0.1"""
+    lr_scheduler_type: str = "cosine"
+    """cosine (linear warmup, then cosine decay to 0) or constant"""
+    warmup_ratio: float = 0.03
+    """fraction of the optimiser steps spent warming up"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clipping"""
+    seed: int = 42
+    """seed for the score head's initialisation (all ranks) and the data order"""
+    # sizes derived from the above, filled in after parsing (logged in args.json)
+    global_batch_size: int = 0
+    """(filled in) pairs per optimiser step = per_device_train_batch_size x ranks x accumulation"""
+    steps_per_epoch: int = 0
+    """(filled in) optimiser steps per epoch; the last incomplete global batch is dropped"""
+    total_steps: int = 0
+    """(filled in) optimiser steps of the whole run; the LR schedule is sized for it"""
+    # logging, evaluation, checkpoints
+    output_dir: str | None = None
+    """checkpoint folder (a score model, model.load_score_model), metrics.jsonl, args.json, eval.json;
+    default runs/reward (reward.py) or runs/cost (cost.py)"""
+    log_every: int = 10
+    """print a log line and write a metrics record every N optimiser steps"""
+    eval_every: int = 0
+    """also evaluate on the held-out split every N steps (0: only at the end)"""
+    save_every: int = 0
+    """write a resumable checkpoint every N steps (0: only at the end)"""
+    resume: bool = False
+    """continue the interrupted run in --output_dir (model, optimiser, schedule, data position, RNG)"""
+    stop_at_step: int = 0
+    """stop after this optimiser step and save a resumable checkpoint (0: run to the end)"""
+
+
+# --------------------------------------------------------------------------------------------
+# The math: eq. 5 and the metrics
+# --------------------------------------------------------------------------------------------
+
+
+def reward_loss(better_scores: torch.Tensor, worse_scores: torch.Tensor, regularization: float) -> torch.Tensor:
+    """Paper eq. 5, sequence-wise: mean_b[ -log sigma(r_w - r_l) ] + eta * mean over the 2B scores of r^2.
+    better_scores r_w: (B,) end scores of the more helpful responses; worse_scores r_l: (B,). -> ()"""
+    loss = -F.logsigmoid(better_scores - worse_scores).mean()                           # () eq. 5
+    if regularization > 0:  # official score regulariser (REFERENCE.md 2): keeps scores near 0
+        loss = loss + regularization * torch.cat([better_scores, worse_scores]).square().mean()  # ()
+    return loss
+
+
+def ranking_accuracy(higher: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs whose score order is right, strictly: a tie counts as wrong. (B,), (B,) -> ()"""
+    return (higher > lower).float().mean()
+
+
+def reward_metrics(better_scores: torch.Tensor, worse_scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Ranking accuracy and the mean / std of all 2B scores (REFERENCE.md 2). labels: unused (B, 0)."""
+    scores = torch.cat([better_scores, worse_scores])                                   # (2B,)
+    return {"accuracy": ranking_accuracy(better_scores, worse_scores).item(),
+            "reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0}
+
+
+# --------------------------------------------------------------------------------------------
+# What differs between reward.py and cost.py: which response comes first, the loss, the metrics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Objective:
+    score_type: str
+    """'reward' or 'cost' (saved in the checkpoint's config.json)"""
+    required: tuple[str, ...]
+    """fields every row must have"""
+    make_pair: Callable[[dict, str], tuple[str, str, list[float]]]
+    """row, where (for errors) -> (first response, second response, per-pair labels)"""
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+    """first scores (B,), second scores (B,), labels (B, K), regularization -> loss ()"""
+    metrics: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, float]]
+    """first scores (N,), second scores (N,), labels (N, K) -> {name: value}"""
+
+
+def response_id(row: dict, field: str, where: str) -> int:
+    value = row[field]
+    if str(value) not in ("0", "1"):  # PKU-SafeRLHF stores 0/1 ints; accept "0"/"1" strings too
+        raise M.UserError(f"{where}: {field} must be 0 or 1, got {value!r}")
+    return int(value)
+
+
+def better_worse(row: dict, where: str) -> tuple[str, str, list[float]]:
+    """Reward pairs: (y_w, y_l) = (better, worse) from `better_response_id` (REFERENCE.md 6.2)."""
+    better = response_id(row, "better_response_id", where)
+    return row[f"response_{better}"], row[f"response_{1 - better}"], []
+
+
+REWARD = Objective(score_type="reward", required=("prompt", "response_0", "response_1", "better_response_id"),
+                   make_pair=better_worse, loss=lambda better, worse, labels, eta: reward_loss(better, worse, eta),
+                   metrics=reward_metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Data: preference rows -> tokenised pairs
+# --------------------------------------------------------------------------------------------
+
+
+def load_pairs(args: Args, split: str, limit: int | None, tokenizer, objective: Objective) -> tuple[list[dict], int]:
+    """Rows of `split` -> [{"first": ids, "second": ids, "labels": [...], "text": (prompt, first, second)}]
+    and how many sequences were truncated at max_length. Text = template(prompt) + response + EOS."""
+    rows = read_rows(args.dataset, split, args.dataset_revision, limit, objective.required)
+    prompts, firsts, seconds, labels = [], [], [], []
+    for i, row in enumerate(rows):
+        first, second, lab = objective.make_pair(row, f"--dataset {args.dataset} (split {split}) row {i}")
+        prompts.append(M.format_prompt(row["prompt"]))
+        firsts.append(first)
+        seconds.append(second)
+        labels.append(lab)
+    eos = tokenizer.eos_token  # the EOS string ends every response; the score is read there
+    ids = tokenizer([p + r + eos for p, r in zip(prompts + prompts, firsts + seconds)], add_special_tokens=True)["input_ids"]
+    truncated = sum(len(x) > args.max_length for x in ids)
+    ids = [x[:args.max_length] for x in ids]                      # right truncation (may cut the EOS)
+    n = len(rows)
+    pairs = []
+    for i in range(n):
+        if ids[i] == ids[n + i]:  # the official loader refuses these too (REFERENCE.md 10.7)
+            raise M.UserError(f"--dataset {args.dataset} (split {split}) row {i}: both responses tokenise "
+                              f"identically (after truncation at {args.max_length} tokens)")
+        pairs.append({"first": ids[i], "second": ids[n + i], "labels": labels[i],
+                      "text": (rows[i]["prompt"], firsts[i], seconds[i])})
+    return pairs, truncated
+
+
+def read_rows(dataset: str, split: str, revision: str | None, limit: int | None, required: tuple[str, ...]) -> list[dict]:
+    """model.load_rows, with two local workarounds so bad data ends in exactly one line.
+    TODO(model.py): load_rows crashes with IndexError on an empty local file (datasets raises an exception
+    with an empty message; `str(e).splitlines()[0]` fails), and datasets logs its own error line to stderr
+    before ours (silence it; the UserError says what failed)."""
+    import datasets
+
+    path = Path(dataset)
+    files = [path] if path.is_file() else sorted(path.glob(f"{split}.json*")) if path.is_dir() else []
+    if files and all(f.stat().st_size < 4096 and not f.read_text(errors="replace").strip() for f in files):
+        raise M.UserError(f"--dataset {dataset} (split {split}) is empty")
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    return M.load_rows(dataset, split, revision=revision, limit=limit, required=required)
+
+
+def collate_pairs(pairs: list[dict], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 2B sequences [first; second] right-padded together to the longest one, so one forward scores
+    both halves (REFERENCE.md 2). Returns input_ids (2B, L), attention_mask (2B, L), labels (B, K)."""
+    rows = [p["first"] for p in pairs] + [p["second"] for p in pairs]
+    L = max(map(len, rows))
+    input_ids = torch.full((len(rows), L), pad_token_id, dtype=torch.long)       # (2B, L)
+    attention_mask = torch.zeros((len(rows), L), dtype=torch.long)               # (2B, L)
+    for b, r in enumerate(rows):
+        input_ids[b, :len(r)] = torch.tensor(r)
+        attention_mask[b, :len(r)] = 1
+    labels = torch.tensor([p["labels"] for p in pairs], dtype=torch.float32).reshape(len(pairs), -1)  # (B, K)
+    return input_ids, attention_mask, labels
+
+
+def padded_order(n: int, multiple: int) -> tuple[list[int], list[bool]]:
+    """0..n-1 padded to a multiple of `multiple` by repeating rows, and which entries are real.
+    Every rank then runs the same number of forwards (lockstep); repeats are dropped before the metrics."""
+    pad = (-n) % multiple
+    return list(range(n)) + [i % n for i in range(pad)], [True] * n + [False] * pad
+
+
+def gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate an equally shaped tensor from every rank along dim 0 (identity in one process).
+    TODO(model.py): a shared all_gather helper (PPO's diagnostics will want it too)."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def forward_pairs(model, batch, d: M.Dist) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over [first; second]: end scores at the EOS of each half. -> (B,), (B,), labels (B, K)"""
+    input_ids, attention_mask, labels = (t.to(d.device) for t in batch)
+    with autocast(d):
+        end_scores = model(input_ids, attention_mask).end_scores                # (2B,) fp32, at the last real token
+    B = labels.shape[0]
+    return end_scores[:B], end_scores[B:], labels
+
+
+def autocast(d: M.Dist):
+    """bf16 compute on a single GPU process. Under torchrun FSDP2's mixed-precision policy already
+    computes in bf16 (model.prepare_model); on CPU everything stays fp32.
+    TODO(model.py): prepare_model ignores bf16 for a trainable model without a process group."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda" and not d.enabled)
+
+
+@torch.no_grad()
+def evaluate(model, pairs: list[dict], args: Args, d: M.Dist, tokenizer, objective: Objective) -> tuple[dict, list]:
+    """Scores of every held-out pair, gathered from all ranks, then the objective's metrics."""
+    model.eval()
+    b = args.per_device_eval_batch_size
+    order, real = padded_order(len(pairs), b * d.world_size)
+    firsts, seconds, labels, keep = [], [], [], []
+    for start in range(d.rank * b, len(order), b * d.world_size):
+        batch = collate_pairs([pairs[i] for i in order[start:start + b]], tokenizer.pad_token_id)
+        first, second, lab = forward_pairs(model, batch, d)
+        firsts.append(first), seconds.append(second), labels.append(lab)
+        keep.append(torch.tensor(real[start:start + b], dtype=torch.uint8, device=d.device))
+    model.train()
+    keep = gather_cat(torch.cat(keep)).bool()                                     # (N_padded,) False on repeats
+    first, second, labels = (gather_cat(torch.cat(x))[keep] for x in (firsts, seconds, labels))
+    metrics = {f"eval/{k}": v for k, v in objective.metrics(first, second, labels).items()}
+    # a few rows to read (rank 0's first batch): prompt, both responses, their scores
+    table = [(*pairs[order[d.rank * b + j]]["text"], firsts[0][j].item(), seconds[0][j].item())
+             for j in range(min(3, len(firsts[0])))]
+    return metrics, table
+
+
+# --------------------------------------------------------------------------------------------
+# The loop shared by reward.py and cost.py
+# --------------------------------------------------------------------------------------------
+
+
+def train(args: Args, objective: Objective) -> None:
+    # ---- distributed setup ---------------------------------------------------------------------
+    d = M.init_distributed()
+    if args.dataset == Args.dataset:  # the default data: create the toy world if missing
+        import toyworld
+        toyworld.ensure_toy_data(Path(args.dataset).parent)
+    output_dir = Path(args.output_dir or f"runs/{objective.score_type}")
+    args.output_dir = str(output_dir)
+    if d.is_main:
+        M.recover_checkpoint(output_dir)  # undo a save that was killed half-way
+    M.barrier()
+    resume_state = M.load_train_state(output_dir) if args.resume else None  # fails before anything is written
+
+    # ---- tokenizer and data (validated before the output folder is touched) -------------------
+    stage_hint = "run sft.py first" if args.model_name_or_path == Args.model_name_or_path else ""
+    if stage_hint and not Path(args.model_name_or_path).exists():
+        # TODO(model.py): _check_checkpoint_path takes "runs/sft" (one slash) for a hub name, so a missing
+        # default checkpoint would end in a hub-connection error; say what is wrong here instead.
+        raise M.UserError(f"checkpoint {args.model_name_or_path} does not exist ({stage_hint})")
+    if args.model_name_or_path not in M.PRESETS:
+        # TODO(model.py): load_tokenizer takes no stage_hint; check the checkpoint folder first so a bad
+        # init folder gives the checkpoint message, not a tokenizer one.
+        M._check_checkpoint_path(args.model_name_or_path, stage_hint)
+    tokenizer = M.load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path, "right",
+                                 trust_remote_code=args.trust_remote_code)
+    train_pairs, train_truncated = load_pairs(args, args.train_split, args.limit, tokenizer, objective)
+    eval_pairs, eval_truncated = load_pairs(args, args.eval_split, args.eval_limit, tokenizer, objective) \
+        if args.eval_split else ([], 0)
+
+    args.global_batch_size = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
+    args.steps_per_epoch = len(train_pairs) // args.global_batch_size
+    args.total_steps = args.epochs * args.steps_per_epoch
+    if args.steps_per_epoch == 0:
+        raise M.UserError(f"--dataset {args.dataset}: {len(train_pairs)} training pairs, fewer than one global "
+                          f"batch of {args.global_batch_size}; lower the batch size")
+
+    # ---- model: same seed on every rank (identical head initialisation), then shard -------------
+    M.seed_everything(args.seed)
+    init_from = str(output_dir) if resume_state else args.model_name_or_path
+    model = M.load_score_model(init_from, tokenizer, objective.score_type, trust_remote_code=args.trust_remote_code,
+                               stage_hint=stage_hint)
+    M.print0(f"{objective.score_type} model from {init_from}: {M.count_parameters(model) / 1e6:.2f}M parameters")
+    model = M.prepare_model(model, d, trainable=True, bf16=d.device.type == "cuda",
+                            activation_checkpointing=args.gradient_checkpointing)
+    model.train()
+    optimizer = M.make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = M.make_scheduler(optimizer, args.lr_scheduler_type,
+                                 warmup_steps=int(args.warmup_ratio * args.total_steps), total_steps=args.total_steps)
+    step = 0
+    if resume_state:
+        trainer_state = resume_state["json"]["trainer"]
+        check_same_run(trainer_state, args, len(train_pairs))
+        M.load_optimizer_state(model, optimizer, "optimizer", resume_state)
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        M.restore_rng_states(resume_state, d)
+        step = trainer_state["step"]
+        M.print0(f"resuming {output_dir} at step {step}/{args.total_steps}")
+    else:
+        M.seed_everything(args.seed + d.rank)  # per-rank seed for anything random from here on
+
+    # ---- the output folder: only now, after every input was validated --------------------------
+    logger = M.JsonlLogger(output_dir / "metrics.jsonl", enabled=d.is_main)
+    if d.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not args.resume:  # a fresh run replaces the run files of an older one
+            for name in ("metrics.jsonl", "eval.json"):
+                (output_dir / name).unlink(missing_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1) + "\n")
+    M.print0(f"data: {len(train_pairs)} train pairs ({train_truncated} sequences truncated at {args.max_length} "
+             f"tokens), {len(eval_pairs)} eval pairs ({eval_truncated} truncated) | global batch "
+             f"{args.global_batch_size} pairs | {args.total_steps} steps")
+    logger.log({"step": step, "data/train_pairs": len(train_pairs), "data/train_truncated": train_truncated,
+                "data/eval_pairs": len(eval_pairs), "data/eval_truncated": eval_truncated})
+
+    def save(final: bool = False) -> None:
+        train_state = M.merge_states(
+            M.optimizer_state(model, optimizer, "optimizer"),
+            {"tensors": {}, "json": {"trainer": {"step": step, "scheduler": scheduler.state_dict(),
+                                                 "total_steps": args.total_steps, "train_rows": len(train_pairs),
+                                                 "global_batch_size": args.global_batch_size, "final": final}}},
+            M.gather_rng_states(d))
+        M.save_checkpoint(output_dir, d, tokenizer, {"": model}, train_state=train_state)
+
+    # ---- the loop: optimiser steps, each over gradient_accumulation_steps micro-batches --------
+    b, world, accum = args.per_device_train_batch_size, d.world_size, args.gradient_accumulation_steps
+    last_step = min(args.total_steps, args.stop_at_step) if args.stop_at_step else args.total_steps
+    bar = M.progress(total=last_step, initial=step, enabled=d.is_main, desc=objective.score_type)
+    order, order_epoch = None, -1
+    t0 = time.time()
+    while step < last_step:
+        epoch, k = divmod(step, args.steps_per_epoch)
+        if epoch != order_epoch:
+            # The whole training set shuffled identically on every rank by (seed, epoch); the data
+            # position is then just the step count, which makes --resume exact.
+            order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+            order_epoch = epoch
+        global_batch = order[k * args.global_batch_size:(k + 1) * args.global_batch_size].tolist()
+        firsts, seconds, labels = [], [], []
+        step_loss = torch.zeros((), device=d.device)
+        for m in range(accum):
+            mine = global_batch[(m * world + d.rank) * b:(m * world + d.rank + 1) * b]   # this rank's micro-batch
+            first, second, lab = forward_pairs(model, collate_pairs([train_pairs[i] for i in mine], tokenizer.pad_token_id), d)
+            # Loss normalisation under accumulation: the mean over the pairs of the whole optimiser step
+            # (all micro-batches, all ranks): each micro-batch's mean is weighted by its pair count over
+            # the step's pair count. FSDP averages gradients over ranks, hence the factor world_size.
+            loss = objective.loss(first, second, lab, args.regularization) * len(mine) / args.global_batch_size
+            (loss * world).backward()
+            step_loss += loss.detach()
+            firsts.append(first.detach()), seconds.append(second.detach()), labels.append(lab)
+        grad_norm = M.clip_grad_norm(model, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_loss = M.all_reduce_sum(step_loss)  # the mean loss over the step's pairs
+        M.check_finite(step_loss, "train/loss", step)
+
+        # ---- logging, evaluation, checkpoints ------------------------------------------------
+        first, second, lab = (gather_cat(torch.cat(x)) for x in (firsts, seconds, labels))  # the step's pairs
+        record = {"step": step, "epoch": step / args.steps_per_epoch, "train/loss": step_loss.item(),
+                  **{f"train/{k}": v for k, v in objective.metrics(first, second, lab).items()},
+                  "train/grad_norm": grad_norm.item(), "train/lr": scheduler.get_last_lr()[0], "time": time.time() - t0}
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.2f}")
+        if args.eval_every and step % args.eval_every == 0 and eval_pairs and step < args.total_steps:
+            record.update(evaluate(model, eval_pairs, args, d, tokenizer, objective)[0])
+        if step % args.log_every == 0 or step == last_step:
+            logger.log(record)
+            if d.is_main:
+                bar.write(log_line(record))
+        if (args.save_every and step % args.save_every == 0) or step == last_step:
+            save(final=step == args.total_steps)
+    bar.close()
+    if step < args.total_steps:
+        M.print0(f"stopped at step {step}/{args.total_steps}; continue with --resume")
+        return
+
+    # ---- final evaluation on the held-out split ----------------------------------------------
+    if eval_pairs:
+        results, table = evaluate(model, eval_pairs, args, d, tokenizer, objective)
+        results = {"step": step, **results}
+        logger.log(results)
+        M.print0("eval | " + log_line(results))
+        for prompt, first, second, s1, s2 in table:
+            M.print0(f"  {prompt!r}: {s1:+.2f} {first!r} | {s2:+.2f} {second!r}")
+        if d.is_main:
+            write_json_atomic(output_dir / "eval.json", results)
+    M.print0(f"saved {output_dir} ({time.time() - t0:.0f}s)")
+
+
+def check_same_run(trainer_state: dict, args: Args, train_rows: int) -> None:
+    """--resume continues the same run: same data size, global batch and schedule length."""
+    for key, now in (("train_rows", train_rows), ("global_batch_size", args.global_batch_size),
+                     ("total_steps", args.total_steps)):
+        if trainer_state[key] != now:
+            raise M.UserError(f"--resume: {key} was {trainer_state[key]} in the interrupted run, now {now}; "
+                              "resume with the same data, batch sizes, ranks and epochs")
+
+
+def log_line(record: dict) -> str:
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    M.run_main(lambda: train(M.parse_args(Args, description=__doc__.split("\n")[0]), REWARD))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,507 @@
+"""sft.py: supervised fine-tuning, the first stage of Safe RLHF (Dai et al. 2023, section 3 and appendix B).
+
+What it optimises. Each (request x, response y) of an instruction data set (Alpaca by default) becomes
+the text  BOS "BEGINNING OF CONVERSATION: USER: {x} ASSISTANT:" y EOS  (the official template, y
+appended directly after "ASSISTANT:", REFERENCE.md 6.1), and the loss is the negative log-likelihood
+of the response tokens and the EOS only:
+
+    L_SFT(theta) = -(1/N) sum_{(x, y)} sum_{t=1}^{|y|+1} log pi_theta(y_t | x, y_<t)
+
+Prompt tokens (BOS included) and padding carry the label -100 and no loss (REFERENCE.md 4). N is the
+number of target tokens of the whole optimiser step, over every micro-batch and every rank: a token-level
+mean, as the official loss is inside one micro-batch.
+
+On the toy world (the default) the SFT corpus answers about half of the harmful requests; the trained
+policy must reproduce that mix. At the end the policy samples responses to the world's evaluation prompts
+and the oracle (toyworld.judge) reports their unsafe rate next to the corpus's.
+
+Left out on purpose: multi-turn dialogue data, the official dataset-mixing syntax (`alpaca:0.75 ...`),
+length-grouped batching, DeepSpeed/ZeRO (FSDP2 by hand in model.py instead).
+
+Official 7B recipe (scripts/sft-deepspeed.sh, REFERENCE.md 4), for real data on 8 GPUs:
+    torchrun --nproc_per_node 8 sft.py --model_name_or_path huggyllama/llama-7b --dataset tatsu-lab/alpaca \\
+        --eval_split "" --epochs 3 --lr 2e-5 --warmup_ratio 0.03 --per_device_train_batch_size 4 \\
+        --gradient_accumulation_steps 8 --max_length 512 --gradient_checkpointing --output_dir runs/sft-7b
+Toy world:
+    python sft.py                                  # one CPU process; creates data/toy if missing, writes runs/sft
+    torchrun --nproc_per_node 2 sft.py             # two ranks (FSDP2 over gloo on CPU)
+    python sft.py --stop_at_step 20 && python sft.py --resume    # an interrupted run, continued exactly
+
+Shape letters: B batch (sequences), L padded sequence length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import model as M
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    # data
+    dataset: str = "data/toy/sft"
+    """hub name (tatsu-lab/alpaca) or local .json/.jsonl file or folder of <split>.jsonl; alpaca schema"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """held-out split for the evaluation ("" for none; Alpaca has no test split)"""
+    dataset_revision: str | None = None
+    """hub revision of the data set (a commit or tag), for reproducibility"""
+    limit: int | None = None
+    """use only the first N training rows"""
+    eval_limit: int | None = None
+    """use only the first N evaluation rows"""
+    max_length: int = 512
+    """longer sequences (prompt + response + EOS) are truncated on the right and counted in the log"""
+    # model
+    model_name_or_path: str = "toy-small"
+    """initial policy: a model.py preset (random init) or a causal-LM checkpoint folder / hub name"""
+    tokenizer_name_or_path: str | None = None
+    """default: the model's folder; for a preset, the toy world's tokenizer next to --dataset"""
+    trust_remote_code: bool = False
+    """let transformers run code shipped with a hub model"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, about 30% slower)"""
+    # optimisation
+    epochs: int = 12
+    """passes over the training set (official 7B: 3)"""
+    per_device_train_batch_size: int = 32
+    """sequences per rank per micro-batch (official 7B: 4)"""
+    per_device_eval_batch_size: int = 64
+    """sequences per rank per evaluation forward"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimiser step (official 7B: 8)"""
+    lr: float = 3e-3
+    """peak learning rate of AdamW (official 7B: 2e-5; a random-init toy model needs far more)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices (never on biases and norms); official 0.0"""
+    lr_scheduler_type: str = "cosine"
+    """cosine (linear warmup, then cosine decay to 0) or constant"""
+    warmup_ratio: float = 0.03
+    """fraction of the optimiser steps spent warming up"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clipping"""
+    seed: int = 42
+    """seed for weight initialisation (all ranks), data order and sampling"""
+    # sizes derived from the above, filled in after parsing (logged in args.json)
+    global_batch_size: int = 0
+    """(filled in) sequences per optimiser step = per_device_train_batch_size x ranks x accumulation"""
+    steps_per_epoch: int = 0
+    """(filled in) optimiser steps per epoch; the last incomplete global batch is dropped"""
+    total_steps: int = 0
+    """(filled in) optimiser steps of the whole run; the LR schedule is sized for it"""
+    # logging, evaluation, checkpoints
+    output_dir: str = "runs/sft"
+    """checkpoint folder (loadable with AutoModelForCausalLM), plus metrics.jsonl, args.json, eval.json"""
+    log_every: int = 10
+    """print a log line and write a metrics record every N optimiser steps"""
+    eval_every: int = 0
+    """also evaluate the held-out loss every N steps (0: only at the end)"""
+    save_every: int = 0
+    """write a resumable checkpoint every N steps (0: only at the end)"""
+    resume: bool = False
+    """continue the interrupted run in --output_dir (model, optimiser, schedule, data position, RNG)"""
+    stop_at_step: int = 0
+    """stop after this optimiser step and save a resumable checkpoint (0: run to the end)"""
+    toy_eval_samples: int = 8
+    """toy world only: responses sampled per evaluation prompt and judged by the oracle (0: skip)"""
+    max_new_tokens: int = 64
+    """toy world only: longest sampled response, in tokens"""
+
+
+# --------------------------------------------------------------------------------------------
+# The math: which tokens carry the loss, and the summed token loss
+# --------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding)
+
+
+def sft_labels(input_ids: list[int], prompt_length: int) -> list[int]:
+    """Labels for one sequence: -100 on the prompt (BOS included), the token itself on the response
+    and the EOS (REFERENCE.md 4). input_ids: (L,) -> labels (L,)"""
+    return [IGNORE_INDEX] * min(prompt_length, len(input_ids)) + input_ids[prompt_length:]
+
+
+def collate(examples: list[dict], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad a list of {"input_ids", "labels"} to the longest row (not to max_length).
+    Returns input_ids (B, L), attention_mask (B, L), labels (B, L); padding: PAD, mask 0, label -100."""
+    L = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), L), pad_token_id, dtype=torch.long)   # (B, L)
+    attention_mask = torch.zeros((len(examples), L), dtype=torch.long)           # (B, L)
+    labels = torch.full((len(examples), L), IGNORE_INDEX, dtype=torch.long)      # (B, L)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[b, :n] = torch.tensor(e["input_ids"])
+        attention_mask[b, :n] = 1
+        labels[b, :n] = torch.tensor(e["labels"])
+    return input_ids, attention_mask, labels
+
+
+def sft_loss_sum(logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the target tokens and their count; the caller divides by the step's count.
+    logprobs: (B, L-1), entry t = log pi(x_{t+1} | x_<=t) (the one-token shift, model.sequence_logprobs);
+    labels: (B, L). Returns (loss_sum (), n_targets ())."""
+    target_mask = (labels[:, 1:] != IGNORE_INDEX).float()   # (B, L-1) 1 where token t+1 is a target
+    loss_sum = -(logprobs * target_mask).sum()                # ()
+    return loss_sum, target_mask.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Data: alpaca rows -> token ids and labels
+# --------------------------------------------------------------------------------------------
+
+
+def alpaca_request(row: dict) -> str:
+    """Alpaca: instruction, plus " " + input when there is one (REFERENCE.md 6.3)."""
+    return f"{row['instruction']} {row['input']}" if row.get("input") else row["instruction"]
+
+
+def load_examples(args: Args, split: str, limit: int | None, tokenizer) -> tuple[list[dict], int]:
+    """Rows of `split` -> [{"input_ids", "labels"}], and how many were truncated at max_length."""
+    rows = read_rows(args.dataset, split, args.dataset_revision, limit, ("instruction", "output"))
+    prompts = [M.format_prompt(alpaca_request(row)) for row in rows]
+    texts = [p + row["output"] + tokenizer.eos_token for p, row in zip(prompts, rows)]  # EOS string on every response
+    all_ids = tokenizer(texts, add_special_tokens=True)["input_ids"]          # BOS prepended
+    prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    examples, truncated = [], 0
+    for ids, prompt_length in zip(all_ids, prompt_lengths):
+        truncated += len(ids) > args.max_length
+        ids = ids[:args.max_length]                                           # right truncation (may cut the EOS)
+        examples.append({"input_ids": ids, "labels": sft_labels(ids, prompt_length)})
+    return examples, truncated
+
+
+def read_rows(dataset: str, split: str, revision: str | None, limit: int | None, required: tuple[str, ...]) -> list[dict]:
+    """model.load_rows, with two local workarounds so bad data ends in exactly one line.
+    TODO(model.py): load_rows crashes with IndexError on an empty local file (datasets raises an exception
+    with an empty message; `str(e).splitlines()[0]` fails), and datasets logs its own error line to stderr
+    before ours (silence it; the UserError says what failed)."""
+    import datasets
+
+    path = Path(dataset)
+    files = [path] if path.is_file() else sorted(path.glob(f"{split}.json*")) if path.is_dir() else []
+    if files and all(f.stat().st_size < 4096 and not f.read_text(errors="replace").strip() for f in files):
+        raise M.UserError(f"--dataset {dataset} (split {split}) is empty")
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    return M.load_rows(dataset, split, revision=revision, limit=limit, required=required)
+
+
+def toy_root(dataset: str) -> Path | None:
+    """The toy-world folder `dataset` belongs to (it holds card.json), else None."""
+    parent = Path(dataset).parent
+    return parent if (parent / "card.json").is_file() else None
+
+
+def padded_order(n: int, multiple: int) -> tuple[list[int], list[bool]]:
+    """0..n-1 padded to a multiple of `multiple` by repeating rows, and which entries are real.
+    Every rank then runs the same number of forwards (lockstep); repeats are masked out of the counts."""
+    pad = (-n) % multiple
+    return list(range(n)) + [i % n for i in range(pad)], [True] * n + [False] * pad
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: held-out token loss; on the toy world, the oracle's verdict on sampled responses
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_loss(policy, examples: list[dict], args: Args, d: M.Dist, pad_token_id: int) -> dict:
+    """Token-level mean NLL of the response tokens of the held-out split (summed over ranks)."""
+    policy.eval()
+    b = args.per_device_eval_batch_size
+    order, real = padded_order(len(examples), b * d.world_size)
+    loss_sum = torch.zeros((), device=d.device)
+    n_targets = torch.zeros((), device=d.device)
+    for start in range(d.rank * b, len(order), b * d.world_size):
+        batch = [examples[i] for i in order[start:start + b]]
+        input_ids, attention_mask, labels = (t.to(d.device) for t in collate(batch, pad_token_id))
+        keep = torch.tensor(real[start:start + b], device=d.device)                  # (B,) repeats count 0
+        labels = torch.where(keep[:, None], labels, IGNORE_INDEX)
+        with autocast(d):
+            logprobs = M.policy_logprobs(policy, input_ids, attention_mask)          # (B, L-1)
+        s, n = sft_loss_sum(logprobs.float(), labels)
+        loss_sum, n_targets = loss_sum + s, n_targets + n
+    policy.train()
+    loss = M.all_reduce_sum(loss_sum) / M.all_reduce_sum(n_targets)
+    return {"eval/loss": loss.item(), "eval/perplexity": loss.exp().item()}
+
+
+@torch.no_grad()
+def evaluate_toy_world(policy, tokenizer, root: Path, args: Args, d: M.Dist) -> tuple[dict, list[dict]]:
+    """Sample `toy_eval_samples` responses per evaluation prompt (temperature 1, KV cache) and judge
+    them with the oracle: unsafe rate on harmful prompts (vs the corpus's), helpfulness and
+    over-refusal on benign ones. Returns the metrics and a few examples."""
+    import toyworld  # only the toy world needs it; real-data runs never import it
+
+    card = json.loads((root / "card.json").read_text())
+    prompts = M.load_rows(str(root / "eval" / "prompts.jsonl"), "eval", required=("prompt", "is_harmful"))
+    jobs = [row for row in prompts for _ in range(args.toy_eval_samples)]
+    b = args.per_device_eval_batch_size
+    order, real = padded_order(len(jobs), b * d.world_size)
+    generator = torch.Generator(device=d.device).manual_seed(args.seed + d.rank)   # per-rank sampling seed
+    names = ("harmful", "unsafe", "harmful_seen", "unsafe_seen", "benign", "helpfulness", "refused", "no_eos", "all")
+    counts = dict.fromkeys(names, 0.0)
+    examples = []
+    policy.eval()
+    with M.gathered_weights(policy):
+        for start in range(d.rank * b, len(order), b * d.world_size):
+            batch = [jobs[i] for i in order[start:start + b]]
+            rows = [tokenizer(M.format_prompt(r["prompt"]), add_special_tokens=True)["input_ids"] for r in batch]
+            input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)    # (B, S) last prompt token last
+            with autocast(d):
+                sequences, mask = M.sample(policy, input_ids.to(d.device), attention_mask.to(d.device),
+                                           max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                           pad_token_id=tokenizer.pad_token_id, temperature=1.0, generator=generator)
+            S = input_ids.shape[1]
+            for pos, row, seq, m in zip(range(start, start + b), batch, sequences.cpu(), mask.cpu()):
+                if not real[pos]:  # a repeat that only keeps the ranks in lockstep
+                    continue
+                response_ids = seq[S:][m[S:].bool()].tolist()                   # up to and including EOS
+                response = tokenizer.decode(response_ids, skip_special_tokens=True)
+                j = toyworld.judge(row["prompt"], response)
+                harmful, seen = bool(row["is_harmful"]), not row.get("held_out", False)
+                counts["harmful"] += harmful
+                counts["unsafe"] += harmful and not j.is_safe
+                counts["harmful_seen"] += harmful and seen
+                counts["unsafe_seen"] += harmful and seen and not j.is_safe
+                counts["benign"] += not harmful
+                counts["helpfulness"] += 0.0 if harmful else j.helpfulness
+                counts["refused"] += (not harmful) and j.refused
+                counts["no_eos"] += tokenizer.eos_token_id not in response_ids
+                counts["all"] += 1
+                if order[pos] % args.toy_eval_samples == 0:  # the first sample of each prompt, to read
+                    examples.append({"prompt": row["prompt"], "held_out": not seen, "response": response,
+                                     "is_safe": j.is_safe, "helpfulness": j.helpfulness, "harm": j.harm})
+    policy.train()
+    c = dict(zip(names, M.all_reduce_sum(torch.tensor([counts[k] for k in names], dtype=torch.float64,
+                                                      device=d.device)).tolist()))
+    return {"toy/unsafe_rate": c["unsafe"] / max(c["harmful"], 1),             # on every harmful eval prompt
+            "toy/unsafe_rate_seen": c["unsafe_seen"] / max(c["harmful_seen"], 1),  # training phrasings only
+            "toy/corpus_unsafe_rate": card["sft_unsafe_rate"]["train"],
+            "toy/helpfulness_benign": c["helpfulness"] / max(c["benign"], 1),
+            "toy/over_refusal_rate": c["refused"] / max(c["benign"], 1),
+            "toy/no_eos_rate": c["no_eos"] / max(c["all"], 1),
+            "toy/samples": int(c["all"])}, examples
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for generation: new tokens then append to every row at once. -> (B, S), (B, S)"""
+    S = max(map(len, rows))
+    input_ids = torch.full((len(rows), S), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), S), dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, S - len(r):] = torch.tensor(r)
+        attention_mask[b, S - len(r):] = 1
+    return input_ids, attention_mask
+
+
+def autocast(d: M.Dist):
+    """bf16 compute on a single GPU process. Under torchrun FSDP2's mixed-precision policy already
+    computes in bf16 (model.prepare_model); on CPU everything stays fp32.
+    TODO(model.py): prepare_model ignores bf16 for a trainable model without a process group."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda" and not d.enabled)
+
+
+# --------------------------------------------------------------------------------------------
+# Main: setup, models, data, loop, evaluation, saving
+# --------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> None:
+    # ---- distributed setup and seeds ---------------------------------------------------------
+    d = M.init_distributed()
+    is_toy_default = args.dataset == Args.dataset
+    if is_toy_default:  # the default data: create the toy world if missing (same files on every rank)
+        import toyworld
+        toyworld.ensure_toy_data(Path(args.dataset).parent)
+    root = toy_root(args.dataset)
+    output_dir = Path(args.output_dir)
+    if d.is_main:
+        M.recover_checkpoint(output_dir)  # undo a save that was killed half-way
+    M.barrier()
+    resume_state = M.load_train_state(output_dir) if args.resume else None  # fails before anything is written
+
+    # ---- tokenizer and data (validated before the output folder is touched) -------------------
+    tokenizer_path = args.tokenizer_name_or_path
+    if tokenizer_path is None:
+        if args.model_name_or_path in M.PRESETS:
+            if root is None:
+                raise M.UserError(f"--model_name_or_path {args.model_name_or_path} is a preset: "
+                                  "give --tokenizer_name_or_path (or toy-world data, which carries one)")
+            tokenizer_path = str(root / "tokenizer")
+        else:
+            # TODO(model.py): load_tokenizer takes no stage_hint; check the checkpoint folder first so a
+            # missing model gives the checkpoint message, not a tokenizer one.
+            M._check_checkpoint_path(args.model_name_or_path)
+            tokenizer_path = args.model_name_or_path
+    tokenizer = M.load_tokenizer(tokenizer_path, "right", trust_remote_code=args.trust_remote_code)
+    train_examples, train_truncated = load_examples(args, args.train_split, args.limit, tokenizer)
+    eval_examples, eval_truncated = load_examples(args, args.eval_split, args.eval_limit, tokenizer) \
+        if args.eval_split else ([], 0)
+
+    args.global_batch_size = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
+    args.steps_per_epoch = len(train_examples) // args.global_batch_size
+    args.total_steps = args.epochs * args.steps_per_epoch
+    if args.steps_per_epoch == 0:
+        raise M.UserError(f"--dataset {args.dataset}: {len(train_examples)} training rows, fewer than one global "
+                          f"batch of {args.global_batch_size}; lower the batch size")
+
+    # ---- model: same seed on every rank (identical initial weights), then shard ----------------
+    M.seed_everything(args.seed)
+    init_from = str(output_dir) if resume_state else args.model_name_or_path
+    policy = M.load_causal_lm(init_from, tokenizer, trust_remote_code=args.trust_remote_code,
+                              stage_hint="" if args.resume else "the initial policy")
+    M.print0(f"policy {args.model_name_or_path}: {M.count_parameters(policy) / 1e6:.2f}M parameters, "
+             f"vocab {len(tokenizer)}")
+    bf16 = d.device.type == "cuda"
+    policy = M.prepare_model(policy, d, trainable=True, bf16=bf16,
+                             activation_checkpointing=args.gradient_checkpointing)
+    policy.train()
+    optimizer = M.make_optimizer(policy, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = M.make_scheduler(optimizer, args.lr_scheduler_type,
+                                 warmup_steps=int(args.warmup_ratio * args.total_steps), total_steps=args.total_steps)
+    step = 0
+    if resume_state:
+        trainer_state = resume_state["json"]["trainer"]
+        check_same_run(trainer_state, args, len(train_examples))
+        M.load_optimizer_state(policy, optimizer, "optimizer", resume_state)
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        M.restore_rng_states(resume_state, d)
+        step = trainer_state["step"]
+        M.print0(f"resuming {output_dir} at step {step}/{args.total_steps}")
+    else:
+        M.seed_everything(args.seed + d.rank)  # per-rank seed for anything random from here on
+
+    # ---- the output folder: only now, after every input was validated --------------------------
+    logger = M.JsonlLogger(output_dir / "metrics.jsonl", enabled=d.is_main)
+    if d.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not args.resume:  # a fresh run replaces the run files of an older one
+            for name in ("metrics.jsonl", "eval.json", "samples.jsonl"):
+                (output_dir / name).unlink(missing_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1) + "\n")
+    M.print0(f"data: {len(train_examples)} train rows ({train_truncated} truncated at {args.max_length} tokens), "
+             f"{len(eval_examples)} eval rows ({eval_truncated} truncated) | global batch {args.global_batch_size} | "
+             f"{args.total_steps} steps")
+    logger.log({"step": step, "data/train_rows": len(train_examples), "data/train_truncated": train_truncated,
+                "data/eval_rows": len(eval_examples), "data/eval_truncated": eval_truncated})
+
+    def save(final: bool = False) -> None:
+        train_state = M.merge_states(
+            M.optimizer_state(policy, optimizer, "optimizer"),
+            {"tensors": {}, "json": {"trainer": {"step": step, "scheduler": scheduler.state_dict(),
+                                                 "total_steps": args.total_steps, "train_rows": len(train_examples),
+                                                 "global_batch_size": args.global_batch_size, "final": final}}},
+            M.gather_rng_states(d))
+        M.save_checkpoint(output_dir, d, tokenizer, {"": policy}, train_state=train_state)
+
+    # ---- the loop: optimiser steps, each over gradient_accumulation_steps micro-batches --------
+    b, world, accum = args.per_device_train_batch_size, d.world_size, args.gradient_accumulation_steps
+    last_step = min(args.total_steps, args.stop_at_step) if args.stop_at_step else args.total_steps
+    bar = M.progress(total=last_step, initial=step, enabled=d.is_main, desc="sft")
+    order, order_epoch = None, -1
+    t0 = time.time()
+    while step < last_step:
+        epoch, k = divmod(step, args.steps_per_epoch)
+        if epoch != order_epoch:
+            # The whole training set shuffled identically on every rank by (seed, epoch); the data
+            # position is then just the step count, which makes --resume exact.
+            order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+            order_epoch = epoch
+        global_batch = order[k * args.global_batch_size:(k + 1) * args.global_batch_size].tolist()
+        micro_batches = [collate([train_examples[i] for i in global_batch[(m * world + d.rank) * b:(m * world + d.rank + 1) * b]],
+                                 tokenizer.pad_token_id) for m in range(accum)]
+        # Loss normalisation under accumulation: the target-token count of the whole optimiser step
+        # (all micro-batches, all ranks), so the step's loss is sum(token NLL) / N_step. FSDP averages
+        # gradients over ranks, hence the factor world_size (tests/dist_worker.py does the same).
+        n_step = M.all_reduce_sum(sum((labels[:, 1:] != IGNORE_INDEX).sum() for _, _, labels in micro_batches).float().to(d.device))
+        step_loss = torch.zeros((), device=d.device)
+        for input_ids, attention_mask, labels in micro_batches:
+            input_ids, attention_mask, labels = input_ids.to(d.device), attention_mask.to(d.device), labels.to(d.device)
+            with autocast(d):
+                logprobs = M.policy_logprobs(policy, input_ids, attention_mask)       # (B, L-1)
+            loss_sum, _ = sft_loss_sum(logprobs.float(), labels)
+            loss = loss_sum / n_step                                                 # this micro-batch's share
+            (loss * world).backward()
+            step_loss += loss.detach()
+        grad_norm = M.clip_grad_norm(policy, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_loss = M.all_reduce_sum(step_loss)  # = sum over ranks of each rank's share = the step's token mean
+        M.check_finite(step_loss, "train/loss", step)
+
+        # ---- logging, evaluation, checkpoints ------------------------------------------------
+        record = {"step": step, "epoch": step / args.steps_per_epoch, "train/loss": step_loss.item(),
+                  "train/grad_norm": grad_norm.item(), "train/lr": scheduler.get_last_lr()[0],
+                  "train/tokens": n_step.item(), "time": time.time() - t0}
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['train/loss']:.3f}")
+        if args.eval_every and step % args.eval_every == 0 and eval_examples and step < args.total_steps:
+            record.update(evaluate_loss(policy, eval_examples, args, d, tokenizer.pad_token_id))
+        if step % args.log_every == 0 or step == last_step:
+            logger.log(record)
+            if d.is_main:
+                bar.write(log_line(record))
+        if (args.save_every and step % args.save_every == 0) or step == last_step:
+            save(final=step == args.total_steps)
+    bar.close()
+    if step < args.total_steps:
+        M.print0(f"stopped at step {step}/{args.total_steps}; continue with --resume")
+        return
+
+    # ---- final evaluation on the held-out split (and, on the toy world, by the oracle) ---------
+    results = {"step": step}
+    if eval_examples:
+        results.update(evaluate_loss(policy, eval_examples, args, d, tokenizer.pad_token_id))
+    samples = []
+    if root is not None and args.toy_eval_samples > 0:
+        toy, samples = evaluate_toy_world(policy, tokenizer, root, args, d)
+        results.update(toy)
+    if len(results) > 1:
+        logger.log(results)
+        M.print0("eval | " + log_line(results))
+        for s in samples[::max(1, len(samples) // 4)][:4]:  # a few of rank 0's samples, benign and harmful
+            M.print0(f"  {s['prompt']!r} -> {s['response']!r} (safe {s['is_safe']}, h {s['helpfulness']:.2f})")
+    if d.is_main:
+        write_json_atomic(output_dir / "eval.json", results)
+        if samples:
+            (output_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    M.print0(f"saved {output_dir} ({time.time() - t0:.0f}s)")
+
+
+def check_same_run(trainer_state: dict, args: Args, train_rows: int) -> None:
+    """--resume continues the same run: same data size, global batch and schedule length."""
+    for key, now in (("train_rows", train_rows), ("global_batch_size", args.global_batch_size),
+                     ("total_steps", args.total_steps)):
+        if trainer_state[key] != now:
+            raise M.UserError(f"--resume: {key} was {trainer_state[key]} in the interrupted run, now {now}; "
+                              "resume with the same data, batch sizes, ranks and epochs")
+
+
+def log_line(record: dict) -> str:
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    M.run_main(lambda: main(M.parse_args(Args, description=__doc__.split("\n")[0])))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
