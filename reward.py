@@ -81,8 +81,8 @@ class Args:
     regularization: float = 0.001
     """eta: weight of the score regulariser mean(score^2) (REFERENCE.md 2; official scripts 0.001)"""
     # optimisation
-    epochs: int = 2
-    """passes over the training pairs (official 7B: 2)"""
+    epochs: int = 1
+    """passes over the training pairs (official 7B: 2; on the toy world a second pass overfits)"""
     per_device_train_batch_size: int = 16
     """pairs per rank per micro-batch (official 7B: 16)"""
     per_device_eval_batch_size: int = 32
@@ -346,8 +346,10 @@ def train(args: Args, objective: Objective) -> None:
     # ---- model: same seed on every rank (identical head initialisation), then shard -------------
     M.seed_everything(args.seed)
     init_from = str(output_dir) if resume_state else args.model_name_or_path
+    # Under torchrun only rank 0 reads the weights; the others build a meta skeleton and receive
+    # rank 0's weights when prepare_model shards the model (one CPU copy per node).
     model = M.load_score_model(init_from, tokenizer, objective.score_type, trust_remote_code=args.trust_remote_code,
-                               stage_hint=stage_hint)
+                               stage_hint=stage_hint, meta=d.enabled and not d.is_main)
     M.print0(f"{objective.score_type} model from {init_from}: {M.count_parameters(model) / 1e6:.2f}M parameters")
     model = M.prepare_model(model, d, trainable=True, bf16=d.device.type == "cuda",
                             activation_checkpointing=args.gradient_checkpointing)

@@ -74,8 +74,8 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, about 30% slower)"""
     # optimisation
-    epochs: int = 12
-    """passes over the training set (official 7B: 3)"""
+    epochs: int = 10
+    """passes over the training set (official 7B: 3; a random-init toy model needs more)"""
     per_device_train_batch_size: int = 32
     """sequences per rank per micro-batch (official 7B: 4)"""
     per_device_eval_batch_size: int = 64
@@ -233,7 +233,7 @@ def evaluate_loss(policy, examples: list[dict], args: Args, d: M.Dist, pad_token
         s, n = sft_loss_sum(logprobs.float(), labels)
         loss_sum, n_targets = loss_sum + s, n_targets + n
     policy.train()
-    loss = M.all_reduce_sum(loss_sum) / M.all_reduce_sum(n_targets)
+    loss = M.all_reduce_sum(loss_sum) / M.all_reduce_sum(n_targets).clamp(min=1)
     return {"eval/loss": loss.item(), "eval/perplexity": loss.exp().item()}
 
 
@@ -360,8 +360,10 @@ def main(args: Args) -> None:
     # ---- model: same seed on every rank (identical initial weights), then shard ----------------
     M.seed_everything(args.seed)
     init_from = str(output_dir) if resume_state else args.model_name_or_path
+    # Under torchrun only rank 0 reads the weights; the others build a meta skeleton and receive
+    # rank 0's weights when prepare_model shards the model (one CPU copy per node).
     policy = M.load_causal_lm(init_from, tokenizer, trust_remote_code=args.trust_remote_code,
-                              stage_hint="" if args.resume else "the initial policy")
+                              stage_hint="" if args.resume else "the initial policy", meta=d.enabled and not d.is_main)
     M.print0(f"policy {args.model_name_or_path}: {M.count_parameters(policy) / 1e6:.2f}M parameters, "
              f"vocab {len(tokenizer)}")
     bf16 = d.device.type == "cuda"
@@ -425,7 +427,8 @@ def main(args: Args) -> None:
         # Loss normalisation under accumulation: the target-token count of the whole optimiser step
         # (all micro-batches, all ranks), so the step's loss is sum(token NLL) / N_step. FSDP averages
         # gradients over ranks, hence the factor world_size (tests/dist_worker.py does the same).
-        n_step = M.all_reduce_sum(sum((labels[:, 1:] != IGNORE_INDEX).sum() for _, _, labels in micro_batches).float().to(d.device))
+        n_step = M.all_reduce_sum(sum((labels[:, 1:] != IGNORE_INDEX).sum() for _, _, labels in micro_batches)
+                                  .float().to(d.device)).clamp(min=1)                # target tokens in the step
         step_loss = torch.zeros((), device=d.device)
         for input_ids, attention_mask, labels in micro_batches:
             input_ids, attention_mask, labels = input_ids.to(d.device), attention_mask.to(d.device), labels.to(d.device)
