@@ -422,6 +422,14 @@ def init_distributed(device: str = "auto") -> Dist:
     return Dist(rank, local_rank, world_size, dev)
 
 
+def teardown_distributed() -> None:
+    """Wait for every rank, then destroy the process group. Without the barrier a rank that
+    finishes first can tear down while rank 0 is still writing, and gloo aborts the others."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     """Seed python and torch. Call it with the SAME seed on every rank before building models
     (identical initial weights), then with a per-rank seed (seed + rank) before data shuffling and

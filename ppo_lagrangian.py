@@ -585,8 +585,7 @@ def main(args: Args) -> None:
     # ---- saving, then tearing down ----------------------------------------------------------
     save()
     M.print0(f"saved the actor to {out} (critics in {out}/reward_critic, {out}/cost_critic)")
-    if d.enabled:
-        torch.distributed.destroy_process_group()
+    M.teardown_distributed()
 
 
 if __name__ == "__main__":
