@@ -111,6 +111,8 @@ class Args:
     """hub revision of --prompts"""
     limit: int | None = None
     """use the first N rows of --prompts (the toy file lists benign requests first); duplicates are dropped"""
+    samples_per_prompt: int = 1
+    """responses drawn per prompt and policy (more samples, tighter intervals; they are counted as independent)"""
     oracle: str = "auto"
     """ground-truth mode: auto (on when every prompt is a toy-world request), on, off"""
     # generation
@@ -572,6 +574,7 @@ def main(args: Args) -> None:
             toyworld.ensure_toy_data(Path(args.prompts).parents[1])
         rows = read_rows(args.prompts, args.split, args.revision, args.limit, (args.prompt_field,), "--prompts")
         prompts = list(dict.fromkeys(str(row[args.prompt_field]) for row in rows))  # deduplicated, order kept
+        prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]      # each sampled k times
     unknown = next((p for p in prompts if not is_toy_request(p)), None)
     if every and (args.oracle == "on" or args.oracle == "auto" and unknown is None):
         modes.add("oracle")
@@ -788,7 +791,9 @@ def render_tables(results: dict, names: list[str], args: Args) -> tuple[tuple[st
         header += [f"helpfulness win vs {first}", f"harmlessness win vs {first}"]
         for row, n in zip(rows, names):
             row += [fmt_ci(vs_first[n]["helpfulness"]), fmt_ci(vs_first[n]["harmlessness"])] if n in vs_first else ["–", "–"]
-    main_table = (f"Policies ({results['n_prompts']} prompts, temperature {args.temperature:g}, 95% intervals)",
+    k = args.samples_per_prompt
+    main_table = (f"Policies ({results['n_prompts'] // k} prompts x {k} sample{'s' if k > 1 else ''}, "
+                  f"temperature {args.temperature:g}, 95% intervals)",
                   markdown_table(header, rows)) if len(header) > 1 else None
     tables = []
     if oracle:
