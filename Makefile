@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: test demo venv clean
+.PHONY: test demo demo-quick venv clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,10 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q
 
 demo: $(STAMP)
-	$(PY) toyworld.py --out data/toy
+	PY=$(PY) bash demo.sh full
+
+demo-quick: $(STAMP)
+	PY=$(PY) bash demo.sh quick
 
 clean:
-	rm -rf runs results data
+	rm -rf runs runs-quick results results-quick data

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The whole Safe RLHF pipeline on the toy world, one stage after another; the first failing
+# stage stops it with that stage's error (set -e).
+#
+#   bash demo.sh            the full run (`make demo`): every stage with its default settings, PPO-
+#                           Lagrangian, plain PPO and reward shaping at seven fixed nu, then
+#                           evaluate.py over all of them; refreshes the results in README.md
+#   bash demo.sh quick      a first look in a few minutes (`make demo-quick`): shorter training,
+#                           three nu; writes to runs-quick/ and results-quick/, README untouched
+#   bash demo.sh smoke DIR  tiny settings for the test suite, everything under DIR
+#
+# Python is .venv's (the Makefile builds it); PY=... overrides.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PY:-.venv/bin/python}
+profile=${1:-full}
+
+case "$profile" in
+  full)
+    runs=runs results=results nus="0.01 0.5 1 2 5 10 100"
+    sft=() pref=() ppo=() evalargs=(--samples_per_prompt 8) ;;
+  quick)
+    runs=runs-quick results=results-quick nus="0.01 1 100"
+    sft=(--epochs 3) pref=(--limit 2000) ppo=(--epochs 15) evalargs=(--samples_per_prompt 4) ;;
+  smoke)
+    root=${2:?usage: demo.sh smoke DIR}
+    runs=$root/runs results=$root/results nus="1"
+    sft=(--limit 64 --epochs 1 --toy_eval_samples 8) pref=(--limit 64 --eval_limit 64)
+    ppo=(--epochs 1 --limit 16 --per_device_prompt_batch_size 8 --per_device_train_batch_size 8 --max_length 48)
+    evalargs=(--limit 24 --max_new_tokens 16 --preference_limit 64) ;;
+  *) echo "usage: demo.sh [full|quick|smoke DIR]" >&2; exit 2 ;;
+esac
+
+stage() { echo; echo "==== $* ===="; }
+
+stage "toy world -> data/toy"
+$PY -c "import toyworld; print(toyworld.ensure_toy_data('data/toy'))"
+
+stage "1/5 SFT -> $runs/sft"
+$PY sft.py --output_dir "$runs/sft" "${sft[@]}"
+
+stage "2/5 reward model (eq. 5) -> $runs/reward"
+$PY reward.py --model_name_or_path "$runs/sft" --output_dir "$runs/reward" "${pref[@]}"
+
+stage "3/5 cost model (eq. 6) -> $runs/cost"
+$PY cost.py --model_name_or_path "$runs/sft" --output_dir "$runs/cost" "${pref[@]}"
+
+models=(--actor_model_name_or_path "$runs/sft" --reward_model_name_or_path "$runs/reward"
+        --cost_model_name_or_path "$runs/cost")
+stage "4/5 PPO-Lagrangian (eq. 12) -> $runs/ppo_lagrangian"
+$PY ppo_lagrangian.py "${models[@]}" --output_dir "$runs/ppo_lagrangian" "${ppo[@]}"
+
+stage "4/5 baseline: plain PPO (lambda fixed at 0) -> $runs/ppo"
+$PY ppo_lagrangian.py "${models[@]}" --lambda_init 0 --lambda_lr 0 --output_dir "$runs/ppo" "${ppo[@]}"
+policies=("sft=$runs/sft" "ppo=$runs/ppo")
+for nu in $nus; do
+  stage "4/5 baseline: reward shaping R - nu*C, nu = $nu -> $runs/ppo_nu$nu"
+  $PY ppo_lagrangian.py "${models[@]}" --lambda_init "$nu" --lambda_lr 0 --output_dir "$runs/ppo_nu$nu" "${ppo[@]}"
+  policies+=("nu_$nu=$runs/ppo_nu$nu")
+done
+policies+=("ppo_lagrangian=$runs/ppo_lagrangian")
+
+stage "5/5 evaluation -> $results"
+$PY evaluate.py --policies "${policies[@]}" --reward_model "$runs/reward" --cost_model "$runs/cost" \
+  --output_dir "$results" "${evalargs[@]}"
+
+if [ "$profile" = full ]; then
+  stage "README.md: results table and plots refreshed from $results"
+  $PY - "$results" <<'EOF'
+import re, shutil, sys
+from pathlib import Path
+results = Path(sys.argv[1])
+docs = Path("docs"); docs.mkdir(exist_ok=True)
+for png in ("frontier.png", "training_curves.png", "scatter.png", "histograms.png"):
+    if (results / png).is_file():
+        shutil.copy(results / png, docs / png)
+readme = Path("README.md").read_text()
+block = "<!-- results:start -->\n" + (results / "results.md").read_text().strip() + "\n<!-- results:end -->"
+readme = re.sub(r"<!-- results:start -->.*?<!-- results:end -->", lambda m: block, readme, flags=re.S)
+Path("README.md").write_text(readme)
+print("README.md updated; plots in docs/")
+EOF
+fi
+echo
+echo "results: $results/results.md (table), $results/results.json, $results/*.png"
