@@ -852,6 +852,44 @@ def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: i
     return rows
 
 
+IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding)
+
+
+def alpaca_request(row: dict) -> str:
+    """Alpaca schema: instruction, plus " " + input when there is one (REFERENCE.md 6.3)."""
+    return f"{row['instruction']} {row['input']}" if row.get("input") else row["instruction"]
+
+
+def tokenize_prompt_response(tokenizer, requests: list[str], responses: list[str], max_length: int):
+    """SFT-style examples: BOS + template(request) + response + EOS string, right-truncated to
+    max_length (which may cut the EOS); labels are IGNORE_INDEX on the prompt (BOS included), the
+    token itself on the response and the EOS (REFERENCE.md 4). Returns ([{input_ids, labels}],
+    number truncated)."""
+    prompts = [format_prompt(r) for r in requests]
+    all_ids = tokenizer([p + r + tokenizer.eos_token for p, r in zip(prompts, responses)],
+                        add_special_tokens=True)["input_ids"]
+    prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    examples, truncated = [], 0
+    for ids, n_prompt in zip(all_ids, prompt_lengths):
+        truncated += len(ids) > max_length
+        ids = ids[:max_length]
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * min(n_prompt, len(ids)) + ids[n_prompt:]})
+    return examples, truncated
+
+
+def collate_right(examples: list[dict], pad_token_id: int):
+    """Right-pad {input_ids, labels} rows to the longest one. -> input_ids, attention_mask, labels (B, L)."""
+    L = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), L), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), L), dtype=torch.long)
+    labels = torch.full((len(examples), L), IGNORE_INDEX, dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[b, :n], attention_mask[b, :n] = torch.tensor(e["input_ids"]), 1
+        labels[b, :n] = torch.tensor(e["labels"])
+    return input_ids, attention_mask, labels
+
+
 class JsonlLogger:
     """One structured sink that needs no service: a JSON line per record, rank 0 only. The file
     is opened per write, so it follows the run folder across atomic checkpoint swaps."""

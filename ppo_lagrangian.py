@@ -274,6 +274,14 @@ def critic_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.T
     return 0.5 * M.masked_sequence_mean(losses, mask)                           # ()
 
 
+def ptx_loss(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """PTX: the SFT loss (token mean NLL of the response tokens) on supervised data, added to the
+    actor loss to keep the policy's language ability (REFERENCE.md 5.11; paper appendix).
+    logprobs: (B, L-1) with the one-token shift; labels: (B, L), IGNORE_INDEX where no loss."""
+    target_mask = (labels[:, 1:] != M.IGNORE_INDEX).float()                  # (B, L-1)
+    return -(logprobs * target_mask).sum() / target_mask.sum().clamp(min=1)  # ()
+
+
 def lagrange_multiplier_loss(log_lambda: torch.Tensor, episode_cost: float, threshold: float) -> torch.Tensor:
     """The lambda part of the dual (eq. 12), to be MINIMISED by SGD on log(lambda):
         loss(log lambda) = -(J_C - threshold) * exp(log lambda)
@@ -337,6 +345,9 @@ def main(args: Args) -> None:
         raise M.UserError(f"--dataset {args.dataset}: {len(prompts)} unique prompts, fewer than one global "
                           f"prompt batch ({global_prompt_batch}); lower --per_device_prompt_batch_size")
     args.total_steps = args.epochs * rollouts_per_epoch * args.steps_per_rollout
+    ptx_rows = None
+    if args.ptx_dataset is not None:  # alpaca schema, as sft.py
+        ptx_rows = M.load_rows(args.ptx_dataset, "train", required=("instruction", "output"), what="--ptx_dataset")
     if args.resume and not (out / "train_state.json").is_file():
         raise M.UserError(f"--resume: {out} holds no resumable state (train_state.json)")
 
@@ -510,7 +521,17 @@ def main(args: Args) -> None:
                     ratio_deviation = ((logprobs.detach() - old_logprobs[sl]).abs() * m).max()
                     M.check_finite(loss_actor, "actor loss", step)
                     actor_opt.zero_grad(set_to_none=True)
-                    loss_actor.backward()
+                    loss_total = loss_actor
+                    if ptx_rows is not None:  # same actor update as the RL loss (REF 5.11, without the 1/2)
+                        g = torch.Generator().manual_seed(args.seed * 7919 + step * d.world_size + d.rank)
+                        picks = torch.randint(len(ptx_rows), (mb,), generator=g).tolist()
+                        examples, _ = M.tokenize_prompt_response(
+                            tokenizer, [M.alpaca_request(ptx_rows[i]) for i in picks],
+                            [ptx_rows[i]["output"] for i in picks], args.max_length)
+                        ids, am_ptx, labels = (t.to(d.device) for t in M.collate_right(examples, tokenizer.pad_token_id))
+                        loss_ptx = ptx_loss(M.policy_logprobs(actor, ids, am_ptx), labels)
+                        loss_total = loss_actor + args.ptx_coeff * loss_ptx
+                    loss_total.backward()
                     M.clip_grad_norm(actor, args.max_grad_norm)
                     actor_opt.step()
                     actor_sched.step()
@@ -556,6 +577,8 @@ def main(args: Args) -> None:
                     }
                     if update_iter == 0:
                         record["policy/first_pass_logratio_max"] = stats[13]
+                    if ptx_rows is not None:
+                        record["loss/ptx"] = M.all_reduce_mean(loss_ptx.detach()).item()
                     timer["training"] = time.perf_counter() - t0
                     record.update({f"time/{k}": v for k, v in timer.items()})
                     logger.log(record)

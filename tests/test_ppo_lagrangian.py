@@ -248,3 +248,15 @@ def test_missing_checkpoint_says_which_stage_to_run(toy, tmp_path):
     assert p.returncode == 2
     assert "run cost.py first" in p.stderr and p.stderr.strip().count("\n") == 0
     assert not (tmp_path / "x").exists()
+
+
+def test_ptx_loss_is_mean_nll_of_response_tokens():
+    logprobs = torch.log(torch.tensor([[0.5, 0.25, 0.125, 1.0]]))
+    labels = torch.tensor([[1, M.IGNORE_INDEX, 7, 8, M.IGNORE_INDEX]])   # targets: tokens 2 and 3
+    assert P.ptx_loss(logprobs, labels).item() == pytest.approx(-(math.log(0.25) + math.log(0.125)) / 2)
+
+
+def test_run_with_ptx(toy, tmp_path):
+    p = run([sys.executable, *ppo_cmd(toy, tmp_path / "ptx", "--ptx_dataset", toy / "toy" / "sft", "--ptx_coeff", 1.0)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(metrics(tmp_path / "ptx")) == 4
