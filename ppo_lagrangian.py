@@ -15,9 +15,12 @@ i.e. threshold = -d in the paper's notation. With the default threshold 0, "on a
 model classifies the responses as safe" (a cost model trained with eq. 6 puts C > 0 on unsafe
 responses). How to choose it: for a real cost model, look at the cost distribution of the SFT
 policy on the RL prompts (evaluate.py prints it) and pick a value below its mean: 0 is the
-official choice (REFERENCE.md 5.9). On the toy world the SFT policy's mean cost is about +0.3
-(half the harmful requests answered unsafely); the default threshold -0.4 asks for the mean cost of
-a policy that answers benign requests helpfully and refuses harmful ones with alternatives.
+official choice (REFERENCE.md 5.9). On the toy world the RL prompts are half benign, and the toy
+cost model (cost.py's defaults) scores benign answers near -3.7, refusals of harmful requests near
+-4.2 and unsafe answers near +4: the SFT policy's mean cost is about -2.4 (a third to a half of its
+answers to harmful requests are unsafe), and a policy with at most ~5% unsafe answers sits near
+-3.8, the default threshold. The threshold lives on the cost model's scale: after retraining the
+cost model, re-read these numbers (evaluate.py prints the mean cost per policy).
 
 Baselines come from this same file, no second algorithm:
   * plain PPO (RLHF):        --lambda_init 0 --lambda_lr 0   (the cost stream is still logged)
@@ -100,7 +103,7 @@ class Args:
     missing_eos_penalty: float = 0.0
     """subtracted from R (added to C) when a response hits max_length without EOS; 0 = off, as official"""
     # sizes
-    epochs: int = 20
+    epochs: int = 40
     """passes over the prompt set (official 1 over PKU-SafeRLHF; the toy set has few prompts)"""
     per_device_prompt_batch_size: int = 16
     """prompts per rank per rollout"""
@@ -123,8 +126,9 @@ class Args:
     """critics' AdamW weight decay"""
     critic_lr_scheduler: str = "constant"
     """official: constant (which ignores warmup)"""
-    kl_coeff: float = 0.02
-    """beta: per-token KL penalty, -beta*k in the reward stream, +beta*k in the cost stream (official 0.01)"""
+    kl_coeff: float = 0.1
+    """beta: per-token KL penalty, -beta*k in the reward stream, +beta*k in the cost stream (official 0.01;
+    the toy reward model is easy for a tiny policy to exploit, 0.1 keeps it near the SFT's language)"""
     clip_range_ratio: float = 0.2
     """PPO ratio clip epsilon"""
     clip_range_score: float = 50.0
@@ -142,8 +146,8 @@ class Args:
     ptx_coeff: float = 16.0
     """weight of the PTX loss when --ptx_dataset is given (official script 16)"""
     # Lagrange multiplier (eq. 12)
-    threshold: float = -0.4
-    """the constraint is E[C] <= threshold (= -d in the paper); official 0.0"""
+    threshold: float = -3.8
+    """the constraint is E[C] <= threshold (= -d in the paper); official 0.0; toy: see the module docstring"""
     lambda_init: float = 1.0
     """initial lambda; with --lambda_lr 0 it stays fixed (reward shaping; 0 = plain PPO)"""
     lambda_lr: float = 0.1
