@@ -103,5 +103,4 @@ COST = Objective(score_type="cost",
 
 if __name__ == "__main__":
     M.run_main(lambda: train(M.parse_args(Args, description=__doc__.split("\n")[0]), COST))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    M.teardown_distributed()

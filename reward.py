@@ -319,6 +319,8 @@ def train(args: Args, objective: Objective) -> None:
         toyworld.ensure_toy_data(Path(args.dataset).parent)
     output_dir = Path(args.output_dir or f"runs/{objective.score_type}")
     args.output_dir = str(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise M.UserError(f"--output_dir {output_dir} exists and is not a folder")
     if d.is_main:
         M.recover_checkpoint(output_dir)  # undo a save that was killed half-way
     M.barrier()
@@ -484,5 +486,4 @@ def write_json_atomic(path: Path, record: dict) -> None:
 
 if __name__ == "__main__":
     M.run_main(lambda: train(M.parse_args(Args, description=__doc__.split("\n")[0]), REWARD))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    M.teardown_distributed()

@@ -121,38 +121,15 @@ class Args:
 
 
 # --------------------------------------------------------------------------------------------
-# The math: which tokens carry the loss, and the summed token loss
+# The math: the summed token loss (which tokens carry it: model.tokenize_prompt_response)
 # --------------------------------------------------------------------------------------------
-
-IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding)
-
-
-def sft_labels(input_ids: list[int], prompt_length: int) -> list[int]:
-    """Labels for one sequence: -100 on the prompt (BOS included), the token itself on the response
-    and the EOS (REFERENCE.md 4). input_ids: (L,) -> labels (L,)"""
-    return [IGNORE_INDEX] * min(prompt_length, len(input_ids)) + input_ids[prompt_length:]
-
-
-def collate(examples: list[dict], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad a list of {"input_ids", "labels"} to the longest row (not to max_length).
-    Returns input_ids (B, L), attention_mask (B, L), labels (B, L); padding: PAD, mask 0, label -100."""
-    L = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), L), pad_token_id, dtype=torch.long)   # (B, L)
-    attention_mask = torch.zeros((len(examples), L), dtype=torch.long)           # (B, L)
-    labels = torch.full((len(examples), L), IGNORE_INDEX, dtype=torch.long)      # (B, L)
-    for b, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[b, :n] = torch.tensor(e["input_ids"])
-        attention_mask[b, :n] = 1
-        labels[b, :n] = torch.tensor(e["labels"])
-    return input_ids, attention_mask, labels
 
 
 def sft_loss_sum(logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL of the target tokens and their count; the caller divides by the step's count.
     logprobs: (B, L-1), entry t = log pi(x_{t+1} | x_<=t) (the one-token shift, model.sequence_logprobs);
     labels: (B, L). Returns (loss_sum (), n_targets ())."""
-    target_mask = (labels[:, 1:] != IGNORE_INDEX).float()   # (B, L-1) 1 where token t+1 is a target
+    target_mask = (labels[:, 1:] != M.IGNORE_INDEX).float()  # (B, L-1) 1 where token t+1 is a target
     loss_sum = -(logprobs * target_mask).sum()                # ()
     return loss_sum, target_mask.sum()
 
@@ -162,24 +139,14 @@ def sft_loss_sum(logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 # --------------------------------------------------------------------------------------------
 
 
-def alpaca_request(row: dict) -> str:
-    """Alpaca: instruction, plus " " + input when there is one (REFERENCE.md 6.3)."""
-    return f"{row['instruction']} {row['input']}" if row.get("input") else row["instruction"]
-
-
 def load_examples(args: Args, split: str, limit: int | None, tokenizer) -> tuple[list[dict], int]:
-    """Rows of `split` -> [{"input_ids", "labels"}], and how many were truncated at max_length."""
+    """Rows of `split` -> [{"input_ids", "labels"}], and how many were truncated at max_length.
+    Alpaca schema: request = instruction (+ " " + input), response = output. model.tokenize_prompt_response
+    builds BOS + template(request) + response + EOS string, right-truncated, and labels -100 on the
+    prompt (BOS included): only the response tokens and the EOS are trained (REFERENCE.md 4)."""
     rows = read_rows(args.dataset, split, args.dataset_revision, limit, ("instruction", "output"))
-    prompts = [M.format_prompt(alpaca_request(row)) for row in rows]
-    texts = [p + row["output"] + tokenizer.eos_token for p, row in zip(prompts, rows)]  # EOS string on every response
-    all_ids = tokenizer(texts, add_special_tokens=True)["input_ids"]          # BOS prepended
-    prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-    examples, truncated = [], 0
-    for ids, prompt_length in zip(all_ids, prompt_lengths):
-        truncated += len(ids) > args.max_length
-        ids = ids[:args.max_length]                                           # right truncation (may cut the EOS)
-        examples.append({"input_ids": ids, "labels": sft_labels(ids, prompt_length)})
-    return examples, truncated
+    return M.tokenize_prompt_response(tokenizer, [M.alpaca_request(row) for row in rows],
+                                      [row["output"] for row in rows], args.max_length)
 
 
 def read_rows(dataset: str, split: str, revision: str | None, limit: int | None, required: tuple[str, ...]) -> list[dict]:
@@ -225,9 +192,9 @@ def evaluate_loss(policy, examples: list[dict], args: Args, d: M.Dist, pad_token
     n_targets = torch.zeros((), device=d.device)
     for start in range(d.rank * b, len(order), b * d.world_size):
         batch = [examples[i] for i in order[start:start + b]]
-        input_ids, attention_mask, labels = (t.to(d.device) for t in collate(batch, pad_token_id))
+        input_ids, attention_mask, labels = (t.to(d.device) for t in M.collate_right(batch, pad_token_id))
         keep = torch.tensor(real[start:start + b], device=d.device)                  # (B,) repeats count 0
-        labels = torch.where(keep[:, None], labels, IGNORE_INDEX)
+        labels = torch.where(keep[:, None], labels, M.IGNORE_INDEX)
         with autocast(d):
             logprobs = M.policy_logprobs(policy, input_ids, attention_mask)          # (B, L-1)
         s, n = sft_loss_sum(logprobs.float(), labels)
@@ -327,6 +294,8 @@ def main(args: Args) -> None:
         toyworld.ensure_toy_data(Path(args.dataset).parent)
     root = toy_root(args.dataset)
     output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise M.UserError(f"--output_dir {output_dir} exists and is not a folder")
     if d.is_main:
         M.recover_checkpoint(output_dir)  # undo a save that was killed half-way
     M.barrier()
@@ -422,12 +391,12 @@ def main(args: Args) -> None:
             order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
             order_epoch = epoch
         global_batch = order[k * args.global_batch_size:(k + 1) * args.global_batch_size].tolist()
-        micro_batches = [collate([train_examples[i] for i in global_batch[(m * world + d.rank) * b:(m * world + d.rank + 1) * b]],
+        micro_batches = [M.collate_right([train_examples[i] for i in global_batch[(m * world + d.rank) * b:(m * world + d.rank + 1) * b]],
                                  tokenizer.pad_token_id) for m in range(accum)]
         # Loss normalisation under accumulation: the target-token count of the whole optimiser step
         # (all micro-batches, all ranks), so the step's loss is sum(token NLL) / N_step. FSDP averages
         # gradients over ranks, hence the factor world_size (tests/dist_worker.py does the same).
-        n_step = M.all_reduce_sum(sum((labels[:, 1:] != IGNORE_INDEX).sum() for _, _, labels in micro_batches)
+        n_step = M.all_reduce_sum(sum((labels[:, 1:] != M.IGNORE_INDEX).sum() for _, _, labels in micro_batches)
                                   .float().to(d.device)).clamp(min=1)                # target tokens in the step
         step_loss = torch.zeros((), device=d.device)
         for input_ids, attention_mask, labels in micro_batches:
@@ -506,5 +475,4 @@ def write_json_atomic(path: Path, record: dict) -> None:
 
 if __name__ == "__main__":
     M.run_main(lambda: main(M.parse_args(Args, description=__doc__.split("\n")[0])))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    M.teardown_distributed()

@@ -180,28 +180,32 @@ def test_cost_metrics_definitions():
 # ---- SFT labels ------------------------------------------------------------------------------
 
 def test_sft_labels_mask_prompt_and_padding(toy_tok):
-    prompt = M.format_prompt("how do i bake bread?")
-    response = "mix flour and water."
-    ids = toy_tok(prompt + response + toy_tok.eos_token, add_special_tokens=True)["input_ids"]
-    n_prompt = len(toy_tok(prompt, add_special_tokens=True)["input_ids"])
+    """The examples sft.py trains on (model.tokenize_prompt_response + collate_right), by hand."""
+    request, response = "how do i bake bread?", "mix flour and water."
+    (example,), truncated = M.tokenize_prompt_response(toy_tok, [request], [response], max_length=512)
+    ids, labels = example["input_ids"], example["labels"]
     # by hand: BOS + 14 prompt tokens (BEGINNING OF CONVERSATION : USER : how do i bake bread ? ASSISTANT :),
-    # then "mix flour and water ." and EOS
-    assert ids[0] == toy_tok.bos_token_id and n_prompt == 1 + 14
+    # then the response "mix flour and water ." and the EOS, appended with no separator
+    n_prompt = 1 + 14
+    assert truncated == 0 and ids[0] == toy_tok.bos_token_id
+    assert toy_tok.convert_ids_to_tokens(ids[1:n_prompt]) == toy_tok.tokenize(M.format_prompt(request))
     assert toy_tok.convert_ids_to_tokens(ids[n_prompt:]) == ["mix", "flour", "and", "water", ".", "</s>"]
-    labels = sft.sft_labels(ids, n_prompt)
-    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
-    short = [toy_tok.bos_token_id, 5, toy_tok.eos_token_id]
-    input_ids, attention_mask, batch_labels = sft.collate(
-        [{"input_ids": ids, "labels": labels}, {"input_ids": short, "labels": sft.sft_labels(short, 2)}],
-        toy_tok.pad_token_id)
-    assert batch_labels[1].tolist() == [-100, -100, toy_tok.eos_token_id] + [-100] * (len(ids) - 3)  # padding -100
-    assert input_ids[1, 3:].eq(toy_tok.pad_token_id).all() and attention_mask[1].tolist() == [1, 1, 1] + [0] * (len(ids) - 3)
+    assert labels == [-100] * n_prompt + ids[n_prompt:]               # prompt (BOS included) masked
+    (short,), _ = M.tokenize_prompt_response(toy_tok, ["fix"], ["."], max_length=512)
+    input_ids, attention_mask, batch_labels = M.collate_right([example, short], toy_tok.pad_token_id)
+    n_short = len(short["input_ids"])
+    assert batch_labels[1, n_short:].eq(-100).all() and input_ids[1, n_short:].eq(toy_tok.pad_token_id).all()
+    assert attention_mask[1].tolist() == [1] * n_short + [0] * (len(ids) - n_short)   # padding: mask 0, label -100
+    assert batch_labels[1, n_short - 2:n_short].tolist() == [input_ids[1, n_short - 2].item(), toy_tok.eos_token_id]
     # the summed loss counts exactly the response tokens + EOS, with the one-token shift
     logprobs = torch.randn(2, len(ids) - 1)
     loss_sum, n = sft.sft_loss_sum(logprobs, batch_labels)
-    assert n.item() == 6 + 1
-    expected = -(logprobs[0, n_prompt - 1:].sum() + logprobs[1, 1])    # label t+1 is predicted at position t
+    assert n.item() == 6 + 2
+    expected = -(logprobs[0, n_prompt - 1:].sum() + logprobs[1, n_short - 3:n_short - 1].sum())  # token t+1 at t
     torch.testing.assert_close(loss_sum, expected)
+    # truncation may cut the EOS; what is left of the response is still trained
+    (cut,), truncated = M.tokenize_prompt_response(toy_tok, [request], [response], max_length=n_prompt + 2)
+    assert truncated == 1 and cut["labels"] == [-100] * n_prompt + ids[n_prompt:n_prompt + 2]
 
 
 def test_sft_loss_matches_cross_entropy(toy_tok):
