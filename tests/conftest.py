@@ -55,3 +55,21 @@ def torchrun(nproc: int, script_args, timeout=300, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(29500 + (os.getpid() % 1000)), *map(str, script_args)]
     return run(cmd, timeout=timeout, env=dict({"OMP_NUM_THREADS": "1"}, **(env or {})))
+
+
+def make_toy_checkpoints(root: Path) -> Path:
+    """Toy data under root/toy plus random-init tiny SFT / reward / cost checkpoints (the stages'
+    output format) under root/sft, root/reward, root/cost. Returns the toy data folder."""
+    import torch
+
+    import model as M
+    import toyworld
+
+    data = toyworld.ensure_toy_data(root / "toy")
+    tok = M.load_tokenizer(data / "tokenizer", "right")
+    d = M.Dist(0, 0, 1, torch.device("cpu"))
+    torch.manual_seed(0)
+    M.save_checkpoint(root / "sft", d, tok, {"": M.load_causal_lm("toy-tiny", tok)})
+    for kind in ("reward", "cost"):
+        M.save_checkpoint(root / kind, d, tok, {"": M.load_score_model(str(root / "sft"), tok, kind)})
+    return data

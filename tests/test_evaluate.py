@@ -12,7 +12,7 @@ import torch
 import evaluate as E
 import model as M
 import toyworld
-from conftest import run, torchrun
+from conftest import run, torchrun, make_toy_checkpoints
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two busy cores: one thread per process is far faster
 
@@ -124,13 +124,7 @@ def toy(tmp_path_factory):
     """Toy data; random-init tiny SFT / reward / cost checkpoints; a short real PPO-Lagrangian run (its
     metrics.jsonl and args.json); a fixed-nu 'run' with the SFT weights; a mixed 16-prompt file."""
     root = tmp_path_factory.mktemp("evaluate")
-    data = toyworld.ensure_toy_data(root / "toy")
-    tok = M.load_tokenizer(data / "tokenizer", "right")
-    d = M.Dist(0, 0, 1, torch.device("cpu"))
-    torch.manual_seed(0)
-    M.save_checkpoint(root / "sft", d, tok, {"": M.load_causal_lm("toy-tiny", tok)})
-    for kind in ("reward", "cost"):
-        M.save_checkpoint(root / kind, d, tok, {"": M.load_score_model(str(root / "sft"), tok, kind)})
+    data = make_toy_checkpoints(root)
     shutil.copytree(root / "sft", root / "nu_2")   # same weights as the SFT: paired sampling -> same answers
     (root / "nu_2" / "args.json").write_text(json.dumps({"lambda_init": 2.0, "lambda_lr": 0.0, "kl_coeff": 0.1,
                                                          "threshold": -0.4}))
@@ -196,8 +190,9 @@ def test_all_modes_end_to_end(toy, tmp_path):
     kinds = {n: (o["kind"], o["nu"], o["beta"]) for n, o in r["kl_optimum"].items()}
     assert kinds["sft"] == ("sft", 0.0, "inf") and kinds["nu_2"] == ("fixed_nu", 2.0, 0.1)
     ppo_log = [json.loads(line) for line in (toy / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert kinds["ppo"] == ("ppo_lagrangian", ppo_log[-1]["lagrangian/lambda"], 0.02)
-    assert r["training"]["ppo"]["steps"] == len(ppo_log) and r["training"]["ppo"]["threshold"] == -0.4
+    ppo_args = json.loads((toy / "ppo" / "args.json").read_text())
+    assert kinds["ppo"] == ("ppo_lagrangian", ppo_log[-1]["lagrangian/lambda"], ppo_args["kl_coeff"])
+    assert r["training"]["ppo"]["steps"] == len(ppo_log) and r["training"]["ppo"]["threshold"] == ppo_args["threshold"]
     # responses.jsonl: every (policy, prompt) once, its scores equal to the summaries
     rows = read_responses(out)
     assert len(rows) == 3 * 16

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import model as M
 import ppo_lagrangian as P
-from conftest import run, torchrun
+from conftest import make_toy_checkpoints, run, torchrun
 
 # ---- per-token reward and cost (REFERENCE.md 5.5) ---------------------------------------------
 
@@ -161,16 +161,8 @@ def test_lambda_update_direction_closed_form_cap_and_sign():
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """Toy data plus random-init tiny SFT / reward / cost checkpoints (the stages' output format)."""
-    import toyworld
-
     root = tmp_path_factory.mktemp("ppo")
-    data = toyworld.ensure_toy_data(root / "toy")
-    tok = M.load_tokenizer(data / "tokenizer", "right")
-    d = M.Dist(0, 0, 1, torch.device("cpu"))
-    torch.manual_seed(0)
-    M.save_checkpoint(root / "sft", d, tok, {"": M.load_causal_lm("toy-tiny", tok)})
-    for kind in ("reward", "cost"):
-        M.save_checkpoint(root / kind, d, tok, {"": M.load_score_model(str(root / "sft"), tok, kind)})
+    make_toy_checkpoints(root)
     return root
 
 
