@@ -69,6 +69,12 @@ def run_main(main, *args) -> None:
         sys.exit(2)
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (some libraries raise with an empty one)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
+
+
 def check_finite(value: torch.Tensor, what: str, step: int) -> None:
     """Stop with one line when a loss is NaN/inf (nothing after the last good checkpoint is saved)."""
     if not torch.isfinite(value).all():
@@ -99,7 +105,7 @@ def format_prompt(request: str) -> str:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, padding_side: str,
-                   trust_remote_code: bool = False):
+                   trust_remote_code: bool = False, stage_hint: str = ""):
     """Load a tokenizer and make it safe for this project.
 
     padding_side: 'right' for training (SFT, reward, cost), 'left' for generation (the prompt's
@@ -112,7 +118,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, padding_side: str,
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {name_or_path!s}: {str(e).splitlines()[0]}") from None
+        hint = f" ({stage_hint})" if stage_hint else ""
+        raise UserError(f"cannot load a tokenizer from {name_or_path!s}{hint}: {_first_line(e)}") from None
     # PAD must differ from EOS: if they were equal, the attention mask would hide every EOS and the
     # end score would be read one token early (REFERENCE.md 10.5).
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -213,7 +220,7 @@ def load_causal_lm(name_or_path: str, tokenizer, *, dtype: torch.dtype = torch.f
         model.to(dtype)
     else:
         _check_checkpoint_path(name_or_path, stage_hint)
-        model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, device)
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, device, stage_hint)
     resize_embeddings(model, tokenizer)
     return model
 
@@ -239,12 +246,15 @@ def _skeleton(auto_cls, name_or_path, tokenizer, dtype, trust_remote_code, stage
     return model
 
 
-def _from_pretrained(auto_cls, name_or_path, dtype, trust_remote_code, device="cpu"):
+def _from_pretrained(auto_cls, name_or_path, dtype, trust_remote_code, device="cpu", stage_hint=""):
+    """HF loading; a failure (e.g. 'runs/sft' missing locally and not on the hub) is one line."""
     try:
         return auto_cls.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
                                         use_safetensors=True, device_map=str(device) if device != "cpu" else None)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model from {name_or_path}: {str(e).splitlines()[0]}") from None
+        hint = f" ({stage_hint})" if stage_hint else ""
+        raise UserError(f"cannot load model from {name_or_path}: not a local checkpoint folder, and the hub "
+                        f"says: {_first_line(e)}{hint}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +358,7 @@ def load_score_model(name_or_path: str, tokenizer, score_type: str, *, dtype: to
             head = _read_tensors(Path(name_or_path), ("score_head.weight", "score_head.bias"))
             model.score_head.load_state_dict({k.removeprefix("score_head."): v.to(dtype) for k, v in head.items()})
         else:
-            backbone = _from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code)
+            backbone = _from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code, stage_hint=stage_hint)
             model = ScoreModel(backbone, score_type)
     resize_embeddings(model, tokenizer)
     return model
@@ -359,7 +369,7 @@ def _from_pretrained_with_config(auto_cls, path, config, dtype, trust_remote_cod
         return auto_cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
                                         use_safetensors=True)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load model from {path}: {_first_line(e)}") from None
 
 
 def _read_tensors(folder: Path, names) -> dict[str, torch.Tensor]:
@@ -823,7 +833,11 @@ def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: i
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our one line says what failed
     path = Path(dataset)
+    local = [path] if path.is_file() else sorted(path.glob(f"{split}.json*")) if path.is_dir() else []
+    if local and all(f.stat().st_size < 1 << 20 and not f.read_text(errors="replace").strip() for f in local):
+        raise UserError(f"{what} {dataset} (split {split}) is empty")  # datasets' own error here is blank
     try:
         if path.is_file():
             ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
@@ -839,7 +853,7 @@ def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: i
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
-        raise UserError(f"{what} {dataset} (split {split}): cannot read it: {str(e).splitlines()[0][:300]}") from None
+        raise UserError(f"{what} {dataset} (split {split}): cannot read it: {_first_line(e)}") from None
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     rows = ds.to_list()
