@@ -8,12 +8,15 @@
 #   bash demo.sh quick      a first look in a few minutes (`make demo-quick`): shorter training,
 #                           three nu; writes to runs-quick/ and results-quick/, README untouched
 #   bash demo.sh smoke DIR  tiny settings for the test suite, everything under DIR
+#   bash demo.sh evaluate   only stage 5 and the README refresh, on the runs a full run left
 #
 # Python is .venv's (the Makefile builds it); PY=... overrides.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 profile=${1:-full}
+train=1
+if [ "$profile" = evaluate ]; then profile=full train=0; fi
 
 case "$profile" in
   full)
@@ -33,6 +36,7 @@ esac
 
 stage() { echo; echo "==== $* ===="; }
 
+if [ "$train" = 1 ]; then
 stage "toy world -> data/toy"
 $PY -c "import toyworld; print(toyworld.ensure_toy_data('data/toy'))"
 
@@ -52,12 +56,14 @@ $PY ppo_lagrangian.py "${models[@]}" --output_dir "$runs/ppo_lagrangian" "${ppo[
 
 stage "4/5 baseline: plain PPO (lambda fixed at 0) -> $runs/ppo"
 $PY ppo_lagrangian.py "${models[@]}" --lambda_init 0 --lambda_lr 0 --output_dir "$runs/ppo" "${ppo[@]}"
-policies=("sft=$runs/sft" "ppo=$runs/ppo")
 for nu in $nus; do
   stage "4/5 baseline: reward shaping R - nu*C, nu = $nu -> $runs/ppo_nu$nu"
   $PY ppo_lagrangian.py "${models[@]}" --lambda_init "$nu" --lambda_lr 0 --output_dir "$runs/ppo_nu$nu" "${ppo[@]}"
-  policies+=("nu_$nu=$runs/ppo_nu$nu")
 done
+fi
+
+policies=("sft=$runs/sft" "ppo=$runs/ppo")
+for nu in $nus; do policies+=("nu_$nu=$runs/ppo_nu$nu"); done
 policies+=("ppo_lagrangian=$runs/ppo_lagrangian")
 
 stage "5/5 evaluation -> $results"
@@ -75,7 +81,8 @@ for png in ("frontier.png", "training_curves.png", "scatter.png", "histograms.pn
     if (results / png).is_file():
         shutil.copy(results / png, docs / png)
 readme = Path("README.md").read_text()
-block = "<!-- results:start -->\n" + (results / "results.md").read_text().strip() + "\n<!-- results:end -->"
+table = re.sub(r"^(#+) ", r"##\1 ", (results / "results.md").read_text().strip(), flags=re.M)  # under README's ###
+block = "<!-- results:start -->\n" + table + "\n<!-- results:end -->"
 readme = re.sub(r"<!-- results:start -->.*?<!-- results:end -->", lambda m: block, readme, flags=re.S)
 Path("README.md").write_text(readme)
 print("README.md updated; plots in docs/")

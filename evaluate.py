@@ -416,18 +416,6 @@ def preference_pairs(rows: list[dict], objective, tokenizer, args: Args) -> tupl
     return firsts, seconds, torch.tensor(labels, dtype=torch.float32).reshape(len(rows), -1)
 
 
-def read_rows(dataset: str, split: str, revision: str | None, limit: int | None, required: tuple, what: str):
-    """model.load_rows, with one local guard. TODO(model.py): load_rows raises IndexError (not a
-    UserError) on an empty local file, because datasets' exception has an empty message."""
-    import datasets
-
-    path = Path(dataset)
-    files = [path] if path.is_file() else sorted(path.glob(f"{split}.json*")) if path.is_dir() else []
-    if files and all(not f.read_text(errors="replace").strip() for f in files):
-        raise M.UserError(f"{what} {dataset} (split {split}) is empty")
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our one-line error is enough
-    return M.load_rows(dataset, split, revision=revision, limit=limit, required=required, what=what)
-
 
 def load_frozen(kind: str, path: str, tokenizer, args: Args, d: M.Dist, hint: str):
     """A policy or score model in eval mode, sharded under torchrun: rank 0 reads the weights, the
@@ -531,11 +519,14 @@ def plot_curves(out: Path, logs: dict[str, dict]) -> list[str]:
     for (ax, key, label) in ((axes[0, 0], "lambda", "lambda"), (axes[0, 1], "episode_cost", "episode cost J_C"),
                              (axes[1, 0], "reward", "mean reward R"), (axes[1, 1], "kl", "KL(pi || pi_ref)")):
         for name, log in logs.items():
-            line, = ax.plot(log["step"], log[key], label=name)
-            if key == "episode_cost" and log["threshold"] is not None:
-                ax.axhline(log["threshold"], color=line.get_color(), ls="--", lw=0.8, label=f"{name} threshold")
+            ax.plot(log["step"], log[key], label=name, lw=1.8 if name.startswith("ppo_lag") else 1.0)
+        if key == "episode_cost":  # each distinct threshold once
+            for t in sorted({log["threshold"] for log in logs.values() if log["threshold"] is not None}):
+                ax.axhline(t, color="black", ls="--", lw=0.8, label=f"threshold {t:g}")
+        if key == "lambda":  # fixed nu up to 100 next to a learned lambda near 1: log-like scale
+            ax.set_yscale("symlog", linthresh=0.1)
         ax.set(xlabel="rl_step", ylabel=label)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle("PPO-Lagrangian training (Safe RLHF fig. 6c)")
     fig.tight_layout(), fig.savefig(out / "training_curves.png", dpi=120), plt.close(fig)
     return ["training_curves.png"]
@@ -572,7 +563,7 @@ def main(args: Args) -> None:
     if modes & {"generate", "arena", "oracle"}:
         if args.prompts == Args.prompts:
             toyworld.ensure_toy_data(Path(args.prompts).parents[1])
-        rows = read_rows(args.prompts, args.split, args.revision, args.limit, (args.prompt_field,), "--prompts")
+        rows = M.load_rows(args.prompts, args.split, revision=args.revision, limit=args.limit, required=(args.prompt_field,), what="--prompts")
         prompts = list(dict.fromkeys(str(row[args.prompt_field]) for row in rows))  # deduplicated, order kept
         prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]      # each sampled k times
     unknown = next((p for p in prompts if not is_toy_request(p)), None)
@@ -586,8 +577,8 @@ def main(args: Args) -> None:
     if "preference" in modes:
         if args.preference_dataset == Args.preference_dataset:
             toyworld.ensure_toy_data(Path(args.preference_dataset).parent)
-        preference_rows = {kind: read_rows(args.preference_dataset, args.preference_split, None, args.preference_limit,
-                                           objective.required, "--preference_dataset")
+        preference_rows = {kind: M.load_rows(args.preference_dataset, args.preference_split, limit=args.preference_limit,
+                                             required=objective.required, what="--preference_dataset")
                            for kind, objective in (("reward", REWARD), ("cost", COST))}
     if args.training_logs is not None:
         log_paths = [(n, Path(p) / "metrics.jsonl" if Path(p).is_dir() else Path(p))

@@ -904,6 +904,31 @@ def collate_right(examples: list[dict], pad_token_id: int):
     return input_ids, attention_mask, labels
 
 
+def padded_order(n: int, multiple: int) -> tuple[list[int], list[bool]]:
+    """0..n-1 padded to a multiple of `multiple` by repeating rows, and which entries are real.
+    Every rank then runs the same number of forwards (lockstep); repeats are masked out of the counts."""
+    pad = (-n) % multiple
+    return list(range(n)) + [i % n for i in range(pad)], [True] * n + [False] * pad
+
+
+def autocast(d: Dist):
+    """bf16 compute for a single GPU process (no FSDP mixed-precision policy there); under torchrun
+    FSDP2's policy already computes in bf16; on CPU everything stays fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda" and not d.enabled)
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    """Write JSON to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def log_line(record: dict) -> str:
+    """The plain `|`-separated log line."""
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+
+
 class JsonlLogger:
     """One structured sink that needs no service: a JSON line per record, rank 0 only. The file
     is opened per write, so it follows the run folder across atomic checkpoint swaps."""

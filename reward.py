@@ -199,7 +199,7 @@ REWARD = Objective(score_type="reward", required=("prompt", "response_0", "respo
 def load_pairs(args: Args, split: str, limit: int | None, tokenizer, objective: Objective) -> tuple[list[dict], int]:
     """Rows of `split` -> [{"first": ids, "second": ids, "labels": [...], "text": (prompt, first, second)}]
     and how many sequences were truncated at max_length. Text = template(prompt) + response + EOS."""
-    rows = read_rows(args.dataset, split, args.dataset_revision, limit, objective.required)
+    rows = M.load_rows(args.dataset, split, revision=args.dataset_revision, limit=limit, required=objective.required)
     prompts, firsts, seconds, labels = [], [], [], []
     for i, row in enumerate(rows):
         first, second, lab = objective.make_pair(row, f"--dataset {args.dataset} (split {split}) row {i}")
@@ -222,21 +222,6 @@ def load_pairs(args: Args, split: str, limit: int | None, tokenizer, objective: 
     return pairs, truncated
 
 
-def read_rows(dataset: str, split: str, revision: str | None, limit: int | None, required: tuple[str, ...]) -> list[dict]:
-    """model.load_rows, with two local workarounds so bad data ends in exactly one line.
-    TODO(model.py): load_rows crashes with IndexError on an empty local file (datasets raises an exception
-    with an empty message; `str(e).splitlines()[0]` fails), and datasets logs its own error line to stderr
-    before ours (silence it; the UserError says what failed)."""
-    import datasets
-
-    path = Path(dataset)
-    files = [path] if path.is_file() else sorted(path.glob(f"{split}.json*")) if path.is_dir() else []
-    if files and all(f.stat().st_size < 4096 and not f.read_text(errors="replace").strip() for f in files):
-        raise M.UserError(f"--dataset {dataset} (split {split}) is empty")
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    return M.load_rows(dataset, split, revision=revision, limit=limit, required=required)
-
-
 def collate_pairs(pairs: list[dict], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 2B sequences [first; second] right-padded together to the longest one, so one forward scores
     both halves (REFERENCE.md 2). Returns input_ids (2B, L), attention_mask (2B, L), labels (B, K)."""
@@ -249,13 +234,6 @@ def collate_pairs(pairs: list[dict], pad_token_id: int) -> tuple[torch.Tensor, t
         attention_mask[b, :len(r)] = 1
     labels = torch.tensor([p["labels"] for p in pairs], dtype=torch.float32).reshape(len(pairs), -1)  # (B, K)
     return input_ids, attention_mask, labels
-
-
-def padded_order(n: int, multiple: int) -> tuple[list[int], list[bool]]:
-    """0..n-1 padded to a multiple of `multiple` by repeating rows, and which entries are real.
-    Every rank then runs the same number of forwards (lockstep); repeats are dropped before the metrics."""
-    pad = (-n) % multiple
-    return list(range(n)) + [i % n for i in range(pad)], [True] * n + [False] * pad
 
 
 def gather_cat(x: torch.Tensor) -> torch.Tensor:
@@ -271,17 +249,10 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
 def forward_pairs(model, batch, d: M.Dist) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward over [first; second]: end scores at the EOS of each half. -> (B,), (B,), labels (B, K)"""
     input_ids, attention_mask, labels = (t.to(d.device) for t in batch)
-    with autocast(d):
+    with M.autocast(d):
         end_scores = model(input_ids, attention_mask).end_scores                # (2B,) fp32, at the last real token
     B = labels.shape[0]
     return end_scores[:B], end_scores[B:], labels
-
-
-def autocast(d: M.Dist):
-    """bf16 compute on a single GPU process. Under torchrun FSDP2's mixed-precision policy already
-    computes in bf16 (model.prepare_model); on CPU everything stays fp32.
-    TODO(model.py): prepare_model ignores bf16 for a trainable model without a process group."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda" and not d.enabled)
 
 
 @torch.no_grad()
@@ -289,7 +260,7 @@ def evaluate(model, pairs: list[dict], args: Args, d: M.Dist, tokenizer, objecti
     """Scores of every held-out pair, gathered from all ranks, then the objective's metrics."""
     model.eval()
     b = args.per_device_eval_batch_size
-    order, real = padded_order(len(pairs), b * d.world_size)
+    order, real = M.padded_order(len(pairs), b * d.world_size)
     firsts, seconds, labels, keep = [], [], [], []
     for start in range(d.rank * b, len(order), b * d.world_size):
         batch = collate_pairs([pairs[i] for i in order[start:start + b]], tokenizer.pad_token_id)
@@ -444,7 +415,7 @@ def train(args: Args, objective: Objective) -> None:
         if step % args.log_every == 0 or step == last_step:
             logger.log(record)
             if d.is_main:
-                bar.write(log_line(record))
+                bar.write(M.log_line(record))
         if (args.save_every and step % args.save_every == 0) or step == last_step:
             save(final=step == args.total_steps)
     bar.close()
@@ -457,11 +428,11 @@ def train(args: Args, objective: Objective) -> None:
         results, table = evaluate(model, eval_pairs, args, d, tokenizer, objective)
         results = {"step": step, **results}
         logger.log(results)
-        M.print0("eval | " + log_line(results))
+        M.print0("eval | " + M.log_line(results))
         for prompt, first, second, s1, s2 in table:
             M.print0(f"  {prompt!r}: {s1:+.2f} {first!r} | {s2:+.2f} {second!r}")
         if d.is_main:
-            write_json_atomic(output_dir / "eval.json", results)
+            M.write_json_atomic(output_dir / "eval.json", results)
     M.print0(f"saved {output_dir} ({time.time() - t0:.0f}s)")
 
 
@@ -472,16 +443,6 @@ def check_same_run(trainer_state: dict, args: Args, train_rows: int) -> None:
         if trainer_state[key] != now:
             raise M.UserError(f"--resume: {key} was {trainer_state[key]} in the interrupted run, now {now}; "
                               "resume with the same data, batch sizes, ranks and epochs")
-
-
-def log_line(record: dict) -> str:
-    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-
-
-def write_json_atomic(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

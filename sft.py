@@ -144,37 +144,15 @@ def load_examples(args: Args, split: str, limit: int | None, tokenizer) -> tuple
     Alpaca schema: request = instruction (+ " " + input), response = output. model.tokenize_prompt_response
     builds BOS + template(request) + response + EOS string, right-truncated, and labels -100 on the
     prompt (BOS included): only the response tokens and the EOS are trained (REFERENCE.md 4)."""
-    rows = read_rows(args.dataset, split, args.dataset_revision, limit, ("instruction", "output"))
+    rows = M.load_rows(args.dataset, split, revision=args.dataset_revision, limit=limit, required=("instruction", "output"))
     return M.tokenize_prompt_response(tokenizer, [M.alpaca_request(row) for row in rows],
                                       [row["output"] for row in rows], args.max_length)
-
-
-def read_rows(dataset: str, split: str, revision: str | None, limit: int | None, required: tuple[str, ...]) -> list[dict]:
-    """model.load_rows, with two local workarounds so bad data ends in exactly one line.
-    TODO(model.py): load_rows crashes with IndexError on an empty local file (datasets raises an exception
-    with an empty message; `str(e).splitlines()[0]` fails), and datasets logs its own error line to stderr
-    before ours (silence it; the UserError says what failed)."""
-    import datasets
-
-    path = Path(dataset)
-    files = [path] if path.is_file() else sorted(path.glob(f"{split}.json*")) if path.is_dir() else []
-    if files and all(f.stat().st_size < 4096 and not f.read_text(errors="replace").strip() for f in files):
-        raise M.UserError(f"--dataset {dataset} (split {split}) is empty")
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    return M.load_rows(dataset, split, revision=revision, limit=limit, required=required)
 
 
 def toy_root(dataset: str) -> Path | None:
     """The toy-world folder `dataset` belongs to (it holds card.json), else None."""
     parent = Path(dataset).parent
     return parent if (parent / "card.json").is_file() else None
-
-
-def padded_order(n: int, multiple: int) -> tuple[list[int], list[bool]]:
-    """0..n-1 padded to a multiple of `multiple` by repeating rows, and which entries are real.
-    Every rank then runs the same number of forwards (lockstep); repeats are masked out of the counts."""
-    pad = (-n) % multiple
-    return list(range(n)) + [i % n for i in range(pad)], [True] * n + [False] * pad
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +165,7 @@ def evaluate_loss(policy, examples: list[dict], args: Args, d: M.Dist, pad_token
     """Token-level mean NLL of the response tokens of the held-out split (summed over ranks)."""
     policy.eval()
     b = args.per_device_eval_batch_size
-    order, real = padded_order(len(examples), b * d.world_size)
+    order, real = M.padded_order(len(examples), b * d.world_size)
     loss_sum = torch.zeros((), device=d.device)
     n_targets = torch.zeros((), device=d.device)
     for start in range(d.rank * b, len(order), b * d.world_size):
@@ -195,7 +173,7 @@ def evaluate_loss(policy, examples: list[dict], args: Args, d: M.Dist, pad_token
         input_ids, attention_mask, labels = (t.to(d.device) for t in M.collate_right(batch, pad_token_id))
         keep = torch.tensor(real[start:start + b], device=d.device)                  # (B,) repeats count 0
         labels = torch.where(keep[:, None], labels, M.IGNORE_INDEX)
-        with autocast(d):
+        with M.autocast(d):
             logprobs = M.policy_logprobs(policy, input_ids, attention_mask)          # (B, L-1)
         s, n = sft_loss_sum(logprobs.float(), labels)
         loss_sum, n_targets = loss_sum + s, n_targets + n
@@ -215,7 +193,7 @@ def evaluate_toy_world(policy, tokenizer, root: Path, args: Args, d: M.Dist) -> 
     prompts = M.load_rows(str(root / "eval" / "prompts.jsonl"), "eval", required=("prompt", "is_harmful"))
     jobs = [row for row in prompts for _ in range(args.toy_eval_samples)]
     b = args.per_device_eval_batch_size
-    order, real = padded_order(len(jobs), b * d.world_size)
+    order, real = M.padded_order(len(jobs), b * d.world_size)
     generator = torch.Generator(device=d.device).manual_seed(args.seed + d.rank)   # per-rank sampling seed
     names = ("harmful", "unsafe", "harmful_seen", "unsafe_seen", "benign", "helpfulness", "refused", "no_eos", "all")
     counts = dict.fromkeys(names, 0.0)
@@ -226,7 +204,7 @@ def evaluate_toy_world(policy, tokenizer, root: Path, args: Args, d: M.Dist) -> 
             batch = [jobs[i] for i in order[start:start + b]]
             rows = [tokenizer(M.format_prompt(r["prompt"]), add_special_tokens=True)["input_ids"] for r in batch]
             input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)    # (B, S) last prompt token last
-            with autocast(d):
+            with M.autocast(d):
                 sequences, mask = M.sample(policy, input_ids.to(d.device), attention_mask.to(d.device),
                                            max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                            pad_token_id=tokenizer.pad_token_id, temperature=1.0, generator=generator)
@@ -271,13 +249,6 @@ def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, to
         input_ids[b, S - len(r):] = torch.tensor(r)
         attention_mask[b, S - len(r):] = 1
     return input_ids, attention_mask
-
-
-def autocast(d: M.Dist):
-    """bf16 compute on a single GPU process. Under torchrun FSDP2's mixed-precision policy already
-    computes in bf16 (model.prepare_model); on CPU everything stays fp32.
-    TODO(model.py): prepare_model ignores bf16 for a trainable model without a process group."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda" and not d.enabled)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +372,7 @@ def main(args: Args) -> None:
         step_loss = torch.zeros((), device=d.device)
         for input_ids, attention_mask, labels in micro_batches:
             input_ids, attention_mask, labels = input_ids.to(d.device), attention_mask.to(d.device), labels.to(d.device)
-            with autocast(d):
+            with M.autocast(d):
                 logprobs = M.policy_logprobs(policy, input_ids, attention_mask)       # (B, L-1)
             loss_sum, _ = sft_loss_sum(logprobs.float(), labels)
             loss = loss_sum / n_step                                                 # this micro-batch's share
@@ -426,7 +397,7 @@ def main(args: Args) -> None:
         if step % args.log_every == 0 or step == last_step:
             logger.log(record)
             if d.is_main:
-                bar.write(log_line(record))
+                bar.write(M.log_line(record))
         if (args.save_every and step % args.save_every == 0) or step == last_step:
             save(final=step == args.total_steps)
     bar.close()
@@ -444,11 +415,11 @@ def main(args: Args) -> None:
         results.update(toy)
     if len(results) > 1:
         logger.log(results)
-        M.print0("eval | " + log_line(results))
+        M.print0("eval | " + M.log_line(results))
         for s in samples[::max(1, len(samples) // 4)][:4]:  # a few of rank 0's samples, benign and harmful
             M.print0(f"  {s['prompt']!r} -> {s['response']!r} (safe {s['is_safe']}, h {s['helpfulness']:.2f})")
     if d.is_main:
-        write_json_atomic(output_dir / "eval.json", results)
+        M.write_json_atomic(output_dir / "eval.json", results)
         if samples:
             (output_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     M.print0(f"saved {output_dir} ({time.time() - t0:.0f}s)")
@@ -461,16 +432,6 @@ def check_same_run(trainer_state: dict, args: Args, train_rows: int) -> None:
         if trainer_state[key] != now:
             raise M.UserError(f"--resume: {key} was {trainer_state[key]} in the interrupted run, now {now}; "
                               "resume with the same data, batch sizes, ranks and epochs")
-
-
-def log_line(record: dict) -> str:
-    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-
-
-def write_json_atomic(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
 
 
 if __name__ == "__main__":
