@@ -929,6 +929,15 @@ def log_line(record: dict) -> str:
     return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
 
 
+def check_same_run(trainer_state: dict, now: dict) -> None:
+    """--resume continues the same run: the saved sizes (data rows, global batch, schedule length)
+    must equal this invocation's."""
+    for key, value in now.items():
+        if trainer_state[key] != value:
+            raise UserError(f"--resume: {key} was {trainer_state[key]} in the interrupted run, now {value}; "
+                            "resume with the same data, batch sizes, ranks and epochs")
+
+
 class JsonlLogger:
     """One structured sink that needs no service: a JSON line per record, rank 0 only. The file
     is opened per write, so it follows the run folder across atomic checkpoint swaps."""
