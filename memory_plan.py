@@ -1,0 +1,629 @@
+"""memory_plan.py: per-rank memory of PPO-Lagrangian's six models under FSDP2, from a model config.
+
+The six models are built on the meta device as ppo_lagrangian.py builds them (actor and reference:
+AutoModelForCausalLM; reward model, cost model and both critics: model.ScoreModel over AutoModel), so
+every parameter count below is read from real module shapes, never from a formula. Memory is then
+counted per rank for what model.prepare_model, model.make_optimizer and ppo_lagrangian.py's loop do.
+
+Persistent (sharded over W ranks; FSDP2 pads every parameter's dim 0 to a multiple of W, so a rank
+holds ceil(dim0 / W) rows of each):
+  actor, reward critic, cost critic   fp32 master weights 4 B + fp32 gradients 4 B + AdamW exp_avg and
+                                      exp_avg_sq 8 B per parameter, / W. Gradients stay allocated from one
+                                      step to the next: zero_grad(set_to_none) runs after the next forward.
+  reference, reward model, cost model bf16 weights 2 B per parameter / W on GPU (fp32 4 B on CPU).
+  frozen roots left gathered          FSDP2 never reshards a root module after a forward that has no
+                                      backward (fully_shard's default for the root), so after its first
+                                      forward each frozen model keeps its embeddings, final norm and head
+                                      unsharded: root parameters x 2 B, on every rank.
+Transient, by phase (each phase = persistent + its own transients; the plan's peak is the max):
+  rollout        model.gathered_weights keeps the whole actor unsharded (bf16) for the whole generation;
+                 the KV cache (transformers' DynamicCache, grown by torch.cat, so one layer's keys exist twice
+                 for a moment): 2 x layers x P x L x kv_heads x head_dim x c bytes.
+  scoring        no-grad forwards of all six models over the P x L rollout batch, one at a time; the
+                 largest is the actor's or the reference's logits chain (below).
+  actor update   at the end of the forward: the activations autograd saves over a train micro-batch of
+                 B x L tokens (formula in `layer_activation_bytes`), the logits chain, and both critics' roots
+                 still unsharded from scoring (the actor's own root reshards after each forward: that is how
+                 gathered_weights leaves it); or, if larger, the start of the backward, the backward of the
+                 last layer (re-computed under gradient checkpointing) or the AdamW step.
+  critic update  the same without the vocabulary-sized tensors (the score head reads the hidden state).
+The logits chain of model.policy_logprobs, per token: logits (c V) -> logits / temperature (c V) -> .float()
+(4 V, a copy only when c = 2) -> log_softmax (4 V, saved for backward): 12 V bytes when c = 2 and when
+c = 4 (then .float() is free); in the backward, log_softmax's saved output, the gather's gradient and
+log_softmax's gradient: 12 V again. With V = 32000 that is 384 kB per token, two LLaMA-7B layers' worth.
+
+Not counted: kernels' internal scratch buffers, CUDA allocator fragmentation and the CUDA/NCCL
+context (leave a few GiB), the rollout arrays of shape (P, L) (kilobytes), AdamW's step counters (on
+the CPU), and `save()`'s full state-dict gathering (CPU memory).
+
+The check: `--measure` runs ppo_lagrangian.py itself on a small random-init LLaMA on CPU under a
+dispatch-mode counter of live tensor storages (`LiveTensorBytes`) and prints the measured peak per
+phase next to this estimate for the same config (fp32, `bf16=False`).
+
+Run:
+    python memory_plan.py --model llama-7b --world_size 8 --gpu_memory_gib 80
+    python memory_plan.py --model llama-7b --world_size 8 --gpu_memory_gib 80 --gradient_checkpointing
+    python memory_plan.py --model runs/sft --world_size 2            # a checkpoint folder's config.json
+    python memory_plan.py --measure                                   # estimate vs measurement, 1 CPU process
+    torchrun --nproc_per_node 2 memory_plan.py --measure              # the same, FSDP2 over 2 CPU ranks
+
+Shape letters: P prompts per rank per rollout, B sequences per train micro-batch, L = max_length,
+S prompt length, h hidden size, i intermediate size, a attention heads, d head dim, V vocabulary,
+W world size; c bytes per element of the compute dtype (2 for bf16, 4 for fp32).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import model as M
+
+GiB = 1 << 30
+MiB = 1 << 20
+ROOT = Path(__file__).resolve().parent
+TRAINED = ("actor", "reward_critic", "cost_critic")
+FROZEN = ("reference", "reward_model", "cost_model")
+
+# --------------------------------------------------------------------------------------------
+# Args
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    model: str = "llama-7b"
+    """a preset (model.PRESETS), a checkpoint folder or a hub name: only its config is read"""
+    world_size: int = 8
+    """ranks (GPUs) under torchrun; 1 means one plain process, without FSDP"""
+    gpu_memory_gib: float = 80.0
+    """memory of one GPU, to say whether the plan fits"""
+    per_device_prompt_batch_size: int = 16
+    """P: prompts per rank per rollout (official 16, REFERENCE.md 5.14)"""
+    per_device_train_batch_size: int = 16
+    """B: sequences per rank per rl_step (official 16)"""
+    max_length: int = 512
+    """L: prompt + response tokens (official 512); rollouts are assumed to reach it"""
+    prompt_length: int = 128
+    """S: padded prompt length (ppo_lagrangian.py truncates prompts to max_length / 2)"""
+    gradient_checkpointing: bool = False
+    """as ppo_lagrangian.py's flag (the official 7B script turns it on)"""
+    bf16: bool = True
+    """what ppo_lagrangian.py does on GPU: bf16 frozen models, bf16 compute under FSDP; --no-bf16: the CPU path"""
+    measure: bool = False
+    """instead, run ppo_lagrangian.py on a small config on CPU and print measured vs estimated per phase
+    (its own sizes: MEASURE_RUN; --gradient_checkpointing applies; works under torchrun)"""
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter counts from meta skeletons
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(name_or_path: str):
+    """A preset's LlamaConfig (its own vocabulary), or the config.json of a folder or hub name."""
+    if name_or_path in M.PRESETS:
+        return M.preset_config(name_or_path)
+    from transformers import AutoConfig
+
+    if (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1) and not Path(name_or_path).is_dir():
+        raise M.UserError(f"--model {name_or_path}: not a preset ({', '.join(M.PRESETS)}) and no such folder")
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise M.UserError(f"--model {name_or_path}: cannot read its config: {M._first_line(e)}") from None
+
+
+def meta_models(config) -> dict[str, nn.Module]:
+    """The six models of ppo_lagrangian.py as model.py's `_skeleton` builds them: shapes only."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    config.architectures = None
+    with torch.device("meta"):
+        return {"actor": AutoModelForCausalLM.from_config(config),
+                "reference": AutoModelForCausalLM.from_config(config),
+                "reward_model": M.ScoreModel(AutoModel.from_config(config), "reward"),
+                "cost_model": M.ScoreModel(AutoModel.from_config(config), "cost"),
+                "reward_critic": M.ScoreModel(AutoModel.from_config(config), "critic"),
+                "cost_critic": M.ScoreModel(AutoModel.from_config(config), "critic")}
+
+
+@dataclass
+class ModelSize:
+    """Parameter counts of one model. The *_shard counts are what rank 0 holds under FSDP2 over W ranks:
+    FSDP2 pads each tensor's dim 0 to a multiple of W, so a rank holds ceil(dim0 / W) rows of it (rank 0
+    always a full chunk; the padding sits on the last ranks), and an all-gathered tensor is W such chunks."""
+    numel: int         # parameters of the whole model (tied weights once)
+    shard: int         # all parameters
+    root_shard: int    # outside the decoder layers (embeddings, final norm, LM or score head): FSDP2's root unit
+    head_shard: int    # root parameters whose gradients exist through the whole backward: all but an
+                       # untied input embedding (its gradient comes last)
+    layer_shard: int   # one decoder layer: the other FSDP2 units (prepare_model shards each layer, then the root)
+
+
+def model_size(model: nn.Module, world_size: int) -> ModelSize:
+    """Counted from the module's parameters."""
+    def shard(params) -> int:
+        return sum(math.ceil(p.shape[0] / world_size) * (p.numel() // p.shape[0]) for p in params)
+
+    layers = M.decoder_layers(model)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    root = [p for p in model.parameters() if id(p) not in in_layers]
+    embedding, head = model.get_input_embeddings().weight, getattr(model, "lm_head", None)
+    tied = head is not None and head.weight is embedding
+    return ModelSize(numel=sum(p.numel() for p in model.parameters()), shard=shard(model.parameters()),
+                     root_shard=shard(root), head_shard=shard(p for p in root if tied or p is not embedding),
+                     layer_shard=max(shard(layer.parameters()) for layer in layers))
+
+
+# --------------------------------------------------------------------------------------------
+# Activations, logits and KV cache (bytes; the formulas are in the docstrings)
+# --------------------------------------------------------------------------------------------
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_activation_bytes(config, batch: int, length: int, c: int) -> int:
+    """What autograd saves in one LLaMA decoder layer (transformers' LlamaDecoderLayer, SDPA
+    attention with a padding mask) for batch x length tokens, compute dtype of c bytes. Per token:
+
+        2 RMSNorms   2 (4h + 4 + 2ch)  the input upcast to fp32 and 1/rms (LlamaRMSNorm computes in fp32),
+                                       the normalised input and the norm's output in the compute dtype
+        attention    4ch + 4a + cL     q, k, v as SDPA receives them (k, v repeated to all a heads: with a
+                                       mask transformers' use_gqa_in_sdpa is off), the output (o_proj's input,
+                                       same storage), the fp32 logsumexp, and the boolean padding mask that
+                                       SDPA converts to an additive mask of L entries per query, per layer
+        SwiGLU MLP   4ci               gate (SiLU's input), SiLU(gate), up, their product (down_proj's input)
+        -----------  8h + 8 + 8ch + 4ci + 4a + cL
+
+    RoPE saves only cos and sin, shared by all layers (counted once per model in `saved_activations`).
+    This is Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+    eq. 2: sbh(34 + 5as/h) bytes per layer for GPT in 16 bits) adapted to LLaMA: no dropout masks, no
+    s x s attention scores (SDPA's fused kernels keep only the logsumexp), fp32 RMSNorm copies instead of
+    16-bit LayerNorm inputs, SwiGLU's four i-wide tensors instead of GELU's 4h-wide input and output.
+    Checked tensor by tensor with torch.autograd.graph.saved_tensors_hooks on CPU (fp32 and bf16).
+    """
+    h, i, a = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    return batch * length * (8 * h + 8 + 8 * c * h + 4 * c * i + 4 * a + c * length)
+
+
+def saved_activations(config, batch: int, length: int, c: int, gradient_checkpointing: bool) -> dict[str, int]:
+    """What the forward of a trained model saves for its backward, for batch x length tokens:
+      decoder layers    without checkpointing, every layer's `layer_activation_bytes`; with it
+                        (prepare_model -> HF activation_checkpointing_enable, one checkpoint per layer), each
+                        layer's input (ch per token) and the boolean 4-D mask once (L bytes per token)
+      final norm, RoPE  the final RMSNorm's 4h + 4 + 2ch per token (its output is the head's input) and
+                        RoPE's cos and sin (2cd per token)"""
+    h, d = config.hidden_size, head_dim(config)
+    tokens = batch * length
+    if gradient_checkpointing:
+        layers = config.num_hidden_layers * tokens * c * h + tokens * length
+    else:
+        layers = config.num_hidden_layers * layer_activation_bytes(config, batch, length, c)
+    return {"decoder layers": layers, "final norm, RoPE": tokens * (4 * h + 4 + 2 * c * h + 2 * c * d)}
+
+
+def layer_backward_bytes(config, tokens: int, c: int) -> int:
+    """Gradients alive in the backward of one layer's MLP beyond the activations it frees: the residual
+    stream's gradient (ch), then the gradients of the product, of SiLU(gate) and of up (3ci) while
+    down_proj's saved input (ci) is already freed: c (h + 2i) per token."""
+    return tokens * c * (config.hidden_size + 2 * config.intermediate_size)
+
+
+def no_grad_layer_bytes(config, tokens: int, c: int) -> int:
+    """The largest working set inside one decoder layer in a no-grad forward: the residual, the MLP's
+    input, and SiLU(gate), up and their product alive at once: c (2h + 3i) per token."""
+    return tokens * c * (2 * config.hidden_size + 3 * config.intermediate_size)
+
+
+def logits_chain_bytes(config, batch: int, length: int, c: int) -> int:
+    """model.policy_logprobs at its widest: logits (B, L, V) in the compute dtype, logits[:, :-1] /
+    temperature (B, L-1, V), its fp32 copy (only when c = 2: .float() of an fp32 tensor is itself) and
+    log_softmax's fp32 output (B, L-1, V). The backward starts with the same 12 V bytes per token
+    (log_softmax's saved output, the gather's gradient, log_softmax's gradient)."""
+    V = config.vocab_size
+    return batch * V * (c * length + c * (length - 1) + (4 if c == 2 else 0) * (length - 1) + 4 * (length - 1))
+
+
+def kv_cache_bytes(config, batch: int, length: int, c: int) -> int:
+    """DynamicCache after `length` positions: keys and values (B, kv_heads, length, d) per layer."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * batch * length * kv_heads * head_dim(config) * c
+
+
+# --------------------------------------------------------------------------------------------
+# The estimate
+# --------------------------------------------------------------------------------------------
+
+
+def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: int = 16,
+                    per_device_train_batch_size: int = 16, max_length: int = 512, prompt_length: int = 128,
+                    bf16: bool = True, gradient_checkpointing: bool = False) -> dict:
+    """Per-rank bytes of PPO-Lagrangian (ppo_lagrangian.py) for a decoder config, on rank 0.
+
+    world_size > 1 is a torchrun run with FSDP2 (model.prepare_model); world_size 1 is one plain
+    process: whole models, nothing gathered. bf16 is what ppo_lagrangian.py does on GPU (frozen models
+    cast to bf16; under FSDP the trained models compute in bf16 with fp32 master weights and gradient
+    reduction); bf16=False is the CPU path (everything fp32).
+
+    Each phase lists its candidate moments as {term: bytes}; the phase's peak is persistent_total plus
+    its largest moment. Returns a dict: "params" per model, "persistent" {model: {part: bytes}},
+    "persistent_total", "phases" {phase: {"moment", "terms", "total"}}, "peak_phase", "peak".
+    """
+    P, B, L, S = per_device_prompt_batch_size, per_device_train_batch_size, max_length, prompt_length
+    if min(P, B, S, world_size) < 1 or L <= S:
+        raise M.UserError(f"need world size and batch sizes >= 1 and max_length ({L}) > prompt_length ({S}) >= 1")
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+               if getattr(config, k, None) is None]
+    if missing:
+        raise M.UserError(f"{type(config).__name__} has no {', '.join(missing)}: the activation formulas are "
+                          "written for LLaMA-style decoders (RMSNorm, SwiGLU MLP)")
+    fsdp = world_size > 1
+    sizes = {name: model_size(m, world_size) for name, m in meta_models(config).items()}
+    h, i, V, d = config.hidden_size, config.intermediate_size, config.vocab_size, head_dim(config)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    frozen = 2 if bf16 else 4       # prepare_model casts frozen models to bf16 on GPU
+    c = 2 if bf16 and fsdp else 4   # trained models compute in bf16 only under FSDP2's MixedPrecisionPolicy
+
+    # ---- persistent: sharded weights, gradients, AdamW states ---------------------------------
+    persistent: dict[str, dict[str, int]] = {}
+    for name in TRAINED:
+        n = sizes[name].shard
+        persistent[name] = {"fp32 params": 4 * n, "fp32 grads": 4 * n, "AdamW states": 8 * n}
+    for name in FROZEN:
+        persistent[name] = {f"{'bf16' if bf16 else 'fp32'} params": frozen * sizes[name].shard}
+    if fsdp:  # FSDP2 never reshards a root after a forward without backward
+        persistent["frozen roots, left gathered"] = {
+            "params": sum(frozen * world_size * sizes[n].root_shard for n in FROZEN)}
+    persistent_total = sum(sum(parts.values()) for parts in persistent.values())
+
+    def unsharded(name: str, part: str) -> int:
+        """An FSDP2 unit all-gathered, padding included (0 without FSDP): "all", "root", "layer", or
+        "head" (the size of the root's gradients)."""
+        shard = {"all": sizes[name].shard, "root": sizes[name].root_shard, "layer": sizes[name].layer_shard,
+                 "head": sizes[name].head_shard}[part]
+        return (c if name in TRAINED else frozen) * world_size * shard if fsdp else 0
+
+    # ---- rollout: the whole actor unsharded, the KV cache --------------------------------------
+    actor = {"actor unsharded (gathered_weights)": unsharded("actor", "all")} if fsdp else {}
+    # Each decoding step grows a layer's cache by torch.cat (old and new keys exist at once); with
+    # grouped-query attention and a mask, repeat_kv also copies that layer's keys and values to a heads.
+    growth = P * L * d * c * (2 * config.num_attention_heads if kv_heads < config.num_attention_heads else kv_heads)
+    rollout = {
+        "prefill": actor | {"KV cache, prompt": kv_cache_bytes(config, P, S, c),
+                            "prefill logits or layer work": P * S * c * max(V, 2 * h + 3 * i)},
+        "end of generation": actor | {"KV cache": kv_cache_bytes(config, P, L, c), "cache growth, one layer": growth,
+                                      "last step's logits, fp32 copy, probs": P * V * (c + 8)},
+    }
+
+    # ---- scoring: no-grad forwards over the whole rollout batch, one model at a time -----------
+    # The actor's root reshards after every forward (gathered_weights sets reshard_after_forward=True on
+    # exit) and the reference's is already counted, so log-probs add only the logits chain; each critic's
+    # root stays gathered from its scoring forward until its backward.
+    scoring = {
+        "actor or reference log-probs": {"logits chain": logits_chain_bytes(config, P, L, c)},
+        "critic values": {"both critics' roots": 2 * unsharded("reward_critic", "root"),
+                          "two layers unsharded (current, prefetched)": 2 * unsharded("reward_critic", "layer"),
+                          "layer work": no_grad_layer_bytes(config, P * L, c)},
+    }
+
+    # ---- updates: forward end, backward start, backward of the last layer, AdamW step ----------
+    saved = saved_activations(config, B, L, c, gradient_checkpointing)
+
+    def update(name: str, kept_roots: dict[str, int], logits: int) -> dict[str, dict[str, int]]:
+        freed = {"previous grads, freed by zero_grad": -persistent[name]["fp32 grads"]}
+        # in the backward the root is gathered (kept since the forward, or the actor's re-gathered) and the
+        # head's gradients are unsharded until the end; one layer: its params, the prefetched next one's,
+        # its unsharded gradients
+        last_layer = {f"{name} root unsharded": unsharded(name, "root"),
+                      f"{name} head grads unsharded": unsharded(name, "head") if fsdp else 4 * sizes[name].head_shard,
+                      "layer params x2 + grads, unsharded": 3 * unsharded(name, "layer"),
+                      "saved activations (layers)": saved["decoder layers"],
+                      "layer backward gradients": layer_backward_bytes(config, B * L, c)}
+        if gradient_checkpointing:
+            last_layer["recomputed layer activations"] = layer_activation_bytes(config, B, L, c)
+        forward_end = {"saved activations": sum(saved.values())}
+        if name != "actor":  # the actor's root is resharded after its forward, a critic's is not
+            forward_end[f"{name} root unsharded"] = unsharded(name, "root")
+        moments = {"forward end": kept_roots | forward_end | {"logits chain": logits},
+                   "backward, last layer": kept_roots | freed | last_layer,
+                   # foreach AdamW (the default on GPU) takes sqrt(exp_avg_sq) of all parameters at once
+                   "AdamW step": kept_roots | {"foreach temporary (sqrt of exp_avg_sq)": 4 * sizes[name].shard}}
+        if logits:
+            moments["backward start"] = kept_roots | freed | {"saved activations": sum(saved.values()),
+                                                              "logits backward": logits}
+        return moments
+
+    critic_roots = {"both critics' roots (kept since scoring)": 2 * unsharded("reward_critic", "root")}
+    phase_moments = {
+        "rollout": rollout,
+        "scoring": scoring,
+        "actor update": update("actor", critic_roots, logits_chain_bytes(config, B, L, c)),
+        # the reward critic trains first, while the cost critic's root is still gathered from scoring
+        "critic update": update("reward_critic", {"cost critic root (kept since scoring)":
+                                                  unsharded("cost_critic", "root")}, 0),
+    }
+    phases = {}
+    for phase, moments in phase_moments.items():
+        moment = max(moments, key=lambda k: sum(moments[k].values()))
+        terms = {k: v for k, v in moments[moment].items() if v}
+        phases[phase] = {"moment": moment, "terms": terms, "total": persistent_total + sum(terms.values())}
+    peak_phase = max(phases, key=lambda k: phases[k]["total"])
+    return {"params": {name: s.numel for name, s in sizes.items()}, "world_size": world_size, "bf16": bf16,
+            "gradient_checkpointing": gradient_checkpointing,
+            "sizes": {"per_device_prompt_batch_size": P, "per_device_train_batch_size": B, "max_length": L,
+                      "prompt_length": S},
+            "persistent": persistent, "persistent_total": persistent_total,
+            "phases": phases, "peak_phase": peak_phase, "peak": phases[peak_phase]["total"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Printing
+# --------------------------------------------------------------------------------------------
+
+
+def _row(label: str, nbytes: int, indent: int = 2) -> str:
+    return f"{' ' * indent}{label:<{72 - indent}}{nbytes / GiB:>8.2f}"
+
+
+def format_plan(plan: dict, model_name: str, gpu_memory_gib: float) -> str:
+    """The per-rank table: persistent parts, each phase's peak with its transients, the verdict."""
+    W, s, n = plan["world_size"], plan["sizes"], plan["params"]
+    lines = [f"PPO-Lagrangian, memory per rank: {model_name} (actor {n['actor'] / 1e9:.2f}B, each score model "
+             f"{n['reward_model'] / 1e9:.2f}B parameters)",
+             f"{f'FSDP2 over {W} ranks' if W > 1 else 'one process, no FSDP'}, "
+             f"{'bf16 (fp32 master weights, grads, AdamW)' if plan['bf16'] else 'fp32'}, gradient checkpointing "
+             f"{'on' if plan['gradient_checkpointing'] else 'off'}; P={s['per_device_prompt_batch_size']} prompts, "
+             f"B={s['per_device_train_batch_size']} per micro-batch, L={s['max_length']}, S={s['prompt_length']}",
+             "", f"{'persistent':<72}{'GiB':>8}"]
+    for name, parts in plan["persistent"].items():
+        detail = ", ".join(f"{part} {b / GiB:.2f}" for part, b in parts.items()) if len(parts) > 1 else next(iter(parts))
+        lines.append(_row(f"{name}: {detail}", sum(parts.values())))
+    lines += [_row("total", plan["persistent_total"]), "", f"{'phase peak = persistent + transients':<72}{'GiB':>8}"]
+    for phase, p in plan["phases"].items():
+        lines.append(_row(f"{phase} ({p['moment']})", p["total"]))
+        lines += [_row(name, b, indent=6) for name, b in p["terms"].items()]
+    fits = plan["peak"] <= gpu_memory_gib * GiB
+    lines += ["", f"peak: {plan['peak_phase']}, {plan['peak'] / GiB:.2f} GiB of {gpu_memory_gib:g} GiB per GPU: "
+                  f"{'fits' if fits else 'does NOT fit'} (not counting the CUDA context and allocator fragmentation)"]
+    return "\n".join(lines)
+
+
+def plan_record(plan: dict, model_name: str, gpu_memory_gib: float) -> dict:
+    """The figures as one flat JSON-able record (GiB), for bench.py and logs."""
+    return {"model": model_name, "world_size": plan["world_size"], "bf16": plan["bf16"],
+            "gradient_checkpointing": plan["gradient_checkpointing"], **plan["sizes"],
+            "params": plan["params"], "persistent_gib": round(plan["persistent_total"] / GiB, 3),
+            "phases_gib": {k: round(p["total"] / GiB, 3) for k, p in plan["phases"].items()},
+            "peak_phase": plan["peak_phase"], "peak_gib": round(plan["peak"] / GiB, 3),
+            "gpu_memory_gib": gpu_memory_gib, "fits": plan["peak"] <= gpu_memory_gib * GiB}
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement: live tensor bytes during a real ppo_lagrangian.py run
+# --------------------------------------------------------------------------------------------
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of live tensor storages and their peak per phase, counted at every aten op.
+
+    Each storage an op reads or returns is counted once (views share it) and released by a weakref
+    finalizer when freed. FSDP2 frees and re-allocates unsharded parameters with UntypedStorage.resize_,
+    which bypasses the dispatcher, so resize_ is wrapped while the mode is active. DTensor ops are let
+    through (NotImplemented) so that their local-tensor ops are the ones counted. This is the method of
+    torch.distributed._tools.mem_tracker.MemTracker without its per-module bookkeeping. Not seen:
+    kernels' internal scratch buffers, and tensors made outside the dispatcher until an op uses them.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.storage_bytes: dict[int, int] = {}   # id(storage) -> bytes counted for it
+        self.live = 0
+        self.phase = "setup"
+        self.peaks: dict[str, int] = {}
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        key, size = id(storage), storage.nbytes()
+        if key not in self.storage_bytes:
+            self.storage_bytes[key] = 0
+            weakref.finalize(storage, self._release, key)
+        self.live += size - self.storage_bytes[key]
+        self.storage_bytes[key] = size
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.live)
+
+    def _release(self, key: int) -> None:
+        self.live -= self.storage_bytes.pop(key)
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.peaks[phase] = max(self.peaks.get(phase, 0), self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves((out, args, kwargs)):  # inputs too: a frozen embedding is never an output
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._count(t.untyped_storage())
+        return out
+
+    def __enter__(self):
+        resize, tracker = torch.UntypedStorage.resize_, self
+
+        def tracked_resize(storage, size):
+            resize(storage, size)
+            tracker._count(storage)
+
+        self._resize = resize
+        torch.UntypedStorage.resize_ = tracked_resize
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
+
+
+# The measured run: a small LLaMA (hidden 256, 4 layers, vocabulary 2048: the toy tokenizer plus
+# filler tokens), two rollouts of ppo_lagrangian.py with these sizes.
+MEASURE_CONFIG = dict(preset="toy-small", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, vocab_size=2048)
+MEASURE_RUN = dict(per_device_prompt_batch_size=16, per_device_train_batch_size=16, max_length=128)
+
+
+def measure_config():
+    return M.preset_config(**MEASURE_CONFIG)
+
+
+def _small_checkpoints(folder: Path) -> Path:
+    """Random-init SFT, reward and cost checkpoints of MEASURE_CONFIG under folder (the stages' output
+    format), with the toy tokenizer grown to its vocabulary. Returns the toy data folder."""
+    import toyworld
+    from transformers import AutoModelForCausalLM
+
+    data = toyworld.ensure_toy_data(ROOT / "data" / "toy")
+    tokenizer = M.load_tokenizer(data / "tokenizer", "left")
+    tokenizer.add_tokens([f"<filler{i}>" for i in range(MEASURE_CONFIG["vocab_size"] - len(tokenizer))])
+    one = M.Dist(0, 0, 1, torch.device("cpu"))
+    M.seed_everything(0)
+    M.save_checkpoint(folder / "sft", one, tokenizer, {"": AutoModelForCausalLM.from_config(measure_config())})
+    for kind in ("reward", "cost"):
+        model = M.load_score_model(str(folder / "sft"), tokenizer, kind)
+        M.save_checkpoint(folder / kind, one, tokenizer, {"": model})
+    return data
+
+
+def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_device_prompt_batch_size"],
+                   per_device_train_batch_size: int = MEASURE_RUN["per_device_train_batch_size"],
+                   max_length: int = MEASURE_RUN["max_length"], gradient_checkpointing: bool = False) -> dict:
+    """Run ppo_lagrangian.main for two rollouts of MEASURE_CONFIG on CPU (fp32) under LiveTensorBytes
+    and return this rank's measured peak per phase next to estimate_memory's for the same sizes.
+
+    Phases are marked where ppo_lagrangian.py enters them: model.sample (rollout), a no-grad forward of
+    a score model or of model.policy_logprobs (scoring), policy_logprobs with grad (actor update), a
+    score model with grad (critic update), optimizer_state or save_checkpoint (saving, not estimated).
+    "persistent" is the live bytes when the second rollout starts (gradients and AdamW states exist by
+    then). Under torchrun (gloo, FSDP2) every rank runs this; rank 0's figures are reported.
+    """
+    import ppo_lagrangian as PPO
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    P, B = per_device_prompt_batch_size, per_device_train_batch_size
+    tracker = LiveTensorBytes()
+    seen = {"rollouts": 0, "prompt_length": 0, "persistent": 0}
+
+    def marked(fn, phase_of):
+        def wrapper(*args, **kwargs):
+            tracker.set_phase(phase_of(*args, **kwargs))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def rollout_phase(model, input_ids, *args, **kwargs):
+        seen["rollouts"] += 1
+        seen["prompt_length"] = input_ids.shape[1]
+        seen["persistent"] = tracker.live
+        return "rollout"
+
+    originals = {"sample": M.sample, "policy_logprobs": M.policy_logprobs, "optimizer_state": M.optimizer_state,
+                 "save_checkpoint": M.save_checkpoint}
+    score_forward = M.ScoreModel.forward
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _small_checkpoints(Path(tmp))
+        args = PPO.Args(actor_model_name_or_path=f"{tmp}/sft", reward_model_name_or_path=f"{tmp}/reward",
+                        cost_model_name_or_path=f"{tmp}/cost", dataset=str(data / "prompts"),
+                        limit=2 * P * world_size, epochs=1, max_length=max_length,
+                        per_device_prompt_batch_size=P, per_device_train_batch_size=B,
+                        gradient_checkpointing=gradient_checkpointing, output_dir=f"{tmp}/ppo", save_every=0,
+                        sample_every=0, log_every=1000, device="cpu")
+        M.sample = marked(M.sample, rollout_phase)
+        M.policy_logprobs = marked(M.policy_logprobs,
+                                   lambda *a, **k: "actor update" if torch.is_grad_enabled() else "scoring")
+        M.ScoreModel.forward = marked(score_forward,
+                                      lambda *a, **k: "critic update" if torch.is_grad_enabled() else "scoring")
+        M.optimizer_state = marked(M.optimizer_state, lambda *a, **k: "saving")  # save() starts with these
+        M.save_checkpoint = marked(M.save_checkpoint, lambda *a, **k: "saving")
+        try:
+            with tracker:
+                PPO.main(args)
+        finally:
+            for name, fn in originals.items():
+                setattr(M, name, fn)
+            M.ScoreModel.forward = score_forward
+    if seen["rollouts"] != 2:
+        raise M.UserError(f"--measure needs two rollouts and ran {seen['rollouts']}: the toy set has 64 prompts, "
+                          f"fewer than 2 x {P} prompts x {world_size} ranks")
+    plan = estimate_memory(measure_config(), world_size, per_device_prompt_batch_size=P, per_device_train_batch_size=B,
+                           max_length=max_length, prompt_length=seen["prompt_length"], bf16=False,
+                           gradient_checkpointing=gradient_checkpointing)
+    phases = list(plan["phases"])
+    measured = {"persistent": seen["persistent"], **{k: tracker.peaks[k] for k in phases}}
+    measured["peak"] = max(measured[k] for k in phases)
+    estimated = {"persistent": plan["persistent_total"], **{k: plan["phases"][k]["total"] for k in phases},
+                 "peak": plan["peak"]}
+    return {"world_size": world_size, "rank": int(os.environ.get("RANK", "0")), "config": MEASURE_CONFIG,
+            "run": {"per_device_prompt_batch_size": P, "per_device_train_batch_size": B, "max_length": max_length,
+                    "gradient_checkpointing": gradient_checkpointing}, "prompt_length": seen["prompt_length"],
+            "measured": measured, "estimated": estimated, "estimated_peak_phase": plan["peak_phase"],
+            "measured_peak_phase": max(phases, key=lambda k: measured[k]),
+            "setup_and_saving": {k: tracker.peaks.get(k, 0) for k in ("setup", "saving")}}
+
+
+def format_measurement(result: dict) -> str:
+    """Measured vs estimated per phase, in total and above the persistent bytes (the transients)."""
+    W, m, e = result["world_size"], result["measured"], result["estimated"]
+    lines = [f"measured (live tensor bytes, rank {result['rank']} of {W}, "
+             f"{'FSDP2 over gloo' if W > 1 else 'one process'}, fp32 on CPU) vs estimated, MiB; "
+             f"prompt length {result['prompt_length']}",
+             f"{'':<16}{'measured':>10}{'estimated':>11}{'est/meas':>10}{'transient meas':>16}{'est':>8}{'est/meas':>10}"]
+    for k in m:
+        line = f"{k:<16}{m[k] / MiB:>10.1f}{e[k] / MiB:>11.1f}{e[k] / m[k]:>10.3f}"
+        if k != "persistent":
+            tm, te = m[k] - m["persistent"], e[k] - e["persistent"]
+            line += f"{tm / MiB:>16.1f}{te / MiB:>8.1f}{te / tm:>10.3f}"
+        lines.append(line)
+    lines.append(f"peak phase: measured {result['measured_peak_phase']}, estimated {result['estimated_peak_phase']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI: print the per-rank table and one JSON line; returns the JSON record (bench.py can call this)."""
+    args = M.parse_args(Args, argv, description=__doc__.splitlines()[0])
+    if args.measure:
+        result = measure_memory(gradient_checkpointing=args.gradient_checkpointing)
+        if result["rank"] == 0:
+            print(format_measurement(result))
+            print(json.dumps(result, sort_keys=True))
+        return result
+    plan = estimate_memory(load_config(args.model), args.world_size,
+                           per_device_prompt_batch_size=args.per_device_prompt_batch_size,
+                           per_device_train_batch_size=args.per_device_train_batch_size,
+                           max_length=args.max_length, prompt_length=args.prompt_length, bf16=args.bf16,
+                           gradient_checkpointing=args.gradient_checkpointing)
+    record = plan_record(plan, args.model, args.gpu_memory_gib)
+    print(format_plan(plan, args.model, args.gpu_memory_gib))
+    print(json.dumps(record, sort_keys=True))
+    return record
+
+
+if __name__ == "__main__":
+    M.run_main(main)

@@ -1,0 +1,105 @@
+"""memory_plan.py: parameter counts, sharded bytes and activations against real modules and runs."""
+
+import json
+
+import pytest
+import torch
+
+import memory_plan as MP
+import model as M
+from conftest import torchrun
+
+SIZES = dict(per_device_prompt_batch_size=4, per_device_train_batch_size=4, max_length=32, prompt_length=8)
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return M.load_tokenizer(tokenizer_dir, "left")
+
+
+# ---- parameter counts: meta skeletons against modules built by model.py's loaders -------------
+
+
+@pytest.mark.parametrize("preset", ["toy-tiny", "toy-small"])
+def test_parameter_counts_equal_real_models(tok, preset):
+    plan = MP.estimate_memory(M.preset_config(preset, vocab_size=len(tok)), 1, bf16=False, **SIZES)
+    real = {"actor": M.load_causal_lm(preset, tok), "reference": M.load_causal_lm(preset, tok),
+            "reward_model": M.load_score_model(preset, tok, "reward"),
+            "cost_model": M.load_score_model(preset, tok, "cost"),
+            "reward_critic": M.load_score_model(preset, tok, "critic"),
+            "cost_critic": M.load_score_model(preset, tok, "critic")}
+    assert plan["params"] == {name: sum(p.numel() for p in m.parameters()) for name, m in real.items()}
+    # one process: the persistent bytes are the whole models, fp32 on CPU
+    assert plan["persistent"]["actor"]["fp32 params"] == 4 * sum(p.numel() for p in real["actor"].parameters())
+
+
+# ---- activations: the per-layer formula against what autograd saves ---------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_activations_equal_what_autograd_saves(dtype):
+    """Every storage the forward of a causal LM saves for backward (saved_tensors_hooks), minus the
+    weights and the input ids, against saved_activations' formula; bf16 is the GPU compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = M.preset_config("toy-tiny", vocab_size=50)
+    lm = AutoModelForCausalLM.from_config(config).to(dtype)
+    B, L = 3, 40
+    ids = torch.randint(0, 50, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, :5] = 0                                      # left padding: SDPA gets a mask, as in PPO
+    skip = {p.untyped_storage().data_ptr() for p in lm.parameters()} | {ids.untyped_storage().data_ptr()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lm(input_ids=ids, attention_mask=mask, position_ids=M.position_ids_from_mask(mask), use_cache=False)
+    c = torch.finfo(dtype).bits // 8
+    assert sum(saved.values()) == sum(MP.saved_activations(config, B, L, c, gradient_checkpointing=False).values())
+
+
+# ---- persistent bytes: the estimate against a real 2-rank FSDP2 run ---------------------------
+
+
+def test_persistent_bytes_equal_local_shards_of_two_rank_fsdp2(tmp_path, tokenizer_dir):
+    p = torchrun(2, ["tests/memory_worker.py", tmp_path, tokenizer_dir], timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    measured = json.loads((tmp_path / "rank0.json").read_text())
+    config = M.preset_config("toy-tiny", vocab_size=measured["vocab_size"])
+    assert measured["vocab_size"] % 2 == 1            # odd vocabulary: FSDP2 pads the embedding's dim 0
+    plan = MP.estimate_memory(config, 2, bf16=False, **SIZES)
+    assert measured["persistent"] == plan["persistent"]
+
+
+# ---- the whole plan against a measured ppo_lagrangian.py run ----------------------------------
+
+
+def test_estimate_within_20_percent_of_measured_run():
+    """ppo_lagrangian.main in this process under the live-tensor counter: each phase's peak, and the
+    part of it above the persistent bytes (activations, logits, KV cache), within 20% of the estimate."""
+    result = MP.measure_memory(per_device_prompt_batch_size=8, per_device_train_batch_size=4, max_length=64)
+    measured, estimated = result["measured"], result["estimated"]
+    for key in measured:
+        assert abs(estimated[key] / measured[key] - 1) < 0.2, (key, result)
+        if key != "persistent":
+            transient = measured[key] - measured["persistent"]
+            assert abs((estimated[key] - estimated["persistent"]) / transient - 1) < 0.2, (key, result)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["no-such-preset", "./no/such/folder"])
+def test_unknown_model_is_one_line(model):
+    with pytest.raises(M.UserError, match="not a preset"):
+        MP.main(["--model", model])
+
+
+def test_folder_without_config_is_one_line(tmp_path):
+    with pytest.raises(M.UserError, match="cannot read its config"):
+        MP.main(["--model", str(tmp_path)])
