@@ -24,8 +24,10 @@ Transient, by phase (each phase = persistent + its own transients; the plan's pe
   actor update   at the end of the forward: the activations autograd saves over a train micro-batch of
                  B x L tokens (formula in `layer_activation_bytes`), the logits chain, and both critics' roots
                  still unsharded from scoring (the actor's own root reshards after each forward: that is how
-                 gathered_weights leaves it); or, if larger, the start of the backward, the backward of the
-                 last layer (re-computed under gradient checkpointing) or the AdamW step.
+                 gathered_weights leaves it); or, if larger, the start of the backward or the backward of
+                 the last layer (re-computed under gradient checkpointing). The AdamW step adds nothing
+                 on GPU (the fused kernel model.make_optimizer picks on CUDA) and one parameter's
+                 temporaries on CPU (tensor by tensor): never a peak.
   critic update  the same without the vocabulary-sized tensors (the score head reads the hidden state).
 The logits chain of model.policy_logprobs, per token: logits (c V) -> logits / temperature (c V) -> .float()
 (4 V, a copy only when c = 2) -> log_softmax (4 V, saved for backward): 12 V bytes when c = 2 and when
@@ -258,7 +260,9 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     world_size > 1 is a torchrun run with FSDP2 (model.prepare_model); world_size 1 is one plain
     process: whole models, nothing gathered. bf16 is what ppo_lagrangian.py does on GPU (frozen models
     cast to bf16; under FSDP the trained models compute in bf16 with fp32 master weights and gradient
-    reduction); bf16=False is the CPU path (everything fp32).
+    reduction); bf16=False is the CPU path (everything fp32). One GPU process (world_size 1 with bf16)
+    computes under torch.autocast instead, whose weight-cast cache and fp32 residual stream these
+    formulas do not describe: it is refused.
 
     Each phase lists its candidate moments as {term: bytes}; the phase's peak is persistent_total plus
     its largest moment. Returns a dict: "params" per model, "persistent" {model: {part: bytes}},
@@ -267,6 +271,9 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     P, B, L, S = per_device_prompt_batch_size, per_device_train_batch_size, max_length, prompt_length
     if min(P, B, S, world_size) < 1 or L <= S:
         raise M.UserError(f"need world size and batch sizes >= 1 and max_length ({L}) > prompt_length ({S}) >= 1")
+    if world_size == 1 and bf16:
+        raise M.UserError("one GPU process (autocast) is not modelled: give --world_size >= 2 (FSDP2), "
+                          "or --no-bf16 for one CPU process")
     missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
                if getattr(config, k, None) is None]
     if missing:
@@ -276,8 +283,9 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     sizes = {name: model_size(m, world_size) for name, m in meta_models(config).items()}
     h, i, V, d = config.hidden_size, config.intermediate_size, config.vocab_size, head_dim(config)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    frozen = 2 if bf16 else 4       # prepare_model casts frozen models to bf16 on GPU
-    c = 2 if bf16 and fsdp else 4   # trained models compute in bf16 only under FSDP2's MixedPrecisionPolicy
+    # the compute dtype, and the frozen models' dtype: on GPU prepare_model casts frozen models to bf16
+    # and FSDP2's MixedPrecisionPolicy all-gathers the trained ones in bf16
+    c = 2 if bf16 else 4
 
     # ---- persistent: sharded weights, gradients, AdamW states ---------------------------------
     persistent: dict[str, dict[str, int]] = {}
@@ -285,10 +293,10 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
         n = sizes[name].shard
         persistent[name] = {"fp32 params": 4 * n, "fp32 grads": 4 * n, "AdamW states": 8 * n}
     for name in FROZEN:
-        persistent[name] = {f"{'bf16' if bf16 else 'fp32'} params": frozen * sizes[name].shard}
+        persistent[name] = {f"{'bf16' if bf16 else 'fp32'} params": c * sizes[name].shard}
     if fsdp:  # FSDP2 never reshards a root after a forward without backward
         persistent["frozen roots, left gathered"] = {
-            "params": sum(frozen * world_size * sizes[n].root_shard for n in FROZEN)}
+            "params": sum(c * world_size * sizes[n].root_shard for n in FROZEN)}
     persistent_total = sum(sum(parts.values()) for parts in persistent.values())
 
     def unsharded(name: str, part: str) -> int:
@@ -296,7 +304,7 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
         "head" (the size of the root's gradients)."""
         shard = {"all": sizes[name].shard, "root": sizes[name].root_shard, "layer": sizes[name].layer_shard,
                  "head": sizes[name].head_shard}[part]
-        return (c if name in TRAINED else frozen) * world_size * shard if fsdp else 0
+        return c * world_size * shard if fsdp else 0
 
     # ---- rollout: the whole actor unsharded, the KV cache --------------------------------------
     actor = {"actor unsharded (gathered_weights)": unsharded("actor", "all")} if fsdp else {}
@@ -321,7 +329,7 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
                           "layer work": no_grad_layer_bytes(config, P * L, c)},
     }
 
-    # ---- updates: forward end, backward start, backward of the last layer, AdamW step ----------
+    # ---- updates: forward end, backward start, backward of the last layer -----------------------
     saved = saved_activations(config, B, L, c, gradient_checkpointing)
 
     def update(name: str, kept_roots: dict[str, int], logits: int) -> dict[str, dict[str, int]]:
@@ -340,9 +348,7 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
         if name != "actor":  # the actor's root is resharded after its forward, a critic's is not
             forward_end[f"{name} root unsharded"] = unsharded(name, "root")
         moments = {"forward end": kept_roots | forward_end | {"logits chain": logits},
-                   "backward, last layer": kept_roots | freed | last_layer,
-                   # foreach AdamW (the default on GPU) takes sqrt(exp_avg_sq) of all parameters at once
-                   "AdamW step": kept_roots | {"foreach temporary (sqrt of exp_avg_sq)": 4 * sizes[name].shard}}
+                   "backward, last layer": kept_roots | freed | last_layer}
         if logits:
             moments["backward start"] = kept_roots | freed | {"saved activations": sum(saved.values()),
                                                               "logits backward": logits}

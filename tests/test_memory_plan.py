@@ -94,10 +94,15 @@ def test_estimate_within_20_percent_of_measured_run():
 # ---- bad input ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["no-such-preset", "./no/such/folder"])
-def test_unknown_model_is_one_line(model):
-    with pytest.raises(M.UserError, match="not a preset"):
-        MP.main(["--model", model])
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "no-such-preset"], "not a preset"),
+    (["--model", "./no/such/folder"], "not a preset"),
+    (["--world_size", "1"], "not modelled"),                  # one GPU process runs under autocast
+    (["--max_length", "64", "--prompt_length", "64"], "max_length"),
+])
+def test_bad_input_is_one_line(argv, message):
+    with pytest.raises(M.UserError, match=message):
+        MP.main(argv)
 
 
 def test_folder_without_config_is_one_line(tmp_path):
