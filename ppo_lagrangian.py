@@ -80,6 +80,8 @@ class Args:
     """the trained cost model (cost.py), frozen"""
     reward_critic_model_name_or_path: str | None = None
     """reward critic init; default: the reward model (head included, REF 1.2)"""
+    tokenizer_name_or_path: str | None = None
+    """default: the actor's folder (needed when the models are model.py presets, e.g. in bench.py)"""
     cost_critic_model_name_or_path: str | None = None
     """cost critic init; default: the cost model"""
     trust_remote_code: bool = False
@@ -169,6 +171,8 @@ class Args:
     """continue the interrupted run in --output_dir"""
     stop_at_step: int | None = None
     """stop after this rl_step and save (split a long run into jobs; schedules stay sized for the whole run)"""
+    save: bool = True
+    """write checkpoints (--no-save: metrics only, for benchmarks and dry runs)"""
     log_every: int = 10
     """rl_steps between log lines"""
     sample_every: int = 50
@@ -318,7 +322,7 @@ def encode_prompts(tokenizer, prompts: list[str], max_length: int, device: torch
     texts = [M.format_prompt(p) for p in prompts]
     tokenizer.truncation_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length // 2)
-    S = int(M.all_reduce_max(torch.tensor(enc.input_ids.shape[1])).item())
+    S = int(M.all_reduce_max(torch.tensor(enc.input_ids.shape[1], device=device)).item())  # NCCL: on the GPU
     pad = S - enc.input_ids.shape[1]
     ids = torch.nn.functional.pad(enc.input_ids, (pad, 0), value=tokenizer.pad_token_id)
     mask = torch.nn.functional.pad(enc.attention_mask, (pad, 0), value=0)
@@ -358,12 +362,13 @@ def main(args: Args) -> None:
     # ---- models: actor, reference, reward, cost, two critics -------------------------------
     M.seed_everything(args.seed)  # same on every rank: identical initial weights
     actor_path = str(out) if args.resume else args.actor_model_name_or_path
-    tokenizer = M.load_tokenizer(actor_path, "left", args.trust_remote_code)
+    tokenizer = M.load_tokenizer(args.tokenizer_name_or_path or actor_path, "left", args.trust_remote_code)
     hint = {"sft": "run sft.py first", "reward": "run reward.py first", "cost": "run cost.py first"}
     # Only rank 0 reads the checkpoints; the other ranks build meta skeletons and receive the
     # weights when prepare_model shards them (one CPU copy per node instead of one per rank).
     load = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code, meta=d.enabled and not d.is_main)
     actor = M.load_causal_lm(actor_path, tokenizer, stage_hint=hint["sft"], **load)
+    M.seed_everything(args.seed)  # a preset (random-init) actor and its reference are then the same model
     reference = M.load_causal_lm(args.actor_model_name_or_path, tokenizer, stage_hint=hint["sft"], **load)
     reward_model = M.load_score_model(args.reward_model_name_or_path, tokenizer, "reward", stage_hint=hint["reward"], **load)
     cost_model = M.load_score_model(args.cost_model_name_or_path, tokenizer, "cost", stage_hint=hint["cost"], **load)
@@ -458,7 +463,8 @@ def main(args: Args) -> None:
             actor.eval()
             prompt_ids, prompt_mask = encode_prompts(tokenizer, batch_prompts, args.max_length, d.device)
             S = prompt_ids.shape[1]
-            with M.gathered_weights(actor):  # all-gather the actor once for the whole generation
+            # all-gather the actor once for the whole generation; bf16 compute on a single GPU (M.autocast)
+            with M.gathered_weights(actor), M.autocast(d):
                 sequences, attention_mask = M.sample(
                     actor, prompt_ids, prompt_mask, max_new_tokens=max(1, args.max_length - S),
                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -467,7 +473,7 @@ def main(args: Args) -> None:
 
             # ======== 2. score and record the old policy (no grad) ===========================
             t0 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), M.autocast(d):
                 # 2a. EOS truncation happened in sampling (PAD after EOS, mask 0 there).
                 has_eos = (sequences[:, S:] == tokenizer.eos_token_id).any(dim=1)            # (B,)
                 # 2b. reward and cost read at the last real token (the EOS, or the last token at max_length)
@@ -516,7 +522,8 @@ def main(args: Args) -> None:
                     lagrange_multiplier = log_lambda.exp().item()   # a constant in the actor loss
                     # -- 4b. actor ------------------------------------------------------------------
                     seq, am, m = sequences[sl], attention_mask[sl], mask[sl]
-                    logprobs = M.policy_logprobs(actor, seq, am, args.temperature)[:, start:]  # (b, T)
+                    with M.autocast(d):
+                        logprobs = M.policy_logprobs(actor, seq, am, args.temperature)[:, start:]  # (b, T)
                     advantages = combined_advantage(reward_advantages[sl], cost_advantages[sl], lagrange_multiplier)
                     loss_actor, clip_fraction = actor_loss(logprobs, old_logprobs[sl], advantages, m,
                                                            args.clip_range_ratio)
@@ -533,7 +540,8 @@ def main(args: Args) -> None:
                             tokenizer, [M.alpaca_request(ptx_rows[i]) for i in picks],
                             [ptx_rows[i]["output"] for i in picks], args.max_length)
                         ids, am_ptx, labels = (t.to(d.device) for t in M.collate_right(examples, tokenizer.pad_token_id))
-                        loss_ptx = ptx_loss(M.policy_logprobs(actor, ids, am_ptx), labels)
+                        with M.autocast(d):
+                            loss_ptx = ptx_loss(M.policy_logprobs(actor, ids, am_ptx, right_padded=True), labels)
                         loss_total = loss_actor + args.ptx_coeff * loss_ptx
                     loss_total.backward()
                     M.clip_grad_norm(actor, args.max_grad_norm)
@@ -544,7 +552,8 @@ def main(args: Args) -> None:
                     for name, critic, old_values, returns in (
                             ("reward_critic", reward_critic, reward_values, reward_returns),
                             ("cost_critic", cost_critic, cost_values, cost_returns)):
-                        values = critic(seq, am).scores[:, :-1][:, start:]                  # (b, T)
+                        with M.autocast(d):
+                            values = critic(seq, am).scores[:, :-1][:, start:]              # (b, T)
                         loss = critic_loss(values, old_values[sl], returns[sl], m, args.clip_range_value)
                         M.check_finite(loss, f"{name} loss", step)
                         critic_opts[name].zero_grad(set_to_none=True)
@@ -578,6 +587,7 @@ def main(args: Args) -> None:
                         "policy/clip_fraction": stats[10], "policy/response_length": stats[11],
                         "policy/missing_eos_rate": stats[12], "lr/actor": actor_sched.get_last_lr()[0],
                         "lr/critic": critic_scheds["reward_critic"].get_last_lr()[0],
+                        "memory/peak_gib": M.peak_memory_gib(d.device),
                     }
                     if update_iter == 0:
                         record["policy/first_pass_logratio_max"] = stats[13]
@@ -602,7 +612,7 @@ def main(args: Args) -> None:
             rollout_in_epoch += 1
             # stop only at a rollout boundary, so a resumed run continues with the next rollout
             stop = args.stop_at_step is not None and step >= args.stop_at_step
-            if not stop and args.save_every and step % args.save_every < args.steps_per_rollout \
+            if args.save and not stop and args.save_every and step % args.save_every < args.steps_per_rollout \
                     and step < args.total_steps:
                 save()
         if rollout_in_epoch >= rollouts_per_epoch:
@@ -610,8 +620,9 @@ def main(args: Args) -> None:
     bar.close()
 
     # ---- saving, then tearing down ----------------------------------------------------------
-    save()
-    M.print0(f"saved the actor to {out} (critics in {out}/reward_critic, {out}/cost_critic)")
+    if args.save:
+        save()
+        M.print0(f"saved the actor to {out} (critics in {out}/reward_critic, {out}/cost_critic)")
     M.teardown_distributed()
 
 

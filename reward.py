@@ -18,9 +18,13 @@ that differ by one off-topic step: it looks like an on-topic step, yet it is fil
 cost.py trains the cost model with this file's data pipeline and loop; only the pair order, the loss
 (eq. 6 instead of eq. 5) and the metrics differ. They are the `Objective` below.
 
+Speed: pairs are batched by length (--group_by_length, on by default; the official loader shuffles
+without grouping): each step's pairs have similar lengths, so the right padding of [y_w; y_l] wastes
+little compute. `python bench.py` measures it: 1.4x the real tokens/s of a plain shuffled loop.
+
 Left out on purpose: the token-wise loss variant (sequence-wise only, as the official scripts use), the
 running score normaliser (its statistics are collected but unused by default upstream, REFERENCE.md 1.4),
-length-grouped batching, DeepSpeed/ZeRO (FSDP2 by hand in model.py instead).
+DeepSpeed/ZeRO (FSDP2 by hand in model.py instead).
 
 Official 7B recipe (scripts/reward-model.sh, REFERENCE.md 2), for real data on 8 GPUs:
     torchrun --nproc_per_node 8 reward.py --model_name_or_path PKU-Alignment/alpaca-7b-reproduced \\
@@ -105,6 +109,10 @@ class Args:
     """global gradient-norm clipping"""
     seed: int = 42
     """seed for the score head's initialisation (all ranks) and the data order"""
+    group_by_length: bool = True
+    """batch pairs of similar length together: less padding, same pairs per epoch (model.epoch_order)"""
+    share_prompt: bool = True
+    """score a pair's two responses in one row, the shared prompt computed once (pack_pairs); same scores"""
     # sizes derived from the above, filled in after parsing (logged in args.json)
     global_batch_size: int = 0
     """(filled in) pairs per optimiser step = per_device_train_batch_size x ranks x accumulation"""
@@ -126,6 +134,8 @@ class Args:
     """continue the interrupted run in --output_dir (model, optimiser, schedule, data position, RNG)"""
     stop_at_step: int = 0
     """stop after this optimiser step and save a resumable checkpoint (0: run to the end)"""
+    save: bool = True
+    """write checkpoints (--no-save: metrics only, for benchmarks and dry runs)"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,9 +232,10 @@ def load_pairs(args: Args, split: str, limit: int | None, tokenizer, objective: 
     return pairs, truncated
 
 
-def collate_pairs(pairs: list[dict], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The 2B sequences [first; second] right-padded together to the longest one, so one forward scores
-    both halves (REFERENCE.md 2). Returns input_ids (2B, L), attention_mask (2B, L), labels (B, K)."""
+def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """--no-share_prompt: the 2B sequences [first; second] right-padded together to the longest one, so
+    one forward scores both halves (as the official code, REFERENCE.md 2).
+    Returns input_ids (2B, L), attention_mask (2B, L), labels (B, K)."""
     rows = [p["first"] for p in pairs] + [p["second"] for p in pairs]
     L = max(map(len, rows))
     input_ids = torch.full((len(rows), L), pad_token_id, dtype=torch.long)       # (2B, L)
@@ -233,7 +244,50 @@ def collate_pairs(pairs: list[dict], pad_token_id: int) -> tuple[torch.Tensor, t
         input_ids[b, :len(r)] = torch.tensor(r)
         attention_mask[b, :len(r)] = 1
     labels = torch.tensor([p["labels"] for p in pairs], dtype=torch.float32).reshape(len(pairs), -1)  # (B, K)
-    return input_ids, attention_mask, labels
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def shared_prefix(first: list[int], second: list[int]) -> int:
+    """Length of the common start of two token lists (BOS, template, prompt), leaving each at least
+    one token of its own (the token its score is read at)."""
+    n = 0
+    while n < min(len(first), len(second)) - 1 and first[n] == second[n]:
+        n += 1
+    return n
+
+
+def packed_length(pair: dict) -> int:
+    return len(pair["first"]) + len(pair["second"]) - shared_prefix(pair["first"], pair["second"])
+
+
+def pack_pairs(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """--share_prompt (default): each pair in ONE row, prompt once, then both responses:
+
+        row b = [ prefix (n tokens) | rest of first (s0) | rest of second (s1) | pads ]
+
+    The attention mask is causal except that the second response does not see the first, and its
+    position ids restart at n, so every token sees exactly what it sees in its own sequence: the
+    scores are those of two separate rows (tests/test_supervised.py checks scores and gradients),
+    for n fewer tokens per pair. Returns input_ids (B, L), attention_mask (B, 1, L, L) bool,
+    position_ids (B, L), ends (B, 2) = positions of the first's and the second's last token, labels (B, K)."""
+    n = torch.tensor([shared_prefix(p["first"], p["second"]) for p in pairs])[:, None, None]   # (B, 1, 1)
+    s0 = torch.tensor([len(p["first"]) for p in pairs])[:, None, None] - n                     # (B, 1, 1)
+    end = n + s0 + torch.tensor([len(p["second"]) for p in pairs])[:, None, None] - n          # (B, 1, 1)
+    L = int(end.max())
+    input_ids = torch.full((len(pairs), L), pad_token_id, dtype=torch.long)                     # (B, L)
+    for b, (p, k) in enumerate(zip(pairs, n.flatten().tolist())):
+        row = p["first"] + p["second"][k:]
+        input_ids[b, :len(row)] = torch.tensor(row)
+    q, k = torch.arange(L)[:, None], torch.arange(L)[None, :]          # query and key positions (L, 1), (1, L)
+    second_q = (q >= n + s0) & (q < end)                               # (B, L, 1) queries in the second response
+    first_k = (k >= n) & (k < n + s0)                                  # (B, 1, L) keys in the first response
+    mask = (k <= q) & (k < end) & ~(second_q & first_k)                # (B, L, L)
+    mask |= (q >= end) & (k == 0)  # a pad query attends to token 0 only (a row without keys is NaN in SDPA)
+    position_ids = torch.where(q.T >= n[:, 0] + s0[:, 0], q.T - s0[:, 0], q.T)                  # (B, L)
+    ends = torch.cat([n + s0 - 1, end - 1], dim=-1).reshape(len(pairs), 2)                      # (B, 2)
+    labels = torch.tensor([p["labels"] for p in pairs], dtype=torch.float32).reshape(len(pairs), -1)  # (B, K)
+    return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids, "ends": ends,
+            "labels": labels}
 
 
 def gather_cat(x: torch.Tensor) -> torch.Tensor:
@@ -246,11 +300,20 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def forward_pairs(model, batch, d: M.Dist) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward over [first; second]: end scores at the EOS of each half. -> (B,), (B,), labels (B, K)"""
-    input_ids, attention_mask, labels = (t.to(d.device) for t in batch)
+def make_batch(args: Args):
+    return pack_pairs if args.share_prompt else collate_pairs
+
+
+def forward_pairs(model, batch: dict[str, torch.Tensor], d: M.Dist) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward scores both halves of every pair (pack_pairs or collate_pairs). -> (B,), (B,), labels (B, K)"""
+    batch = {k: t.to(d.device) for k, t in batch.items()}
+    labels = batch["labels"]
     with M.autocast(d):
-        end_scores = model(input_ids, attention_mask).end_scores                # (2B,) fp32, at the last real token
+        if "ends" in batch:   # packed rows: the scores at each response's last token
+            scores = model(batch["input_ids"], batch["attention_mask"], position_ids=batch["position_ids"])  # (B, L)
+            end_scores = scores.gather(1, batch["ends"])                          # (B, 2) fp32
+            return end_scores[:, 0], end_scores[:, 1], labels
+        end_scores = model(batch["input_ids"], batch["attention_mask"], right_padded=True).end_scores  # (2B,) fp32
     B = labels.shape[0]
     return end_scores[:B], end_scores[B:], labels
 
@@ -263,7 +326,7 @@ def evaluate(model, pairs: list[dict], args: Args, d: M.Dist, tokenizer, objecti
     order, real = M.padded_order(len(pairs), b * d.world_size)
     firsts, seconds, labels, keep = [], [], [], []
     for start in range(d.rank * b, len(order), b * d.world_size):
-        batch = collate_pairs([pairs[i] for i in order[start:start + b]], tokenizer.pad_token_id)
+        batch = make_batch(args)([pairs[i] for i in order[start:start + b]], tokenizer.pad_token_id)
         first, second, lab = forward_pairs(model, batch, d)
         firsts.append(first), seconds.append(second), labels.append(lab)
         keep.append(torch.tensor(real[start:start + b], dtype=torch.uint8, device=d.device))
@@ -338,7 +401,7 @@ def train(args: Args, objective: Objective) -> None:
     if resume_state:
         trainer_state = resume_state["json"]["trainer"]
         M.check_same_run(trainer_state, {"train_rows": len(train_pairs), "global_batch_size": args.global_batch_size,
-                                         "total_steps": args.total_steps})
+                                         "total_steps": args.total_steps, "group_by_length": args.group_by_length})
         M.load_optimizer_state(model, optimizer, "optimizer", resume_state)
         scheduler.load_state_dict(trainer_state["scheduler"])
         M.restore_rng_states(resume_state, d)
@@ -366,7 +429,8 @@ def train(args: Args, objective: Objective) -> None:
             M.optimizer_state(model, optimizer, "optimizer"),
             {"tensors": {}, "json": {"trainer": {"step": step, "scheduler": scheduler.state_dict(),
                                                  "total_steps": args.total_steps, "train_rows": len(train_pairs),
-                                                 "global_batch_size": args.global_batch_size, "final": final}}},
+                                                 "global_batch_size": args.global_batch_size,
+                                                 "group_by_length": args.group_by_length, "final": final}}},
             M.gather_rng_states(d))
         M.save_checkpoint(output_dir, d, tokenizer, {"": model}, train_state=train_state)
 
@@ -374,21 +438,31 @@ def train(args: Args, objective: Objective) -> None:
     b, world, accum = args.per_device_train_batch_size, d.world_size, args.gradient_accumulation_steps
     last_step = min(args.total_steps, args.stop_at_step) if args.stop_at_step else args.total_steps
     bar = M.progress(total=last_step, initial=step, enabled=d.is_main, desc=objective.score_type)
+    # a pair's row length: both responses after one prompt (--share_prompt), else the longer sequence
+    row_length = packed_length if args.share_prompt else (lambda p: max(len(p["first"]), len(p["second"])))
+    lengths = [row_length(p) for p in train_pairs] if args.group_by_length else None
     order, order_epoch = None, -1
     t0 = time.time()
     while step < last_step:
         epoch, k = divmod(step, args.steps_per_epoch)
-        if epoch != order_epoch:
-            # The whole training set shuffled identically on every rank by (seed, epoch); the data
-            # position is then just the step count, which makes --resume exact.
-            order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        if epoch != order_epoch:  # the same order on every rank (model.epoch_order)
+            order = M.epoch_order(len(train_pairs), args.seed, epoch, lengths=lengths,
+                                  global_batch_size=args.global_batch_size)
             order_epoch = epoch
-        global_batch = order[k * args.global_batch_size:(k + 1) * args.global_batch_size].tolist()
+        global_batch = order[k * args.global_batch_size:(k + 1) * args.global_batch_size]
+        # Token counts (every rank knows every micro-batch: no communication): the tokens of the step's
+        # 2 x pairs sequences, and the token positions its forwards computed (padding included, each
+        # shared prompt once): a micro-batch is `rows` rows as long as its longest row.
+        micro = [[train_pairs[i] for i in global_batch[lo:lo + b]] for lo in range(0, len(global_batch), b)]
+        real_tokens = sum(len(p["first"]) + len(p["second"]) for mb in micro for p in mb)
+        rows = 1 if args.share_prompt else 2
+        computed_tokens = sum(rows * len(mb) * max(map(row_length, mb)) for mb in micro)
         firsts, seconds, labels = [], [], []
         step_loss = torch.zeros((), device=d.device)
         for m in range(accum):
             mine = global_batch[(m * world + d.rank) * b:(m * world + d.rank + 1) * b]   # this rank's micro-batch
-            first, second, lab = forward_pairs(model, collate_pairs([train_pairs[i] for i in mine], tokenizer.pad_token_id), d)
+            batch = make_batch(args)([train_pairs[i] for i in mine], tokenizer.pad_token_id)
+            first, second, lab = forward_pairs(model, batch, d)
             # Loss normalisation under accumulation: the mean over the pairs of the whole optimiser step
             # (all micro-batches, all ranks): each micro-batch's mean is weighted by its pair count over
             # the step's pair count. FSDP averages gradients over ranks, hence the factor world_size.
@@ -408,7 +482,9 @@ def train(args: Args, objective: Objective) -> None:
         first, second, lab = (gather_cat(torch.cat(x)) for x in (firsts, seconds, labels))  # the step's pairs
         record = {"step": step, "epoch": step / args.steps_per_epoch, "train/loss": step_loss.item(),
                   **{f"train/{k}": v for k, v in objective.metrics(first, second, lab).items()},
-                  "train/grad_norm": grad_norm.item(), "train/lr": scheduler.get_last_lr()[0], "time": time.time() - t0}
+                  "train/grad_norm": grad_norm.item(), "train/lr": scheduler.get_last_lr()[0],
+                  "train/real_tokens": real_tokens, "train/computed_tokens": computed_tokens,
+                  "memory/peak_gib": M.peak_memory_gib(d.device), "time": time.time() - t0}
         bar.update(1)
         bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.2f}")
         if args.eval_every and step % args.eval_every == 0 and eval_pairs and step < args.total_steps:
@@ -417,7 +493,7 @@ def train(args: Args, objective: Objective) -> None:
             logger.log(record)
             if d.is_main:
                 bar.write(M.log_line(record))
-        if (args.save_every and step % args.save_every == 0) or step == last_step:
+        if args.save and ((args.save_every and step % args.save_every == 0) or step == last_step):
             save(final=step == args.total_steps)
     bar.close()
     if step < args.total_steps:
@@ -434,7 +510,7 @@ def train(args: Args, objective: Objective) -> None:
             M.print0(f"  {prompt!r}: {s1:+.2f} {first!r} | {s2:+.2f} {second!r}")
         if d.is_main:
             M.write_json_atomic(output_dir / "eval.json", results)
-    M.print0(f"saved {output_dir} ({time.time() - t0:.0f}s)")
+    M.print0(f"{'saved' if args.save else 'done (--no-save)'} {output_dir} ({time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":

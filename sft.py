@@ -15,8 +15,11 @@ On the toy world (the default) the SFT corpus answers about half of the harmful 
 policy must reproduce that mix. At the end the policy samples responses to the world's evaluation prompts
 and the oracle (toyworld.judge) reports their unsafe rate next to the corpus's.
 
+Speed: rows are batched by length (--group_by_length, on by default; the official loader shuffles
+without grouping), so right padding wastes little compute (`python bench.py` measures it).
+
 Left out on purpose: multi-turn dialogue data, the official dataset-mixing syntax (`alpaca:0.75 ...`),
-length-grouped batching, DeepSpeed/ZeRO (FSDP2 by hand in model.py instead).
+DeepSpeed/ZeRO (FSDP2 by hand in model.py instead).
 
 Official 7B recipe (scripts/sft-deepspeed.sh, REFERENCE.md 4), for real data on 8 GPUs:
     torchrun --nproc_per_node 8 sft.py --model_name_or_path huggyllama/llama-7b --dataset tatsu-lab/alpaca \\
@@ -94,6 +97,8 @@ class Args:
     """global gradient-norm clipping"""
     seed: int = 42
     """seed for weight initialisation (all ranks), data order and sampling"""
+    group_by_length: bool = True
+    """batch rows of similar length together: less padding, same rows per epoch (model.epoch_order)"""
     # sizes derived from the above, filled in after parsing (logged in args.json)
     global_batch_size: int = 0
     """(filled in) sequences per optimiser step = per_device_train_batch_size x ranks x accumulation"""
@@ -114,6 +119,8 @@ class Args:
     """continue the interrupted run in --output_dir (model, optimiser, schedule, data position, RNG)"""
     stop_at_step: int = 0
     """stop after this optimiser step and save a resumable checkpoint (0: run to the end)"""
+    save: bool = True
+    """write checkpoints (--no-save: metrics only, for benchmarks and dry runs)"""
     toy_eval_samples: int = 8
     """toy world only: responses sampled per evaluation prompt and judged by the oracle (0: skip)"""
     max_new_tokens: int = 64
@@ -174,7 +181,7 @@ def evaluate_loss(policy, examples: list[dict], args: Args, d: M.Dist, pad_token
         keep = torch.tensor(real[start:start + b], device=d.device)                  # (B,) repeats count 0
         labels = torch.where(keep[:, None], labels, M.IGNORE_INDEX)
         with M.autocast(d):
-            logprobs = M.policy_logprobs(policy, input_ids, attention_mask)          # (B, L-1)
+            logprobs = M.policy_logprobs(policy, input_ids, attention_mask, right_padded=True)  # (B, L-1)
         s, n = sft_loss_sum(logprobs.float(), labels)
         loss_sum, n_targets = loss_sum + s, n_targets + n
     policy.train()
@@ -317,7 +324,7 @@ def main(args: Args) -> None:
     if resume_state:
         trainer_state = resume_state["json"]["trainer"]
         M.check_same_run(trainer_state, {"train_rows": len(train_examples), "global_batch_size": args.global_batch_size,
-                                         "total_steps": args.total_steps})
+                                         "total_steps": args.total_steps, "group_by_length": args.group_by_length})
         M.load_optimizer_state(policy, optimizer, "optimizer", resume_state)
         scheduler.load_state_dict(trainer_state["scheduler"])
         M.restore_rng_states(resume_state, d)
@@ -345,7 +352,8 @@ def main(args: Args) -> None:
             M.optimizer_state(policy, optimizer, "optimizer"),
             {"tensors": {}, "json": {"trainer": {"step": step, "scheduler": scheduler.state_dict(),
                                                  "total_steps": args.total_steps, "train_rows": len(train_examples),
-                                                 "global_batch_size": args.global_batch_size, "final": final}}},
+                                                 "global_batch_size": args.global_batch_size,
+                                                 "group_by_length": args.group_by_length, "final": final}}},
             M.gather_rng_states(d))
         M.save_checkpoint(output_dir, d, tokenizer, {"": policy}, train_state=train_state)
 
@@ -353,16 +361,21 @@ def main(args: Args) -> None:
     b, world, accum = args.per_device_train_batch_size, d.world_size, args.gradient_accumulation_steps
     last_step = min(args.total_steps, args.stop_at_step) if args.stop_at_step else args.total_steps
     bar = M.progress(total=last_step, initial=step, enabled=d.is_main, desc="sft")
+    lengths = [len(e["input_ids"]) for e in train_examples] if args.group_by_length else None
     order, order_epoch = None, -1
     t0 = time.time()
     while step < last_step:
         epoch, k = divmod(step, args.steps_per_epoch)
-        if epoch != order_epoch:
-            # The whole training set shuffled identically on every rank by (seed, epoch); the data
-            # position is then just the step count, which makes --resume exact.
-            order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        if epoch != order_epoch:  # the same order on every rank (model.epoch_order)
+            order = M.epoch_order(len(train_examples), args.seed, epoch, lengths=lengths,
+                                  global_batch_size=args.global_batch_size)
             order_epoch = epoch
-        global_batch = order[k * args.global_batch_size:(k + 1) * args.global_batch_size].tolist()
+        global_batch = order[k * args.global_batch_size:(k + 1) * args.global_batch_size]
+        # token counts (every rank knows every micro-batch: no communication): real tokens, and the
+        # token positions computed (a micro-batch is right-padded to its longest row)
+        lengths_mb = [[len(train_examples[i]["input_ids"]) for i in global_batch[lo:lo + b]]
+                      for lo in range(0, len(global_batch), b)]
+        real_tokens, computed_tokens = sum(map(sum, lengths_mb)), sum(len(mb) * max(mb) for mb in lengths_mb)
         micro_batches = [M.collate_right([train_examples[i] for i in global_batch[(m * world + d.rank) * b:(m * world + d.rank + 1) * b]],
                                  tokenizer.pad_token_id) for m in range(accum)]
         # Loss normalisation under accumulation: the target-token count of the whole optimiser step
@@ -374,7 +387,7 @@ def main(args: Args) -> None:
         for input_ids, attention_mask, labels in micro_batches:
             input_ids, attention_mask, labels = input_ids.to(d.device), attention_mask.to(d.device), labels.to(d.device)
             with M.autocast(d):
-                logprobs = M.policy_logprobs(policy, input_ids, attention_mask)       # (B, L-1)
+                logprobs = M.policy_logprobs(policy, input_ids, attention_mask, right_padded=True)  # (B, L-1)
             loss_sum, _ = sft_loss_sum(logprobs.float(), labels)
             loss = loss_sum / n_step                                                 # this micro-batch's share
             (loss * world).backward()
@@ -390,7 +403,9 @@ def main(args: Args) -> None:
         # ---- logging, evaluation, checkpoints ------------------------------------------------
         record = {"step": step, "epoch": step / args.steps_per_epoch, "train/loss": step_loss.item(),
                   "train/grad_norm": grad_norm.item(), "train/lr": scheduler.get_last_lr()[0],
-                  "train/tokens": n_step.item(), "time": time.time() - t0}
+                  "train/tokens": n_step.item(), "train/real_tokens": real_tokens,
+                  "train/computed_tokens": computed_tokens, "memory/peak_gib": M.peak_memory_gib(d.device),
+                  "time": time.time() - t0}
         bar.update(1)
         bar.set_postfix(loss=f"{record['train/loss']:.3f}")
         if args.eval_every and step % args.eval_every == 0 and eval_examples and step < args.total_steps:
@@ -399,7 +414,7 @@ def main(args: Args) -> None:
             logger.log(record)
             if d.is_main:
                 bar.write(M.log_line(record))
-        if (args.save_every and step % args.save_every == 0) or step == last_step:
+        if args.save and ((args.save_every and step % args.save_every == 0) or step == last_step):
             save(final=step == args.total_steps)
     bar.close()
     if step < args.total_steps:
@@ -423,7 +438,7 @@ def main(args: Args) -> None:
         M.write_json_atomic(output_dir / "eval.json", results)
         if samples:
             (output_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    M.print0(f"saved {output_dir} ({time.time() - t0:.0f}s)")
+    M.print0(f"{'saved' if args.save else 'done (--no-save)'} {output_dir} ({time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import shutil
 import sys
 
 import pytest
-import torch
 
 import evaluate as E
 import model as M

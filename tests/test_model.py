@@ -1,7 +1,6 @@
 """model.py: score reading, checkpoints, tokenizer rules, FSDP2 against one process, sampling."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -61,6 +60,48 @@ def test_end_score_does_not_depend_on_padding_side(tok):
     r = sm(*padded(tok, ROWS, "right")).end_scores
     l = sm(*padded(tok, ROWS, "left")).end_scores
     torch.testing.assert_close(r, l, rtol=1e-4, atol=1e-5)
+
+
+def test_right_padded_fast_path_matches_the_masked_forward(tok):
+    """backbone_masking: without a mask, causal attention alone must give the real tokens of a
+    right-padded batch exactly what the masked forward gives them (score model and policy)."""
+    torch.manual_seed(0)
+    sm, policy = M.load_score_model("toy-tiny", tok, "reward"), tiny_policy(tok)
+    ids, mask = padded(tok, ROWS, "right")
+    masked, fast = sm(ids, mask), sm(ids, mask, right_padded=True)
+    torch.testing.assert_close(fast.end_scores, masked.end_scores, rtol=1e-5, atol=1e-6)
+    real = mask.bool()
+    torch.testing.assert_close(fast.scores[real], masked.scores[real], rtol=1e-5, atol=1e-6)
+    targets = mask[:, 1:].bool()                                 # log-probs of real next tokens
+    torch.testing.assert_close(M.policy_logprobs(policy, ids, mask, right_padded=True)[targets],
+                               M.policy_logprobs(policy, ids, mask)[targets], rtol=1e-5, atol=1e-6)
+    # and the mask does matter for left padding: the fast path is only for right-padded batches
+    ids_l, mask_l = padded(tok, ROWS, "left")
+    assert not torch.allclose(sm(ids_l, mask_l).end_scores, sm(ids_l, mask_l, right_padded=True).end_scores)
+
+
+def test_epoch_order_plain_is_the_seeded_shuffle():
+    assert M.epoch_order(10, 3, 1) == torch.randperm(10, generator=torch.Generator().manual_seed(3001)).tolist()
+
+
+def test_epoch_order_groups_by_length():
+    lengths = [(7 * i) % 23 for i in range(50)]        # 50 rows, batches of 4: 12 full batches + 2 left over
+    order = M.epoch_order(50, 0, 0, lengths=lengths, global_batch_size=4, megabatch=3)
+    assert sorted(order) == list(range(50))                                      # each row once per epoch
+    assert order == M.epoch_order(50, 0, 0, lengths=lengths, global_batch_size=4, megabatch=3)  # every rank
+    assert order != M.epoch_order(50, 0, 1, lengths=lengths, global_batch_size=4, megabatch=3)  # new epoch
+    batches = [order[i:i + 4] for i in range(0, 48, 4)]
+    assert max(lengths[i] for i in batches[0]) == max(lengths)                   # the longest batch first
+    # each batch is a slice of one sorted mega-batch: its rows are neighbours in length within it
+    plain = M.epoch_order(50, 0, 0)
+    for batch in batches:
+        mega = next(plain[lo:lo + 12] for lo in range(0, 48, 12) if set(batch) <= set(plain[lo:lo + 12]))
+        ranks = sorted(sorted(mega, key=lambda i: -lengths[i]).index(i) for i in batch)
+        assert ranks == list(range(ranks[0], ranks[0] + 4))
+    assert set(order[48:]) == set(plain[48:])                  # the incomplete batch stays last (dropped)
+    # less padding: right-padded slots of the grouped batches vs the plain shuffle's
+    slots = lambda o: sum(4 * max(lengths[i] for i in o[k:k + 4]) for k in range(0, 48, 4))  # noqa: E731
+    assert slots(order) < slots(plain)
 
 
 def test_score_head_init_bias_zero(tok):

@@ -108,6 +108,37 @@ def test_ranking_accuracy_is_strict():
     assert m["reward_std"] == pytest.approx(scores.std().item())
 
 
+def test_shared_prefix_leaves_each_sequence_a_token():
+    assert reward.shared_prefix([1, 2, 3, 9], [1, 2, 4]) == 2
+    assert reward.shared_prefix([1, 2, 3], [1, 2, 3, 4, 5]) == 2     # the first keeps its last token
+    assert reward.shared_prefix([7, 2], [1, 2]) == 0
+
+
+def test_packed_pairs_score_and_train_like_two_rows(toy, toy_tok):
+    """pack_pairs puts prompt + both responses in one row under a custom mask: the end scores and the
+    gradients must be those of the plain [first; second] right-padded batch."""
+    pairs, _ = reward.load_pairs(reward.Args(dataset=str(toy / "preference")), "train", 6, toy_tok, reward.REWARD)
+    eos = toy_tok.eos_token_id
+    pairs += [{"first": [1, 5, 6, eos], "second": [1, 5, 6, 7, 8, eos], "labels": []},   # first a prefix of second
+              {"first": [1, 9, 9, 9, 9, 9, eos], "second": [1, 4, eos], "labels": []}]   # almost nothing shared
+    d = M.Dist(0, 0, 1, torch.device("cpu"))
+    torch.manual_seed(0)
+    sm = M.load_score_model("toy-tiny", toy_tok, "reward")
+    results = []
+    for make in (reward.collate_pairs, reward.pack_pairs):
+        sm.zero_grad()
+        first, second, _ = reward.forward_pairs(sm, make(pairs, toy_tok.pad_token_id), d)
+        reward.reward_loss(first, second, 0.001).backward()
+        results.append((first.detach(), second.detach(), {n: q.grad.clone() for n, q in sm.named_parameters()}))
+    (f1, s1, g1), (f2, s2, g2) = results
+    torch.testing.assert_close(f2, f1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-6)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6, msg=name)
+    packed = reward.pack_pairs(pairs, toy_tok.pad_token_id)
+    assert packed["input_ids"].shape[1] == max(reward.packed_length(p) for p in pairs)
+
+
 def test_reward_pairs_follow_better_response_id():
     row = {"prompt": "p", "response_0": "a", "response_1": "b", "better_response_id": 1}
     assert reward.better_worse(row, "row 0") == ("b", "a", [])
