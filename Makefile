@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: test demo demo-quick venv clean
+.PHONY: test demo demo-quick bench venv clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,9 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	PY=$(PY) bash demo.sh quick
+
+bench: $(STAMP)
+	$(PY) bench.py
 
 clean:
 	rm -rf runs runs-quick results results-quick data

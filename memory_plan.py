@@ -88,7 +88,9 @@ class Args:
     model: str = "llama-7b"
     """a preset (model.PRESETS), a checkpoint folder or a hub name: only its config is read"""
     world_size: int = 8
-    """ranks (GPUs) under torchrun; 1 means one plain process, without FSDP"""
+    """ranks (GPUs) under torchrun"""
+    fsdp: bool = True
+    """torchrun + FSDP2, also for one rank; --no-fsdp: one plain process (CPU only, with --no-bf16)"""
     gpu_memory_gib: float = 80.0
     """memory of one GPU, to say whether the plan fits"""
     per_device_prompt_batch_size: int = 16
@@ -254,11 +256,12 @@ def kv_cache_bytes(config, batch: int, length: int, c: int) -> int:
 
 def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: int = 16,
                     per_device_train_batch_size: int = 16, max_length: int = 512, prompt_length: int = 128,
-                    bf16: bool = True, gradient_checkpointing: bool = False) -> dict:
+                    bf16: bool = True, gradient_checkpointing: bool = False, fsdp: bool | None = None) -> dict:
     """Per-rank bytes of PPO-Lagrangian (ppo_lagrangian.py) for a decoder config, on rank 0.
 
-    world_size > 1 is a torchrun run with FSDP2 (model.prepare_model); world_size 1 is one plain
-    process: whole models, nothing gathered. bf16 is what ppo_lagrangian.py does on GPU (frozen models
+    fsdp (default: world_size > 1) is a torchrun run with FSDP2 (model.prepare_model), also with
+    one rank (`torchrun --nproc_per_node 1`); fsdp=False is one plain process: whole models, nothing
+    gathered. bf16 is what ppo_lagrangian.py does on GPU (frozen models
     cast to bf16; under FSDP the trained models compute in bf16 with fp32 master weights and gradient
     reduction); bf16=False is the CPU path (everything fp32). One GPU process (world_size 1 with bf16)
     computes under torch.autocast instead, whose weight-cast cache and fp32 residual stream these
@@ -271,15 +274,15 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     P, B, L, S = per_device_prompt_batch_size, per_device_train_batch_size, max_length, prompt_length
     if min(P, B, S, world_size) < 1 or L <= S:
         raise M.UserError(f"need world size and batch sizes >= 1 and max_length ({L}) > prompt_length ({S}) >= 1")
-    if world_size == 1 and bf16:
-        raise M.UserError("one GPU process (autocast) is not modelled: give --world_size >= 2 (FSDP2), "
+    fsdp = world_size > 1 if fsdp is None else fsdp
+    if not fsdp and bf16:
+        raise M.UserError("one GPU process without torchrun (autocast) is not modelled: give --fsdp (torchrun), "
                           "or --no-bf16 for one CPU process")
     missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
                if getattr(config, k, None) is None]
     if missing:
         raise M.UserError(f"{type(config).__name__} has no {', '.join(missing)}: the activation formulas are "
                           "written for LLaMA-style decoders (RMSNorm, SwiGLU MLP)")
-    fsdp = world_size > 1
     sizes = {name: model_size(m, world_size) for name, m in meta_models(config).items()}
     h, i, V, d = config.hidden_size, config.intermediate_size, config.vocab_size, head_dim(config)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -369,7 +372,7 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
         terms = {k: v for k, v in moments[moment].items() if v}
         phases[phase] = {"moment": moment, "terms": terms, "total": persistent_total + sum(terms.values())}
     peak_phase = max(phases, key=lambda k: phases[k]["total"])
-    return {"params": {name: s.numel for name, s in sizes.items()}, "world_size": world_size, "bf16": bf16,
+    return {"params": {name: s.numel for name, s in sizes.items()}, "world_size": world_size, "fsdp": fsdp, "bf16": bf16,
             "gradient_checkpointing": gradient_checkpointing,
             "sizes": {"per_device_prompt_batch_size": P, "per_device_train_batch_size": B, "max_length": L,
                       "prompt_length": S},
@@ -391,7 +394,7 @@ def format_plan(plan: dict, model_name: str, gpu_memory_gib: float) -> str:
     W, s, n = plan["world_size"], plan["sizes"], plan["params"]
     lines = [f"PPO-Lagrangian, memory per rank: {model_name} (actor {n['actor'] / 1e9:.2f}B, each score model "
              f"{n['reward_model'] / 1e9:.2f}B parameters)",
-             f"{f'FSDP2 over {W} ranks' if W > 1 else 'one process, no FSDP'}, "
+             f"{f'FSDP2 over {W} rank' + ('s' if W > 1 else '') if plan['fsdp'] else 'one process, no FSDP'}, "
              f"{'bf16 (fp32 master weights, grads, AdamW)' if plan['bf16'] else 'fp32'}, gradient checkpointing "
              f"{'on' if plan['gradient_checkpointing'] else 'off'}; P={s['per_device_prompt_batch_size']} prompts, "
              f"B={s['per_device_train_batch_size']} per micro-batch, L={s['max_length']}, S={s['prompt_length']}",
@@ -575,7 +578,7 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
                           f"fewer than 2 x {P} prompts x {world_size} ranks")
     plan = estimate_memory(measure_config(), world_size, per_device_prompt_batch_size=P, per_device_train_batch_size=B,
                            max_length=max_length, prompt_length=seen["prompt_length"], bf16=False,
-                           gradient_checkpointing=gradient_checkpointing)
+                           gradient_checkpointing=gradient_checkpointing, fsdp="RANK" in os.environ)
     phases = list(plan["phases"])
     measured = {"persistent": seen["persistent"], **{k: tracker.peaks[k] for k in phases}}
     measured["peak"] = max(measured[k] for k in phases)
@@ -624,7 +627,7 @@ def main(argv: list[str] | None = None) -> dict:
                            per_device_prompt_batch_size=args.per_device_prompt_batch_size,
                            per_device_train_batch_size=args.per_device_train_batch_size,
                            max_length=args.max_length, prompt_length=args.prompt_length, bf16=args.bf16,
-                           gradient_checkpointing=args.gradient_checkpointing)
+                           gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp)
     record = plan_record(plan, args.model, args.gpu_memory_gib)
     print(format_plan(plan, args.model, args.gpu_memory_gib))
     print(json.dumps(record, sort_keys=True))

@@ -97,7 +97,7 @@ def test_estimate_within_20_percent_of_measured_run():
 @pytest.mark.parametrize("argv,message", [
     (["--model", "no-such-preset"], "not a preset"),
     (["--model", "./no/such/folder"], "not a preset"),
-    (["--world_size", "1"], "not modelled"),                  # one GPU process runs under autocast
+    (["--world_size", "1", "--no-fsdp"], "not modelled"),     # one GPU process runs under autocast
     (["--max_length", "64", "--prompt_length", "64"], "max_length"),
 ])
 def test_bad_input_is_one_line(argv, message):
