@@ -482,15 +482,38 @@ def section_ppo(args: Args, work: Path, tokenizer) -> None:
 
 
 def table() -> str:
-    """The figures as a Markdown table, one row per (section, stage)."""
-    rows: dict[tuple, dict] = {}
+    """The figures as Markdown: the machine, then one row per timed thing."""
+    by: dict[tuple, dict] = {}
     for f in FIGURES:
-        rows.setdefault((f["section"], f.get("stage", "")), {})[f["figure"]] = (f["value"], f["unit"])
-    lines = ["| section | what | figures |", "|---|---|---|"]
-    for (section, stage), figs in rows.items():
-        text = ", ".join(f"{name} {value:.4g}{'' if unit in ('x', 'fraction') else ' ' + unit}"
-                         if not isinstance(value, str) else f"{name} {value}" for name, (value, unit) in figs.items())
-        lines.append(f"| {section} | {stage} | {text} |")
+        by.setdefault((f["section"], f.get("stage", "")), {})[f["figure"]] = f["value"]
+    get = lambda key, name, fmt: format(by[key][name], fmt) if name in by[key] else ""  # noqa: E731
+    machine = [v for (section, _), figs in by.items() if section == "machine" for v in figs.values()]
+    rate = lambda g: f"{g / 1000:.0f} TFLOP/s" if g >= 1000 else f"{g:.0f} GFLOP/s"  # noqa: E731
+    lines = [f"machine: {machine[0]}; matmul {rate(machine[1])}"
+             + (f" (data sheet {rate(machine[2])})" if len(machine) > 2 else ""), "",
+             "| stage | real tokens/s | items/s | GFLOP/s | of peak | computed / real tokens | peak memory GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key, figs in by.items():
+        section, stage = key
+        items = next((k for k in figs if k.endswith("_per_s") and k != "real_tokens_per_s"), None)
+        if section in ("preference", "sft") and "real_tokens_per_s" in figs:
+            lines.append(f"| {section}: {stage} | {figs['real_tokens_per_s']:.0f} | "
+                         f"{figs[items]:.1f} {items.removesuffix('_per_s')} | {get(key, 'gflops', '.1f')} | "
+                         f"{get(key, 'fraction_of_peak', '.0%')} | {get(key, 'computed_per_real_token', '.2f')} | "
+                         f"{get(key, 'peak_memory', '.2f')} |")
+        elif section == "generation" and "tokens_per_s" in figs:
+            lines.append(f"| generation: {stage} | {figs['tokens_per_s']:.0f} | | {get(key, 'gflops', '.1f')} | | | "
+                         f"{get(key, 'peak_memory', '.2f')} |")
+    for (section, stage), figs in by.items():
+        for name, against in (("speedup_vs_bare_loop", "the bare loop"), ("speedup_from_grouping",
+                              "--no-group_by_length"), ("sample_vs_hf_generate", "HF generate")):
+            if name in figs:
+                lines.append(f"\n{section}: {stage} runs at **{figs[name]:.2f}x** the speed of {against}")
+        if section == "ppo":
+            lines.append(f"\nppo: one iteration ({stage}) **{figs['iteration_s']:.2f} s** = generation "
+                         f"{figs['generation_s']:.2f} + scoring {figs['scoring_s']:.2f} + update "
+                         f"{figs['training_s']:.2f} s; {figs['response_length']:.0f} tokens per response; "
+                         f"peak memory {figs['peak_memory']:.2f} GiB")
     return "\n".join(lines)
 
 

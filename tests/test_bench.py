@@ -47,7 +47,7 @@ def test_every_section_runs_and_prints_json(tmp_path):
     assert values[("preference", "computed_per_real_token", "reward.py")] < 1
     assert values[("preference", "computed_per_real_token", "bare loop")] > 1
     assert all(v > 0 for (_, name, _), v in values.items() if name.endswith("_per_s"))
-    assert "| preference | reward.py |" in p.stdout                               # the table
+    assert "| preference: reward.py |" in p.stdout                               # the table
     assert not list(work.rglob("*.safetensors"))                                 # --no-save: no checkpoints
 
 
