@@ -843,7 +843,18 @@ def parse_args(cls, argv=None, description: str | None = None):
             parser.add_argument(f"--{f.name}", type=inner, nargs="+", default=default, help=helps.get(f.name, ""))
         else:
             parser.add_argument(f"--{f.name}", type=base, default=default, help=helps.get(f.name, ""))
-    return cls(**vars(parser.parse_args(argv)))
+    return cls(**vars(parser.parse_args(list(map(_underscored, sys.argv[1:] if argv is None else argv)))))
+
+
+def _underscored(token: str) -> str:
+    """Flag names take dashes or underscores alike: --estimate-memory is --estimate_memory,
+    --no-group-by-length is --no-group_by_length. Values are left alone."""
+    if not token.startswith("--"):
+        return token
+    name, eq, value = token.partition("=")
+    negated = name.startswith("--no-")
+    name = name[5:] if negated else name[2:]
+    return ("--no-" if negated else "--") + name.replace("-", "_") + eq + value
 
 
 def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: int | None = None,

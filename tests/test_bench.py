@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 
 import bench
+import model as M
 from conftest import run
 
 
@@ -55,3 +56,10 @@ def test_estimate_memory_prints_the_plan(capsys):
     bench.main(replace(bench.Args(), estimate_memory=True, model="llama-7b", world_size=8))
     out = capsys.readouterr().out
     assert "FSDP2 over 8 ranks" in out and "peak:" in out
+
+
+def test_flags_take_dashes_or_underscores():
+    args = M.parse_args(bench.Args, ["--estimate-memory", "--world-size", "4", "--no-gradient-checkpointing",
+                                     "--model=llama-1b"])
+    assert args.estimate_memory and args.world_size == 4 and not args.gradient_checkpointing
+    assert args.model == "llama-1b"
