@@ -18,9 +18,11 @@ that differ by one off-topic step: it looks like an on-topic step, yet it is fil
 cost.py trains the cost model with this file's data pipeline and loop; only the pair order, the loss
 (eq. 6 instead of eq. 5) and the metrics differ. They are the `Objective` below.
 
-Speed: pairs are batched by length (--group_by_length, on by default; the official loader shuffles
-without grouping): each step's pairs have similar lengths, so the right padding of [y_w; y_l] wastes
-little compute. `python bench.py` measures it: 1.4x the real tokens/s of a plain shuffled loop.
+Speed (both on by default; the official loader does neither): pairs are batched by length
+(--group_by_length), and each pair is ONE row, its prompt once and then both responses, under a mask
+that keeps the second response from seeing the first (--share_prompt, `pack_pairs`): the same scores
+and gradients as two right-padded rows, on 16% fewer positions than the pair's tokens instead of 38%
+more. `python bench.py` measures it: 1.43x the real tokens/s of a plain shuffled two-row loop.
 
 Left out on purpose: the token-wise loss variant (sequence-wise only, as the official scripts use), the
 running score normaliser (its statistics are collected but unused by default upstream, REFERENCE.md 1.4),
@@ -270,9 +272,10 @@ def pack_pairs(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     scores are those of two separate rows (tests/test_supervised.py checks scores and gradients),
     for n fewer tokens per pair. Returns input_ids (B, L), attention_mask (B, 1, L, L) bool,
     position_ids (B, L), ends (B, 2) = positions of the first's and the second's last token, labels (B, K)."""
+    lengths = lambda half: torch.tensor([len(p[half]) for p in pairs])[:, None, None]  # noqa: E731  (B, 1, 1)
     n = torch.tensor([shared_prefix(p["first"], p["second"]) for p in pairs])[:, None, None]   # (B, 1, 1)
-    s0 = torch.tensor([len(p["first"]) for p in pairs])[:, None, None] - n                     # (B, 1, 1)
-    end = n + s0 + torch.tensor([len(p["second"]) for p in pairs])[:, None, None] - n          # (B, 1, 1)
+    s0 = lengths("first") - n                                          # (B, 1, 1) the first response's own tokens
+    end = lengths("first") + lengths("second") - n                     # (B, 1, 1) the row's real length
     L = int(end.max())
     input_ids = torch.full((len(pairs), L), pad_token_id, dtype=torch.long)                     # (B, L)
     for b, (p, k) in enumerate(zip(pairs, n.flatten().tolist())):
