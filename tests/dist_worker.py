@@ -90,5 +90,4 @@ if __name__ == "__main__":
     mode, out, tok = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     out.mkdir(parents=True, exist_ok=True)
     {"init": init, "step": step, "generate": generate}[mode](out, tok)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    M.teardown_distributed()  # barrier, then destroy: a rank tearing gloo down early aborts the other
