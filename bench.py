@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -116,10 +115,6 @@ def report(section: str, name: str, value: float | str, unit: str, **extra) -> N
     print(json.dumps(record), flush=True)
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 # --------------------------------------------------------------------------------------------
 # 1. The machine: its matmul rate
 # --------------------------------------------------------------------------------------------
@@ -188,8 +183,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def make_data(folder: Path, args: Args, rows: int, ppo_prompt_words: int) -> dict:
-    """Preference pairs, SFT rows and RL prompts. Lengths (at --length_scale 1) are those of the
+def make_data(folder: Path, args: Args, rows: int, ppo_prompt_words: int) -> list[dict]:
+    """Write preference pairs, SFT rows and RL prompts under folder; return the pairs. Lengths (at --length_scale 1) are those of the
     reference measurement in issue #7: prompt words U[5, 30] and each response U[25, 78], which with
     the template, BOS and EOS gives pairs of 40-118 tokens, ~74% of right-padded slots real at 8 pairs."""
     rng = random.Random(0)
@@ -209,7 +204,7 @@ def make_data(folder: Path, args: Args, rows: int, ppo_prompt_words: int) -> dic
     write_jsonl(folder / "sft" / "train.jsonl", sft)
     # RL prompts of one length, so every iteration has the same shape (S prompt tokens + new_tokens)
     write_jsonl(folder / "prompts" / "train.jsonl", [{"prompt": words(rng, ppo_prompt_words, V)} for _ in range(rows)])
-    return {"pairs": pairs, "sft": sft}
+    return pairs
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,8 +213,8 @@ def make_data(folder: Path, args: Args, rows: int, ppo_prompt_words: int) -> dic
 
 
 def run_stage(script: str, argv: list[str], args: Args, out: Path) -> list[dict]:
-    """Run a stage (python or torchrun) and return its metrics.jsonl records. Its peak RSS is
-    read from the kernel's accounting of that child (os.wait4)."""
+    """Run a stage (python or torchrun), its output in <out>.log, and return its metrics.jsonl
+    records (the stages log their own peak memory, `memory/peak_gib`)."""
     if args.nproc_per_node:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={args.nproc_per_node}", script]
@@ -229,9 +224,8 @@ def run_stage(script: str, argv: list[str], args: Args, out: Path) -> list[dict]
     env = dict(os.environ, CI="true")  # no progress bars
     log = out.with_suffix(".log")
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT, env=env)
-        _, status, _ = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+        returncode = subprocess.run(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if returncode != 0:
         tail = log.read_text().strip().splitlines()[-5:]
         raise M.UserError(f"{script} failed (log {log}): " + " / ".join(tail))
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -351,7 +345,8 @@ def report_training(section: str, results: dict, batch: int, unit: str, N: int, 
         report(section, "peak_memory", memory, "GiB", **common)
 
 
-def section_preference(args: Args, work: Path, tokenizer, data: dict, device: torch.device, peak: float) -> None:
+def section_preference(args: Args, work: Path, tokenizer, pairs: list[dict], device: torch.device,
+                       peak: float) -> None:
     stage_args = ["--model_name_or_path", args.model, "--tokenizer_name_or_path", str(work / "tokenizer"),
                   "--dataset", str(work / "preference"), "--eval_split", "", "--epochs", "1",
                   "--per_device_train_batch_size", str(args.pref_batch // max(1, args.nproc_per_node)),
@@ -360,12 +355,10 @@ def section_preference(args: Args, work: Path, tokenizer, data: dict, device: to
     def bare() -> tuple[float, float, float, float]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        tokens, steps, computed = bare_preference_loop(args, tokenizer, data["pairs"], device)
+        tokens, steps, computed = bare_preference_loop(args, tokenizer, pairs, device)
+        memory = M.peak_memory_gib(device)
         if device.type == "cuda":
-            memory = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.empty_cache()  # give the GPU back to the stages' processes
-        else:
-            memory = peak_rss_gib()
         return tokens, steps, computed, memory
 
     results = interleaved({
@@ -377,13 +370,12 @@ def section_preference(args: Args, work: Path, tokenizer, data: dict, device: to
             "reward.py", stage_args + ["--no-share_prompt", "--no-group_by_length"], args, work / "reward-plain"),
     }, args.repeats)
     N = matmul_parameters(args.model, len(tokenizer), causal_lm=False)
-    report_training("preference", results, args.pref_batch, "pairs", N, peak, model=args.model,
-                    pairs=len(data["pairs"]))
+    report_training("preference", results, args.pref_batch, "pairs", N, peak, model=args.model, pairs=len(pairs))
     report("preference", "speedup_vs_bare_loop", results["reward.py"][0] / results["bare loop"][0], "x",
            stage="reward.py")
 
 
-def section_sft(args: Args, work: Path, tokenizer, device: torch.device, peak: float) -> None:
+def section_sft(args: Args, work: Path, tokenizer, peak: float) -> None:
     stage_args = ["--model_name_or_path", args.model, "--tokenizer_name_or_path", str(work / "tokenizer"),
                   "--dataset", str(work / "sft"), "--eval_split", "", "--epochs", "1",
                   "--per_device_train_batch_size", str(args.sft_batch // max(1, args.nproc_per_node)),
@@ -397,7 +389,7 @@ def section_sft(args: Args, work: Path, tokenizer, device: torch.device, peak: f
            stage="sft.py")
 
 
-def section_generation(args: Args, tokenizer, device: torch.device, peak: float | None) -> None:
+def section_generation(args: Args, tokenizer, device: torch.device) -> None:
     """model.sample vs HF generate on the same random-init policy and left-padded prompts. EOS is
     never emitted (an id outside the vocabulary), so both produce exactly new_tokens per row."""
     from transformers import AutoModelForCausalLM
@@ -440,7 +432,7 @@ def section_generation(args: Args, tokenizer, device: torch.device, peak: float 
             if i > 0:  # the first call warms up
                 times.append(time.perf_counter() - t0)
         rates[name] = args.gen_batch * T / statistics.median(times)
-        memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib()
+        memory = M.peak_memory_gib(device)
         common = dict(stage=name, model=args.model, batch=args.gen_batch, new_tokens=T)
         report("generation", "tokens_per_s", rates[name], "tokens/s", **common)
         report("generation", "gflops", 2 * N * rates[name] / 1e9, "GFLOP/s", **common)
@@ -551,10 +543,10 @@ def main(args: Args) -> None:
             raise M.UserError(f"--new_tokens {args.new_tokens}: give at least {template + 4} (the prompt template "
                               f"alone is {template} tokens, and a prompt may be at most as long as the response)")
         # a few more rows than the timed steps need, and at least 64 batches so grouping has room
-        data = make_data(work, args, max(64, steps + 2) * max(args.pref_batch, args.sft_batch), ppo_prompt_words)
-        runs = {"preference": lambda: section_preference(args, work, tokenizer, data, device, peak),
-                "sft": lambda: section_sft(args, work, tokenizer, device, peak),
-                "generation": lambda: section_generation(args, tokenizer, device, peak),
+        pairs = make_data(work, args, max(64, steps + 2) * max(args.pref_batch, args.sft_batch), ppo_prompt_words)
+        runs = {"preference": lambda: section_preference(args, work, tokenizer, pairs, device, peak),
+                "sft": lambda: section_sft(args, work, tokenizer, peak),
+                "generation": lambda: section_generation(args, tokenizer, device),
                 "ppo": lambda: section_ppo(args, work, tokenizer)}
         failed = []
         for name, run in runs.items():

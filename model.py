@@ -298,13 +298,13 @@ class ScoreModel(nn.Module):
         """attention_mask (B, L) 0/1: a ScoreOutput (right_padded=True: see backbone_masking).
         attention_mask (B, 1, L, L) bool, with position_ids (B, L): rows that pack several sequences
         (reward.pack_pairs); returns the per-token scores (B, L) only, the caller knows the ends."""
-        if attention_mask.dim() == 4:
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                use_cache=False).last_hidden_state      # (B, L, E)
-            return self.score_head(hidden).squeeze(-1).float()            # (B, L) in fp32
-        hidden = self.model(input_ids=input_ids, **backbone_masking(attention_mask, right_padded),
-                            use_cache=False).last_hidden_state          # (B, L, E)
+        packed = attention_mask.dim() == 4
+        masking = {"attention_mask": attention_mask, "position_ids": position_ids} if packed \
+            else backbone_masking(attention_mask, right_padded)
+        hidden = self.model(input_ids=input_ids, **masking, use_cache=False).last_hidden_state  # (B, L, E)
         scores = self.score_head(hidden).squeeze(-1).float()              # (B, L) in fp32
+        if packed:
+            return scores
         end_index = last_attended_index(attention_mask)                   # (B,)
         end_scores = scores.gather(1, end_index[:, None]).squeeze(1)      # (B,)
         return ScoreOutput(scores=scores, end_scores=end_scores, end_index=end_index)

@@ -443,23 +443,24 @@ def train(args: Args, objective: Objective) -> None:
     bar = M.progress(total=last_step, initial=step, enabled=d.is_main, desc=objective.score_type)
     # a pair's row length: both responses after one prompt (--share_prompt), else the longer sequence
     row_length = packed_length if args.share_prompt else (lambda p: max(len(p["first"]), len(p["second"])))
-    lengths = [row_length(p) for p in train_pairs] if args.group_by_length else None
+    row_lengths = [row_length(p) for p in train_pairs]     # once: grouping and the token counts read them
+    rows_per_pair = 1 if args.share_prompt else 2
     order, order_epoch = None, -1
     t0 = time.time()
     while step < last_step:
         epoch, k = divmod(step, args.steps_per_epoch)
         if epoch != order_epoch:  # the same order on every rank (model.epoch_order)
-            order = M.epoch_order(len(train_pairs), args.seed, epoch, lengths=lengths,
+            order = M.epoch_order(len(train_pairs), args.seed, epoch,
+                                  lengths=row_lengths if args.group_by_length else None,
                                   global_batch_size=args.global_batch_size)
             order_epoch = epoch
         global_batch = order[k * args.global_batch_size:(k + 1) * args.global_batch_size]
         # Token counts (every rank knows every micro-batch: no communication): the tokens of the step's
         # 2 x pairs sequences, and the token positions its forwards computed (padding included, each
-        # shared prompt once): a micro-batch is `rows` rows as long as its longest row.
-        micro = [[train_pairs[i] for i in global_batch[lo:lo + b]] for lo in range(0, len(global_batch), b)]
-        real_tokens = sum(len(p["first"]) + len(p["second"]) for mb in micro for p in mb)
-        rows = 1 if args.share_prompt else 2
-        computed_tokens = sum(rows * len(mb) * max(map(row_length, mb)) for mb in micro)
+        # shared prompt once): a micro-batch is rows_per_pair x pairs rows as long as its longest row.
+        micro = [global_batch[lo:lo + b] for lo in range(0, len(global_batch), b)]
+        real_tokens = sum(len(train_pairs[i]["first"]) + len(train_pairs[i]["second"]) for i in global_batch)
+        computed_tokens = sum(rows_per_pair * len(mb) * max(row_lengths[i] for i in mb) for mb in micro)
         firsts, seconds, labels = [], [], []
         step_loss = torch.zeros((), device=d.device)
         for m in range(accum):
