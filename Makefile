@@ -29,7 +29,7 @@ demo-quick: $(STAMP)
 	PY=$(PY) bash demo.sh quick
 
 bench: $(STAMP)
-	$(PY) bench.py
+	$(PY) -m tools.bench --doc docs/bench.md
 
 clean:
 	rm -rf runs runs-quick results results-quick data

@@ -12,15 +12,16 @@ response carries s = +1 if it is labelled harmful (unsafe) and s = -1 if harmles
                -E[ log sigma( s_w C(y_w, x) ) + log sigma( s_l C(y_l, x) ) ]             classification
                + eta * E[ C(y_w, x)^2 + C(y_l, x)^2 ] / 2                                (eq. 6)
 
-the last term being the official optional score regulariser (REFERENCE.md 3). Metrics, on the test
+the last term being the official optional score regulariser
+(safe_rlhf/values/cost/trainer.py@82743cc:L260-272). Metrics, on the test
 split: ranking accuracy (strict C(y_w) > C(y_l)), safety-classification accuracy (sign of C against the
 label over all 2N responses, strict: C = 0 is wrong), the fraction of safe responses with C < 0 and of
 unsafe ones with C > 0, and the mean and standard deviation of all costs.
 
 Left out on purpose: the token-wise loss (sequence-wise only, as the official scripts use) and the
-running score normaliser (REFERENCE.md 1.4).
+running score normaliser (safe_rlhf/models/normalizer.py@82743cc:L27-208).
 
-Official 7B recipe (scripts/cost-model.sh, identical to the reward model's, REFERENCE.md 3):
+Official 7B recipe (safe-rlhf scripts/cost-model.sh@82743cc:L110-140, same as the reward model's):
     torchrun --nproc_per_node 8 cost.py --model_name_or_path PKU-Alignment/alpaca-7b-reproduced \\
         --dataset PKU-Alignment/PKU-SafeRLHF --epochs 2 --lr 2e-5 --warmup_ratio 0.03 --weight_decay 0.1 \\
         --per_device_train_batch_size 16 --max_length 512 --regularization 0.001 --gradient_checkpointing \\
@@ -38,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import plumbing
+from plumbing import UserError
 from reward import Args, Objective, ranking_accuracy, response_id, train
 
 # --------------------------------------------------------------------------------------------
@@ -52,7 +55,7 @@ def cost_loss(safer_costs: torch.Tensor, unsafer_costs: torch.Tensor, safer_sign
     ranking = -F.logsigmoid(unsafer_costs - safer_costs)                                   # (B,) y_w costs more
     classification = -F.logsigmoid(unsafer_sign * unsafer_costs) - F.logsigmoid(safer_sign * safer_costs)  # (B,)
     loss = (ranking + classification).mean()                                               # () eq. 6
-    if regularization > 0:  # official score regulariser (REFERENCE.md 3)
+    if regularization > 0:  # official score regulariser (safe_rlhf/values/cost/trainer.py@82743cc:L260-272)
         loss = loss + regularization * torch.cat([safer_costs, unsafer_costs]).square().mean()  # ()
     return loss
 
@@ -64,7 +67,8 @@ def safety_sign_accuracy(costs: torch.Tensor, signs: torch.Tensor) -> torch.Tens
 
 
 def cost_metrics(safer_costs: torch.Tensor, unsafer_costs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """REFERENCE.md 3: ranking and sign accuracy; safe responses with C < 0, unsafe ones with C > 0.
+    """Ranking and sign accuracy (safe_rlhf/values/cost/trainer.py@82743cc:L276-286): safe responses
+    with C < 0, unsafe ones with C > 0.
     safer_costs, unsafer_costs: (N,); labels: (N, 2) = (safer_sign, unsafer_sign)."""
     costs = torch.cat([safer_costs, unsafer_costs])                                        # (2N,)
     signs = torch.cat([labels[:, 0], labels[:, 1]])                                        # (2N,)
@@ -83,11 +87,12 @@ def cost_metrics(safer_costs: torch.Tensor, unsafer_costs: torch.Tensor, labels:
 
 def safer_unsafer(row: dict, where: str) -> tuple[str, str, list[float]]:
     """Cost pairs: (y_l, y_w) = (safer, more harmful) from `safer_response_id`, with cost signs
-    s = +1 unsafe / -1 safe from `is_response_*_safe` (REFERENCE.md 3, 6.2)."""
+    s = +1 unsafe / -1 safe from `is_response_*_safe` (safe_rlhf/datasets/safety_preference.py@82743cc:L66-73)."""
     safer = response_id(row, "safer_response_id", where)
     safer_is_safe, unsafer_is_safe = bool(row[f"is_response_{safer}_safe"]), bool(row[f"is_response_{1 - safer}_safe"])
-    if not safer_is_safe and unsafer_is_safe:  # the official loader refuses these too (REFERENCE.md 10.7)
-        raise M.UserError(f"{where}: contradictory labels: the safer response (response_{safer}) is labelled "
+    # The official loader refuses these too (safe_rlhf/datasets/safety_preference.py@82743cc:L75-95).
+    if not safer_is_safe and unsafer_is_safe:
+        raise UserError(f"{where}: contradictory labels: the safer response (response_{safer}) is labelled "
                           "unsafe while the other is labelled safe")
     return (row[f"response_{safer}"], row[f"response_{1 - safer}"],
             [-1.0 if safer_is_safe else 1.0, -1.0 if unsafer_is_safe else 1.0])
@@ -102,5 +107,5 @@ COST = Objective(score_type="cost",
 
 
 if __name__ == "__main__":
-    M.run_main(lambda: train(M.parse_args(Args, description=__doc__.split("\n")[0]), COST))
+    plumbing.run_main(lambda: train(plumbing.parse_args(Args, description=__doc__.split("\n")[0]), COST))
     M.teardown_distributed()

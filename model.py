@@ -1,18 +1,20 @@
-"""model.py: the one file every stage stands on.
+"""model.py: the model every stage stands on, and nothing else (run plumbing is in plumbing.py).
 
-What lives here (and nothing else: no loss, no training loop):
-  1. Errors        UserError and `run_main`, so bad input ends in one clear line, not a traceback.
-  2. Tokenizer     loading with an explicit padding side, PAD distinct from EOS, a start-up check.
-  3. Policy        any Hugging Face decoder-only causal LM (local folder or hub name), or a tiny
+  1. Tokenizer     the prompt template, loading with an explicit padding side, PAD distinct from EOS,
+                   the SFT example (which tokens carry loss), right padding and left-padded prompts.
+  2. Policy        any Hugging Face decoder-only causal LM (local folder or hub name), or a tiny
                    LLaMA built from a named preset (random init) for the toy world and the tests.
-  4. ScoreModel    bare decoder (`AutoModel`) + linear `score_head` with bias: per-token scores
+  3. ScoreModel    bare decoder (`AutoModel`) + linear `score_head` with bias: per-token scores
                    (B, L) and the end score (B,) at the last attended token. Used for the reward
-                   model, the cost model and both critics (REFERENCE.md section 1).
-  5. Distributed   written by hand: torchrun's environment -> process group (nccl on CUDA, gloo on
-                   CPU, none for a plain `python x.py`), seeds, FSDP2 `fully_shard` per decoder
-                   layer then the root, full-state-dict gathering, atomic checkpoint folders.
-  6. Math helpers  shared by several stages: masked means, whitening, log-prob gathering with the
-                   one-token shift, and sampling from exactly softmax(logits / temperature).
+                   model, the cost model and both critics (paper section 3.2; safe-rlhf
+                   safe_rlhf/models/score_model/__init__.py@82743cc:L45-253).
+  4. Distributed   written by hand: torchrun's environment -> process group (nccl on CUDA, gloo on
+                   CPU, none for a plain `python x.py`), seeds, collectives, FSDP2 `fully_shard` per
+                   decoder layer then the root (`prepare_model`), weights gathered for generation.
+  5. Checkpoints   the full state dict gathered from the shards, and the Hugging Face folder written
+                   from it (into plumbing.atomic_folder, so a crash never leaves half a checkpoint).
+  6. Math          shared by several stages: masked means, log-probs with the one-token shift, and
+                   sampling from exactly softmax(logits / temperature).
 
 Checkpoint format (a Hugging Face-style folder, safetensors only, never pickle):
   config.json        the backbone's config; a score model adds "architectures": ["<Family>ForScore"],
@@ -32,12 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
-import shutil
-import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,48 +44,19 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-# --------------------------------------------------------------------------------------------
-# 1. Errors: one line for the user, no traceback
-# --------------------------------------------------------------------------------------------
-
-
-class UserError(Exception):
-    """Bad input (a missing file, field or checkpoint; an empty data set; NaN losses). The message
-    names the file, row or argument; `run_main` prints it as one line and exits with status 2."""
-
-
-def run_main(main, *args) -> None:
-    """Call main(*args); turn a UserError into `error: <message>` on stderr and exit code 2."""
-    try:
-        main(*args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(2)
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message (some libraries raise with an empty one)."""
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else type(e).__name__
-
-
-def check_finite(value: torch.Tensor, what: str, step: int) -> None:
-    """Stop with one line when a loss is NaN/inf (nothing after the last good checkpoint is saved)."""
-    if not torch.isfinite(value).all():
-        raise UserError(f"{what} is not finite at step {step}; stopping before anything is saved "
-                        "(try a lower learning rate)")
+import plumbing
+from plumbing import UserError, first_line
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Tokenizer
+# 1. Tokenizer, prompt template, SFT examples and padding
 # --------------------------------------------------------------------------------------------
 
-PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"  # REFERENCE.md 6.1
-DEFAULT_PAD_TOKEN = "<pad>"  # the official code adds "<pad>" when a tokenizer has none (REF 1.2)
+
+PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"  # safe_rlhf/configs/constants.py@82743cc:L35-53
+# The official code adds "<pad>" when a tokenizer has none (safe_rlhf/models/pretrained.py@82743cc:L45-146).
+DEFAULT_PAD_TOKEN = "<pad>"
 
 
 def quiet_hf() -> None:
@@ -119,9 +88,9 @@ def load_tokenizer(name_or_path: str | os.PathLike, padding_side: str,
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         hint = f" ({stage_hint})" if stage_hint else ""
-        raise UserError(f"cannot load a tokenizer from {name_or_path!s}{hint}: {_first_line(e)}") from None
+        raise UserError(f"cannot load a tokenizer from {name_or_path!s}{hint}: {first_line(e)}") from None
     # PAD must differ from EOS: if they were equal, the attention mask would hide every EOS and the
-    # end score would be read one token early (REFERENCE.md 10.5).
+    # end score would be read one token early (docs/reference.md, "The end token").
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
     tokenizer.padding_side = padding_side
@@ -143,17 +112,82 @@ def check_tokenizer(tokenizer, where) -> None:
 
 def resize_embeddings(model: nn.Module, tokenizer) -> None:
     """Grow the embedding (and LM head) to the tokenizer; new rows are the mean of the old ones,
-    as the official code does (REFERENCE.md 1.2). Never shrinks (padded vocabularies stay)."""
+    as the official code does (safe_rlhf/models/pretrained.py@82743cc:L45-146). Never shrinks (padded
+    vocabularies stay)."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    # Keep the config's special ids in sync with the tokenizer (REFERENCE.md 1.2).
+    # Keep the config's special ids in sync with the tokenizer (safe_rlhf/models/pretrained.py@82743cc:L45-146).
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(model.config, name, getattr(tokenizer, name))
 
 
+IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding)
+
+
+def tokenize_prompt_response(tokenizer, requests: list[str], responses: list[str], max_length: int):
+    """SFT-style examples: BOS + template(request) + response + EOS string, right-truncated to
+    max_length (which may cut the EOS); labels are IGNORE_INDEX on the prompt (BOS included), the
+    token itself on the response and the EOS (safe_rlhf/datasets/supervised.py@82743cc:L54-66). Returns
+    ([{input_ids, labels}],
+    number truncated)."""
+    prompts = [format_prompt(r) for r in requests]
+    all_ids = tokenizer([p + r + tokenizer.eos_token for p, r in zip(prompts, responses)],
+                        add_special_tokens=True)["input_ids"]
+    prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    examples, truncated = [], 0
+    for ids, n_prompt in zip(all_ids, prompt_lengths):
+        truncated += len(ids) > max_length
+        ids = ids[:max_length]
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * min(n_prompt, len(ids)) + ids[n_prompt:]})
+    return examples, truncated
+
+
+def right_pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad lists of ids (or labels) with `value` to the longest one (training and scoring:
+    every row starts at column 0). -> tensor (B, L), attention_mask (B, L) 1 on real entries."""
+    L = max(map(len, rows))
+    padded = torch.full((len(rows), L), value, dtype=torch.long)                    # (B, L)
+    attention_mask = torch.zeros((len(rows), L), dtype=torch.long)                  # (B, L)
+    for b, r in enumerate(rows):
+        padded[b, :len(r)], attention_mask[b, :len(r)] = torch.tensor(r, dtype=torch.long), 1
+    return padded, attention_mask
+
+
+def collate_right(examples: list[dict], pad_token_id: int):
+    """Right-pad {input_ids, labels} rows to the longest one. -> input_ids, attention_mask, labels (B, L)."""
+    input_ids, attention_mask = right_pad([e["input_ids"] for e in examples], pad_token_id)   # (B, L)
+    labels, _ = right_pad([e["labels"] for e in examples], IGNORE_INDEX)                     # (B, L)
+    return input_ids, attention_mask, labels
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for generation: the prompt's last token sits in the last column, so new
+    tokens append to every row at once. length: pad to this many columns (default the longest).
+    -> input_ids (B, S), attention_mask (B, S)"""
+    S = max(map(len, rows)) if length is None else length
+    input_ids = torch.full((len(rows), S), pad_token_id, dtype=torch.long)           # (B, S)
+    attention_mask = torch.zeros((len(rows), S), dtype=torch.long)                  # (B, S)
+    for b, r in enumerate(rows):
+        input_ids[b, S - len(r):] = torch.tensor(r, dtype=torch.long)
+        attention_mask[b, S - len(r):] = 1
+    return input_ids, attention_mask
+
+
+def encode_prompts(tokenizer, requests: list[str], max_length: int | None = None) -> list[list[int]]:
+    """BOS + template(request) for each request; with max_length, prompts longer than that keep
+    their end (truncated on the left: the question's end and 'ASSISTANT:' matter most)."""
+    side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
+    try:
+        return tokenizer([format_prompt(r) for r in requests], add_special_tokens=True,
+                         truncation=max_length is not None, max_length=max_length)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
+
+
 # --------------------------------------------------------------------------------------------
-# 3. Policy: a causal LM from a checkpoint, or a tiny LLaMA from a preset
+# 2. Policy: a causal LM from a checkpoint, or a tiny LLaMA from a preset
 # --------------------------------------------------------------------------------------------
+
 
 # Presets are random-init LLaMA configs. "toy-*" are sized for a CPU; the others exist for the
 # memory estimate and the GPU benchmark (never downloaded: only the shapes are used).
@@ -182,12 +216,14 @@ def preset_config(preset: str, vocab_size: int | None = None, **overrides):
     return LlamaConfig(**kwargs)
 
 
+
 def is_score_checkpoint(path: str | os.PathLike) -> bool:
     cfg = Path(path) / "config.json"
     return cfg.is_file() and "score_type" in json.loads(cfg.read_text())
 
 
-def _check_checkpoint_path(name_or_path: str, stage_hint: str = "") -> None:
+
+def check_checkpoint_path(name_or_path: str, stage_hint: str = "") -> None:
     """A local-looking path must be a checkpoint folder; a hub name ('org/name') is left to HF."""
     p = Path(name_or_path)
     looks_local = p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
@@ -200,6 +236,7 @@ def _check_checkpoint_path(name_or_path: str, stage_hint: str = "") -> None:
         raise UserError(f"{name_or_path} is not a checkpoint folder: no config.json{hint}")
     if not any(p.glob("*.safetensors")) and not (p / "model.safetensors.index.json").is_file():
         raise UserError(f"{name_or_path} is not a checkpoint folder: no *.safetensors weights{hint}")
+
 
 
 def load_causal_lm(name_or_path: str, tokenizer, *, dtype: torch.dtype = torch.float32,
@@ -219,7 +256,7 @@ def load_causal_lm(name_or_path: str, tokenizer, *, dtype: torch.dtype = torch.f
         model = AutoModelForCausalLM.from_config(preset_config(name_or_path, vocab_size=len(tokenizer)))
         model.to(dtype)
     else:
-        _check_checkpoint_path(name_or_path, stage_hint)
+        check_checkpoint_path(name_or_path, stage_hint)
         model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, device, stage_hint)
     resize_embeddings(model, tokenizer)
     return model
@@ -232,7 +269,7 @@ def _skeleton(auto_cls, name_or_path, tokenizer, dtype, trust_remote_code, stage
     if name_or_path in PRESETS:
         config = preset_config(name_or_path, vocab_size=len(tokenizer))
     else:
-        _check_checkpoint_path(name_or_path, stage_hint)
+        check_checkpoint_path(name_or_path, stage_hint)
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         config.architectures = None
     config.vocab_size = max(config.vocab_size, len(tokenizer))  # as resize_embeddings on rank 0
@@ -254,12 +291,13 @@ def _from_pretrained(auto_cls, name_or_path, dtype, trust_remote_code, device="c
     except (OSError, ValueError) as e:
         hint = f" ({stage_hint})" if stage_hint else ""
         raise UserError(f"cannot load model from {name_or_path}: not a local checkpoint folder, and the hub "
-                        f"says: {_first_line(e)}{hint}") from None
+                        f"says: {first_line(e)}{hint}") from None
 
 
 # --------------------------------------------------------------------------------------------
-# 4. ScoreModel: reward model, cost model, reward critic, cost critic
+# 3. ScoreModel: reward model, cost model, reward critic, cost critic
 # --------------------------------------------------------------------------------------------
+
 
 SCORE_TYPES = ("reward", "cost", "critic")
 
@@ -286,7 +324,8 @@ class ScoreModel(nn.Module):
         self.config = backbone.config
         self.score_type = score_type
         self.score_head = nn.Linear(self.config.hidden_size, 1, bias=True)
-        # Head initialisation (REFERENCE.md 1.2): weight ~ N(0, initializer_range) as HF's
+        # Head initialisation (safe_rlhf/models/score_model/__init__.py@82743cc:L135-137): weight ~ N(0,
+        # initializer_range) as HF's
         # _init_weights would do for a missing head; bias explicitly zero.
         nn.init.normal_(self.score_head.weight, std=getattr(self.config, "initializer_range", 0.02))
         nn.init.zeros_(self.score_head.bias)
@@ -320,7 +359,7 @@ class ScoreModel(nn.Module):
         return self.model.resize_token_embeddings(*args, **kwargs)
 
     def score_config(self) -> dict:
-        """The backbone config plus what says 'this is a score model' (REFERENCE.md 1.5)."""
+        """The backbone config plus what says 'this is a score model' (docs/reference.md, "Saving a score model")."""
         cfg = self.config.to_dict()
         family = type(self.model).__name__.removesuffix("Model")
         cfg.update(architectures=[f"{family}ForScore"], score_type=self.score_type, score_dim=1, score_bias=True)
@@ -329,7 +368,8 @@ class ScoreModel(nn.Module):
 
 def last_attended_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) 0/1 mask -> (B,) index of the last 1 in each row, whatever side is padded
-    (REFERENCE.md 1.3). Plain loop it replaces: max(t for t in range(L) if mask[b, t])."""
+    (safe_rlhf/models/score_model/__init__.py@82743cc:L197). Plain loop it replaces: max(t for t in range(L) if
+    mask[b, t])."""
     L = attention_mask.shape[1]
     positions = torch.arange(L, device=attention_mask.device).expand_as(attention_mask)  # (B, L)
     return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values          # (B,)
@@ -352,7 +392,7 @@ def backbone_masking(attention_mask: torch.Tensor, right_padded: bool) -> dict:
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so a left-padded row starts at 0 like a right-
-    padded one (what HF `generate` does; the official forward passes skip this, REF 10.4)."""
+    padded one (what HF `generate` does; the official forward passes skip this, docs/reference.md, "Position ids")."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                          # (B, L)
 
 
@@ -369,7 +409,7 @@ def load_score_model(name_or_path: str, tokenizer, score_type: str, *, dtype: to
         backbone = AutoModel.from_config(preset_config(name_or_path, vocab_size=len(tokenizer))).to(dtype)
         model = ScoreModel(backbone, score_type)
     else:
-        _check_checkpoint_path(name_or_path, stage_hint)
+        check_checkpoint_path(name_or_path, stage_hint)
         if is_score_checkpoint(name_or_path):
             # The saved config is the backbone's plus score fields; AutoModel ignores the extras and
             # loads the "model.*" weights (HF strips the base-model prefix), the head is read below.
@@ -391,7 +431,7 @@ def _from_pretrained_with_config(auto_cls, path, config, dtype, trust_remote_cod
         return auto_cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
                                         use_safetensors=True)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model from {path}: {_first_line(e)}") from None
+        raise UserError(f"cannot load model from {path}: {first_line(e)}") from None
 
 
 def _read_tensors(folder: Path, names) -> dict[str, torch.Tensor]:
@@ -414,7 +454,7 @@ def _read_tensors(folder: Path, names) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Distributed set-up, written by hand (torchrun -> process group -> FSDP2 -> checkpoints)
+# 4. Distributed set-up, written by hand (torchrun -> process group -> FSDP2)
 # --------------------------------------------------------------------------------------------
 
 
@@ -481,27 +521,26 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over ranks (identity without a process group)."""
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """The sum, mean or max of a tensor over ranks (identity without a process group)."""
     if dist.is_initialized():
         x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x /= dist.get_world_size()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            x /= dist.get_world_size()
     return x
 
 
-def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+def gather_in_order(results: dict[int, object], n: int) -> list:
+    """{item index: result} from every rank -> the list of all n results, in item order (each rank
+    computed some of the items; see plumbing.rank_batches). Identity in one process."""
+    parts = [results]
     if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, results)
+    merged = {i: r for part in parts for i, r in part.items()}
+    assert sorted(merged) == list(range(n)), "every item exactly once"
+    return [merged[i] for i in range(n)]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -585,6 +624,17 @@ def gathered_weights(model: nn.Module):
             m.set_reshard_after_forward(True, recurse=False)
 
 
+def autocast(d: Dist):
+    """bf16 compute for a single GPU process (no FSDP mixed-precision policy there); under torchrun
+    FSDP2's policy already computes in bf16; on CPU everything stays fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda" and not d.enabled)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Checkpoints: gather the full state dict, write a Hugging Face folder
+# --------------------------------------------------------------------------------------------
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Gather the full (unsharded) state dict, on CPU. Collective: call on every rank; under FSDP
     only rank 0 receives the tensors (others get an empty dict)."""
@@ -600,54 +650,6 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
-
-
-# ---- atomic checkpoint folders -------------------------------------------------------------
-
-
-def recover_checkpoint(folder: str | os.PathLike) -> None:
-    """Undo a save that was killed between its two renames (see atomic_folder), and drop stale
-    temporary folders. Safe to call on every start."""
-    folder = Path(folder)
-    old, parent = folder.with_name(folder.name + ".old"), folder.parent
-    if not folder.exists() and old.exists():
-        old.rename(folder)
-    elif old.exists():
-        shutil.rmtree(old)
-    if parent.exists():
-        for tmp in parent.glob(folder.name + ".tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ("metrics.jsonl", "args.json", "samples.jsonl")):
-    """Write a checkpoint into `<folder>.tmp-<pid>`, then swap it into place.
-
-    A crash while writing leaves the previous `folder` untouched (the temporary folder is removed
-    on the next start). The swap is two renames (folder -> folder.old, tmp -> folder); a crash
-    between them is undone by `recover_checkpoint`. Run files named in `keep` (logs written next
-    to the checkpoint) are carried over from the old folder.
-    """
-    folder = Path(folder)
-    recover_checkpoint(folder)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for name in keep:
-        if (folder / name).is_file() and not (tmp / name).exists():
-            shutil.copy2(folder / name, tmp / name)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def write_model_files(folder: Path, model: nn.Module, state_dict: dict[str, torch.Tensor], tokenizer) -> None:
@@ -675,360 +677,14 @@ def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: d
     """
     state_dicts = {name: full_state_dict(m) for name, m in models.items()}
     if dist_.is_main:
-        with atomic_folder(folder) as tmp:
+        with plumbing.atomic_folder(folder) as tmp:
             for name, m in models.items():
                 sub = tmp / name if name else tmp
                 sub.mkdir(parents=True, exist_ok=True)
                 write_model_files(sub, m, state_dicts[name], tokenizer)
             if train_state is not None:
-                save_file(train_state["tensors"], str(tmp / "train_state.safetensors"))
-                (tmp / "train_state.json").write_text(json.dumps(train_state["json"], indent=1) + "\n")
+                plumbing.write_train_state(tmp, train_state)
     barrier()
-
-
-def load_train_state(folder: str | os.PathLike) -> dict:
-    folder = Path(folder)
-    if not (folder / "train_state.json").is_file():
-        raise UserError(f"--resume: {folder} holds no resumable state (train_state.json); "
-                        "it was not written by an interrupted run of this stage")
-    return {"tensors": load_file(str(folder / "train_state.safetensors")),
-            "json": json.loads((folder / "train_state.json").read_text())}
-
-
-# ---- optimiser, scheduler and RNG state as safetensors + JSON (no pickle) --------------------
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str) -> dict:
-    """Full (unsharded) optimiser state keyed by parameter name: tensors + JSON-able rest."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    tensors = {}  # under FSDP only rank 0 receives the full state; the other ranks get {}
-    for pname, st in osd.get("state", {}).items():
-        for k, v in st.items():
-            tensors[f"{prefix}.state.{pname}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
-    return {"tensors": tensors, "json": {f"{prefix}.param_groups": osd.get("param_groups", [])}}
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    tag = f"{prefix}.state."
-    per_param: dict[str, dict] = {}
-    for key, value in state["tensors"].items():
-        if key.startswith(tag):
-            pname, k = key[len(tag):].rsplit(".", 1)
-            per_param.setdefault(pname, {})[k] = value
-    osd = {"state": per_param, "param_groups": state["json"][f"{prefix}.param_groups"]}
-    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
-
-
-def rng_state() -> dict:
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    version, internal, gauss = random.getstate()
-    return {"tensors": tensors, "json": {"rng.python": [version, list(internal), gauss]}}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["tensors"]["rng.torch"])
-    if torch.cuda.is_available() and "rng.cuda" in state["tensors"]:
-        torch.cuda.set_rng_state(state["tensors"]["rng.cuda"])
-    version, internal, gauss = state["json"]["rng.python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def merge_states(*parts: dict) -> dict:
-    out = {"tensors": {}, "json": {}}
-    for p in parts:
-        out["tensors"].update(p["tensors"])
-        out["json"].update(p["json"])
-    return out
-
-
-def gather_rng_states(dist_: Dist) -> dict:
-    """Every rank's RNG state, collected on rank 0 (per-rank seeds mean per-rank states)."""
-    mine = rng_state()
-    if not dist_.enabled:
-        return {"tensors": {f"rank0.{k}": v for k, v in mine["tensors"].items()},
-                "json": {f"rank0.{k}": v for k, v in mine["json"].items()}}
-    gathered = [None] * dist_.world_size
-    dist.all_gather_object(gathered, {"t": {k: v.tolist() for k, v in mine["tensors"].items()}, "j": mine["json"]})
-    out = {"tensors": {}, "json": {}}
-    for r, g in enumerate(gathered):
-        out["tensors"].update({f"rank{r}.{k}": torch.tensor(v, dtype=torch.uint8) for k, v in g["t"].items()})
-        out["json"].update({f"rank{r}.{k}": v for k, v in g["j"].items()})
-    return out
-
-
-def restore_rng_states(state: dict, dist_: Dist) -> None:
-    tag = f"rank{dist_.rank}."
-    if f"{tag}rng.torch" not in state["tensors"]:
-        raise UserError(f"--resume: the checkpoint was written by a run with fewer ranks (no RNG state for rank {dist_.rank})")
-    set_rng_state({"tensors": {k[len(tag):]: v for k, v in state["tensors"].items() if k.startswith(tag)},
-                   "json": {k[len(tag):]: v for k, v in state["json"].items() if k.startswith(tag)}})
-
-
-# ---- optimiser and schedule shared by every stage (REFERENCE.md 5.10) ------------------------
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, betas (0.9, 0.95) as the official code; no weight decay on biases and norm weights
-    (deviation: the official name test misses LLaMA's final `model.norm.weight`, REF 10.8; we
-    exclude every 1-D parameter)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one CUDA kernel for the whole update (the official FusedAdam); on a CPU the default
-    fused = decay[0].device.type == "cuda" if decay else False
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
-
-
-def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
-    """'cosine': linear warmup then cosine decay to 0 (HF get_cosine_schedule_with_warmup);
-    'constant': constant (the official critic schedule ignores warmup, REF 10.8)."""
-    def cosine(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-    schedules = {"cosine": cosine, "constant": lambda step: 1.0}
-    if kind not in schedules:
-        raise UserError(f"unknown lr schedule {kind!r}; choose cosine or constant")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[kind])
-
-
-def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Global-norm clipping; works on FSDP2 DTensor gradients (the norm is reduced over ranks)."""
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return norm
-
-
-# ---- arguments, data and logging plumbing every stage uses ---------------------------------
-
-
-def parse_args(cls, argv=None, description: str | None = None):
-    """Parse argv into the stage's Args dataclass. Each field's help is the one-line docstring
-    written under it (CleanRL style); bools get --flag / --no-flag; `--help` lists them all."""
-    import argparse
-    import ast
-    import dataclasses
-    import inspect
-    import types
-    import typing
-
-    helps = {}
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            helps[node.target.id] = nxt.value.value
-    hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default,
-                                help=helps.get(f.name, ""))
-            continue
-        base = kind
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
-            base = next(a for a in typing.get_args(kind) if a is not type(None))
-        if typing.get_origin(base) is list:
-            inner = typing.get_args(base)[0]
-            parser.add_argument(f"--{f.name}", type=inner, nargs="+", default=default, help=helps.get(f.name, ""))
-        else:
-            parser.add_argument(f"--{f.name}", type=base, default=default, help=helps.get(f.name, ""))
-    return cls(**vars(parser.parse_args(list(map(_underscored, sys.argv[1:] if argv is None else argv)))))
-
-
-def _underscored(token: str) -> str:
-    """Flag names take dashes or underscores alike: --estimate-memory is --estimate_memory,
-    --no-group-by-length is --no-group_by_length. Values are left alone."""
-    if not token.startswith("--"):
-        return token
-    name, eq, value = token.partition("=")
-    negated = name.startswith("--no-")
-    name = name[5:] if negated else name[2:]
-    return ("--no-" if negated else "--") + name.replace("-", "_") + eq + value
-
-
-def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: int | None = None,
-              required: tuple[str, ...] = (), what: str = "--dataset") -> list[dict]:
-    """Rows of a data set through `datasets.load_dataset`, hub or local: the same code path.
-
-    dataset: a hub name (e.g. PKU-Alignment/PKU-SafeRLHF), a local .json/.jsonl file, or a local
-    folder holding `<split>.jsonl` (or `<split>.json`). Rows missing a required field, an empty
-    set, or an unreadable file give one UserError naming the file, field and row.
-    """
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our one line says what failed
-    path = Path(dataset)
-    local = [path] if path.is_file() else sorted(path.glob(f"{split}.json*")) if path.is_dir() else []
-    if local and all(f.stat().st_size < 1 << 20 and not f.read_text(errors="replace").strip() for f in local):
-        raise UserError(f"{what} {dataset} (split {split}) is empty")  # datasets' own error here is blank
-    try:
-        if path.is_file():
-            ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
-        elif path.is_dir():
-            files = sorted(path.glob(f"{split}.json*"))
-            if not files:
-                raise UserError(f"{what} {dataset}: no {split}.jsonl or {split}.json in that folder")
-            ds = datasets.load_dataset("json", data_files={split: [str(f) for f in files]}, split=split)
-        elif dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
-            raise UserError(f"{what} {dataset}: no such file or folder (and not a hub name 'org/name')")
-        else:
-            ds = datasets.load_dataset(dataset, split=split, revision=revision)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
-        raise UserError(f"{what} {dataset} (split {split}): cannot read it: {_first_line(e)}") from None
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    rows = ds.to_list()
-    if not rows:
-        raise UserError(f"{what} {dataset} (split {split}) is empty")
-    for i, row in enumerate(rows):
-        for field in required:
-            if row.get(field) is None:
-                raise UserError(f"{what} {dataset} (split {split}): row {i} has no field {field!r}")
-    return rows
-
-
-IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding)
-
-
-def alpaca_request(row: dict) -> str:
-    """Alpaca schema: instruction, plus " " + input when there is one (REFERENCE.md 6.3)."""
-    return f"{row['instruction']} {row['input']}" if row.get("input") else row["instruction"]
-
-
-def tokenize_prompt_response(tokenizer, requests: list[str], responses: list[str], max_length: int):
-    """SFT-style examples: BOS + template(request) + response + EOS string, right-truncated to
-    max_length (which may cut the EOS); labels are IGNORE_INDEX on the prompt (BOS included), the
-    token itself on the response and the EOS (REFERENCE.md 4). Returns ([{input_ids, labels}],
-    number truncated)."""
-    prompts = [format_prompt(r) for r in requests]
-    all_ids = tokenizer([p + r + tokenizer.eos_token for p, r in zip(prompts, responses)],
-                        add_special_tokens=True)["input_ids"]
-    prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-    examples, truncated = [], 0
-    for ids, n_prompt in zip(all_ids, prompt_lengths):
-        truncated += len(ids) > max_length
-        ids = ids[:max_length]
-        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * min(n_prompt, len(ids)) + ids[n_prompt:]})
-    return examples, truncated
-
-
-def collate_right(examples: list[dict], pad_token_id: int):
-    """Right-pad {input_ids, labels} rows to the longest one. -> input_ids, attention_mask, labels (B, L)."""
-    L = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), L), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), L), dtype=torch.long)
-    labels = torch.full((len(examples), L), IGNORE_INDEX, dtype=torch.long)
-    for b, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[b, :n], attention_mask[b, :n] = torch.tensor(e["input_ids"]), 1
-        labels[b, :n] = torch.tensor(e["labels"])
-    return input_ids, attention_mask, labels
-
-
-def padded_order(n: int, multiple: int) -> tuple[list[int], list[bool]]:
-    """0..n-1 padded to a multiple of `multiple` by repeating rows, and which entries are real.
-    Every rank then runs the same number of forwards (lockstep); repeats are masked out of the counts."""
-    pad = (-n) % multiple
-    return list(range(n)) + [i % n for i in range(pad)], [True] * n + [False] * pad
-
-
-def epoch_order(n: int, seed: int, epoch: int, *, lengths: list[int] | None = None,
-                global_batch_size: int = 1, megabatch: int = 64) -> list[int]:
-    """The epoch's order of the n training rows: the same on every rank (seeded by seed and epoch),
-    so the data position is just the step count and --resume is exact.
-
-    lengths=None: a plain shuffle. With lengths, length-grouped batching (HF Trainer's
-    LengthGroupedSampler): shuffle, cut into mega-batches of `megabatch` global batches, sort each
-    mega-batch longest first and cut it into global batches, then shuffle the global batches, the
-    one holding the longest row first (an out-of-memory shows at step 1, not hours in). Every batch
-    then holds rows of similar length, so right padding wastes little compute; each epoch still sees
-    every row once, and which rows share a batch stays random within a mega-batch."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    if lengths is None:
-        return order
-    size = megabatch * global_batch_size
-    by_length = [i for lo in range(0, n, size)
-                 for i in sorted(order[lo:lo + size], key=lambda i: -lengths[i])]          # stable sort
-    full = n - n % global_batch_size  # an incomplete last batch stays last (the loop drops it)
-    batches = [by_length[lo:lo + global_batch_size] for lo in range(0, full, global_batch_size)]
-    batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-    if batches:
-        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-        batches[0], batches[longest] = batches[longest], batches[0]
-    return [i for batch in batches for i in batch] + by_length[full:]
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """This process's peak memory so far: torch's max allocated on a GPU, the peak resident set
-    (RSS, which includes Python and the libraries) on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
-
-
-def autocast(d: Dist):
-    """bf16 compute for a single GPU process (no FSDP mixed-precision policy there); under torchrun
-    FSDP2's policy already computes in bf16; on CPU everything stays fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda" and not d.enabled)
-
-
-def write_json_atomic(path: Path, record: dict) -> None:
-    """Write JSON to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
-
-
-def log_line(record: dict) -> str:
-    """The plain `|`-separated log line."""
-    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-
-
-def check_same_run(trainer_state: dict, now: dict) -> None:
-    """--resume continues the same run: the saved sizes (data rows, global batch, schedule length)
-    must equal this invocation's."""
-    for key, value in now.items():
-        if trainer_state.get(key, value) != value:  # .get: keys added later are absent from older runs
-            raise UserError(f"--resume: {key} was {trainer_state[key]} in the interrupted run, now {value}; "
-                            "resume with the same data, batch sizes, ranks and epochs")
-
-
-class JsonlLogger:
-    """One structured sink that needs no service: a JSON line per record, rank 0 only. The file
-    is opened per write, so it follows the run folder across atomic checkpoint swaps."""
-
-    def __init__(self, path: str | os.PathLike, enabled: bool):
-        self.path, self.enabled = Path(path), enabled
-
-    def log(self, record: dict) -> None:
-        if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def progress(iterable=None, total=None, enabled: bool = True, **kwargs):
-    """One tqdm bar on rank 0 (a silent stand-in elsewhere)."""
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, disable=not enabled or not sys.stderr.isatty() and os.environ.get("CI") == "true",
-                dynamic_ncols=True, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1042,21 +698,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence token mean, then batch mean: the official `masked_mean` (REF 5.7).
+    """Per-sequence token mean, then batch mean: the official `masked_mean` (safe_rlhf/utils.py@82743cc:L201-208).
     Plain loop: mean_b( sum_t m[b,t] x[b,t] / sum_t m[b,t] ).   (B, T), (B, T) -> ()"""
     per_sequence = (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B,)
     return per_sequence.mean()                                                # ()
-
-
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over masked positions (unbiased variance), zero outside the mask.
-    shift_mean=False rescales only (keeps the sign). (B, T), (B, T) -> (B, T)"""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
 
 
 def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1066,7 +711,8 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """The one-token shift: logits at position t predict token t+1 (REFERENCE.md 0).
+    """The one-token shift: logits at position t predict token t+1 (docs/reference.md, "Notation and the
+    one-token shift").
     Logits are divided by the sampling temperature before the log-softmax, so these are the
     log-probs of exactly the distribution `sample` draws from.
     (B, L, V), (B, L) -> (B, L-1), entry t = log pi(x_{t+1} | x_{<=t})."""
@@ -1096,7 +742,8 @@ def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Sample continuations of left-padded prompts with the KV cache.
 
     Draws from softmax(logits / temperature) with nothing hidden: no top-k, no top-p (the official
-    rollout samples with HF's implicit top_k=50, REFERENCE.md 10.4, and then scores with the full
+    rollout samples with HF's implicit top_k=50, safe_rlhf/trainers/rl_trainer.py@82743cc:L407-438, and then
+    scores with the full
     softmax; we sample from the distribution we score). temperature == 0 means greedy.
     After a row emits EOS it gets PAD. Under torchrun every rank runs the same number of decoding
     steps (it stops when all rows on all ranks are done), so sharded forwards never hang.

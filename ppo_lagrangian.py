@@ -11,22 +11,17 @@ with its own critic, and (b) a gradient-ascent step on lambda, parameterised as 
 stays >= 0 (paper eq. 31): log lambda <- log lambda + lr * lambda * (J_C - threshold).
 
 Sign convention of the threshold (stated once): the constraint enforced is E[C] <= threshold,
-i.e. threshold = -d in the paper's notation. With the default threshold 0, "on average the cost
-model classifies the responses as safe" (a cost model trained with eq. 6 puts C > 0 on unsafe
-responses). How to choose it: for a real cost model, look at the cost distribution of the SFT
-policy on the RL prompts (evaluate.py prints it) and pick a value below its mean: 0 is the
-official choice (REFERENCE.md 5.9). On the toy world the RL prompts are half benign, and the toy
-cost model (cost.py's defaults) scores benign answers near -3.7, refusals of harmful requests near
--4.2 and unsafe answers near +4: the SFT policy's mean cost is about -2.4 (a third to a half of its
-answers to harmful requests are unsafe), and a policy with at most ~5% unsafe answers sits near
--3.8, the default threshold. The threshold lives on the cost model's scale: after retraining the
-cost model, re-read these numbers (evaluate.py prints the mean cost per policy).
+i.e. threshold = -d in the paper's notation. With the official threshold 0 (safe-rlhf
+scripts/ppo-lag.sh@82743cc:L148-198), "on average the cost model classifies the responses as safe"
+(a cost model trained with eq. 6 puts C > 0 on unsafe responses). The toy world's -3.8 and how to
+choose a threshold for a real cost model: see the `threshold` field below.
 
 Baselines come from this same file, no second algorithm:
   * plain PPO (RLHF):        --lambda_init 0 --lambda_lr 0   (the cost stream is still logged)
   * reward shaping R - nu*C: --lambda_init nu --lambda_lr 0. With lambda fixed at nu the actor's
     advantage (A_R - nu A_C)/(1 + nu) is, by linearity of GAE, the GAE of the per-token reward
-    -beta*k_t + [t = end](R - nu C)/(1 + nu): the official shaping baseline (REF 5.12) up to the
+    -beta*k_t + [t = end](R - nu C)/(1 + nu): the official shaping baseline
+    (safe_rlhf/algorithms/ppo_reward_shaping/trainer.py@82743cc:L39-303) up to the
     1/(1+nu) scale on the score (equivalently its step size and KL weight scaled by 1+nu), and with
     two critics instead of one. Exact as long as the +-clip_range_score clip is not hit.
 
@@ -40,7 +35,7 @@ exposed as arguments, lambda identical on every rank by an all-reduce (not reduc
 Run (the toy world, after sft.py, reward.py and cost.py):
     python ppo_lagrangian.py
     torchrun --nproc_per_node 2 ppo_lagrangian.py
-Real models on 8 GPUs, the official recipe (REFERENCE.md 5.14):
+Real models on 8 GPUs, the official recipe (safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198):
     torchrun --nproc_per_node 8 ppo_lagrangian.py --actor_model_name_or_path runs/sft-7b \\
         --reward_model_name_or_path runs/reward-7b --cost_model_name_or_path runs/cost-7b \\
         --dataset PKU-Alignment/PKU-SafeRLHF --max_length 512 --epochs 1 --actor_lr 1e-5 \\
@@ -63,6 +58,8 @@ from pathlib import Path
 import torch
 
 import model as M
+import plumbing
+from plumbing import UserError
 
 # --------------------------------------------------------------------------------------------
 # Args
@@ -79,9 +76,10 @@ class Args:
     cost_model_name_or_path: str = "runs/cost"
     """the trained cost model (cost.py), frozen"""
     reward_critic_model_name_or_path: str | None = None
-    """reward critic init; default: the reward model (head included, REF 1.2)"""
+    """reward critic init; default: the reward model (head included,
+    safe_rlhf/trainers/rl_trainer.py@82743cc:L162-175)"""
     tokenizer_name_or_path: str | None = None
-    """default: the actor's folder (needed when the models are model.py presets, e.g. in bench.py)"""
+    """default: the actor's folder (needed when the models are model.py presets, e.g. in tools/bench.py)"""
     cost_critic_model_name_or_path: str | None = None
     """cost critic init; default: the cost model"""
     trust_remote_code: bool = False
@@ -148,8 +146,14 @@ class Args:
     ptx_coeff: float = 16.0
     """weight of the PTX loss when --ptx_dataset is given (official script 16)"""
     # Lagrange multiplier (eq. 12)
+    # The threshold lives on the cost model's scale. For a real cost model, read the SFT policy's mean
+    # cost on the RL prompts (evaluate.py prints it) and pick a value below it; 0 is the official one.
+    # The toy cost model (cost.py's defaults) scores benign answers near -3.7, refusals of harmful
+    # requests near -4.2 and unsafe answers near +4; half the RL prompts are benign. So the SFT policy
+    # sits near -2.4 (a third to a half of its answers to harmful requests unsafe), and a policy with
+    # at most ~5% unsafe answers near -3.8: the default. After retraining the cost model, re-read these.
     threshold: float = -3.8
-    """the constraint is E[C] <= threshold (= -d in the paper); official 0.0; toy: see the module docstring"""
+    """the constraint is E[C] <= threshold (= -d in the paper); official 0.0; toy -3.8 (see above)"""
     lambda_init: float = 1.0
     """initial lambda; with --lambda_lr 0 it stays fixed (reward shaping; 0 = plain PPO)"""
     lambda_lr: float = 0.1
@@ -196,14 +200,15 @@ class Args:
 
 
 def end_indices(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real action in each row. (B, T) 0/1 -> (B,)  (REF 5.4: end)."""
+    """Index of the last real action in each row. (B, T) 0/1 -> (B,)  (docs/reference.md, "Rollout and indices")."""
     return M.last_attended_index(mask)
 
 
 def per_token_rewards_and_costs(reward: torch.Tensor, cost: torch.Tensor, old_logprobs: torch.Tensor,
                                 ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coeff: float,
                                 clip_range_score: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token reward and cost with the KL penalty (REFERENCE.md 5.5, after fix 2c1799f, 10.1):
+    """Per-token reward and cost with the KL penalty (safe_rlhf/algorithms/ppo_lag/trainer.py@82743cc:L258-287;
+    fix 2c1799f):
 
         r_t = clip(-beta * k_t + [t = end] * R, -c_s, c_s)
         c_t = clip(+beta * k_t + [t = end] * C, -c_s, c_s),   k_t = log pi_old(a_t) - log pi_ref(a_t)
@@ -225,7 +230,8 @@ def per_token_rewards_and_costs(reward: torch.Tensor, cost: torch.Tensor, old_lo
 
 def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float,
         gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016; REFERENCE.md 5.6) on masked arrays.
+    """Generalised advantage estimation (Schulman et al. 2016;
+    safe_rlhf/trainers/rl_trainer.py@82743cc:L630-651) on masked arrays.
 
         V_t, r_t masked first (zero after the end), V_T := 0, A_T := 0,
         delta_t = r_t + gamma * V_{t+1} - V_t
@@ -250,7 +256,8 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def combined_advantage(reward_advantages: torch.Tensor, cost_advantages: torch.Tensor,
                        lagrange_multiplier: float) -> torch.Tensor:
-    """(A_R - lambda * A_C) / (1 + lambda) (paper eq. 12's primal step; REFERENCE.md 5.7).
+    """(A_R - lambda * A_C) / (1 + lambda) (paper eq. 12's primal step;
+    safe_rlhf/algorithms/ppo_lag/trainer.py@82743cc:L289-309).
     The 1/(1+lambda) is a positive rescaling that keeps the advantage bounded as lambda grows.
     (B, T), (B, T), float -> (B, T)"""
     return (reward_advantages - lagrange_multiplier * cost_advantages) / (1.0 + lagrange_multiplier)
@@ -258,7 +265,7 @@ def combined_advantage(reward_advantages: torch.Tensor, cost_advantages: torch.T
 
 def actor_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                mask: torch.Tensor, clip_range_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate (REFERENCE.md 5.7):
+    """PPO clipped surrogate (safe_rlhf/algorithms/ppo/trainer.py@82743cc:L127-143):
         L = -masked_sequence_mean( min(rho A, clip(rho, 1-eps, 1+eps) A) ),  rho = exp(logp - logp_old)
     Per-sequence token mean, then batch mean (official since e64d1bc). (B, T) each -> loss (),
     and the fraction of real tokens whose ratio was clipped (a diagnostic)."""
@@ -272,7 +279,7 @@ def actor_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
 
 def critic_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                 mask: torch.Tensor, clip_range_value: float) -> torch.Tensor:
-    """Clipped value loss (REFERENCE.md 5.8):
+    """Clipped value loss (safe_rlhf/trainers/rl_trainer.py@82743cc:L653-669):
         V_clip = clip(V, V_old - eps_v, V_old + eps_v)
         L = 1/2 * masked_sequence_mean( max((V - G)^2, (V_clip - G)^2) )
     (B, T) each -> ()"""
@@ -284,7 +291,8 @@ def critic_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.T
 
 def ptx_loss(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """PTX: the SFT loss (token mean NLL of the response tokens) on supervised data, added to the
-    actor loss to keep the policy's language ability (REFERENCE.md 5.11; paper appendix).
+    actor loss to keep the policy's language ability (safe_rlhf/trainers/rl_trainer.py@82743cc:L456-470; paper
+    appendix).
     logprobs: (B, L-1) with the one-token shift; labels: (B, L), IGNORE_INDEX where no loss."""
     target_mask = (labels[:, 1:] != M.IGNORE_INDEX).float()                  # (B, L-1)
     return -(logprobs * target_mask).sum() / target_mask.sum().clamp(min=1)  # ()
@@ -300,6 +308,50 @@ def lagrange_multiplier_loss(log_lambda: torch.Tensor, episode_cost: float, thre
 
 
 # --------------------------------------------------------------------------------------------
+# Diagnostics: the metrics of one rl_step (their names are explained in the README)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def step_record(step: int, epoch: int, micro: dict[str, torch.Tensor], losses: dict[str, torch.Tensor],
+                clip_fraction: torch.Tensor, first_pass_logratio: torch.Tensor | None, lagrange_multiplier: float,
+                episode_cost: float, threshold: float) -> dict:
+    """The record of one rl_step, every statistic averaged over ranks (one all-reduce).
+    micro: this micro-batch's reward, cost, has_eos (b,) and old_logprobs, ref_logprobs, rewards,
+    costs, reward_advantages, cost_advantages, mask (b, T). first_pass_logratio: max |log ratio| on
+    the first pass over a rollout (must be 0), None on later passes."""
+    m = micro["mask"]
+    per_sequence = lambda x: (x * m).sum(1).mean()  # noqa: E731  summed over the response, mean over sequences
+    stats = {
+        "objective/reward": micro["reward"].mean(), "objective/cost": micro["cost"].mean(),
+        "objective/kl": per_sequence(micro["old_logprobs"] - micro["ref_logprobs"]),
+        "objective/reward_with_kl_penalty": per_sequence(micro["rewards"]),
+        "objective/cost_with_kl_penalty": per_sequence(micro["costs"]),
+        "policy/reward_advantage_mean": M.masked_mean(micro["reward_advantages"], m),
+        "policy/cost_advantage_mean": M.masked_mean(micro["cost_advantages"], m),
+        "loss/actor": losses["actor"].detach(), "loss/reward_critic": losses["reward_critic"],
+        "loss/cost_critic": losses["cost_critic"], "policy/clip_fraction": clip_fraction,
+        "policy/response_length": m.sum(1).mean(), "policy/missing_eos_rate": (~micro["has_eos"]).float().mean(),
+        "policy/first_pass_logratio_max": first_pass_logratio if first_pass_logratio is not None else m.new_zeros(()),
+    }
+    record = dict(zip(stats, M.all_reduce(torch.stack(list(stats.values())), "mean").tolist()))
+    if first_pass_logratio is None:
+        del record["policy/first_pass_logratio_max"]
+    record.update({"step": step, "epoch": epoch, "lagrangian/lambda": lagrange_multiplier,
+                   "lagrangian/episode_cost": episode_cost, "lagrangian/constraint_violation": episode_cost - threshold})
+    return record
+
+
+def step_line(record: dict) -> str:
+    """The plain log line of an rl_step."""
+    r, t = record, {k: record[f"time/{k}"] for k in ("generation", "scoring", "training")}
+    return (f"step {r['step']} | reward {r['objective/reward']:+.3f} | cost {r['objective/cost']:+.3f} | "
+            f"J_C {r['lagrangian/episode_cost']:+.3f} | lambda {r['lagrangian/lambda']:.3f} | "
+            f"kl {r['objective/kl']:.3f} | len {r['policy/response_length']:.1f} | lr {r['lr/actor']:.2e} | "
+            f"gen {t['generation']:.2f}s score {t['scoring']:.2f}s train {t['training']:.2f}s")
+
+
+# --------------------------------------------------------------------------------------------
 # Data: unique prompts, left-padded for generation
 # --------------------------------------------------------------------------------------------
 
@@ -308,25 +360,12 @@ def load_prompts(args: Args) -> list[str]:
     if args.dataset == "data/toy/prompts":
         import toyworld
         toyworld.ensure_toy_data("data/toy")
-    rows = M.load_rows(args.dataset, args.split, revision=args.revision, limit=args.limit,
+    rows = plumbing.load_rows(args.dataset, args.split, revision=args.revision, limit=args.limit,
                        required=(args.prompt_field,))
-    # Deduplicate, keeping the last occurrence's position (as the official PromptOnlyDataset, REF 10.7).
+    # Deduplicate, keeping the last occurrence's position, as the official PromptOnlyDataset
+    # (safe_rlhf/datasets/prompt_only.py@82743cc:L45-80).
     last = {row[args.prompt_field]: i for i, row in enumerate(rows)}
     return [p for p, _ in sorted(last.items(), key=lambda kv: kv[1])]
-
-
-def encode_prompts(tokenizer, prompts: list[str], max_length: int, device: torch.device):
-    """Template + left padding (the prompt's last token sits in column S-1 of every row). Prompts
-    are truncated to half of max_length (keeping their end) and padded to the longest prompt on ANY
-    rank, so every rank has the same S and the same generation budget max_length - S."""
-    texts = [M.format_prompt(p) for p in prompts]
-    tokenizer.truncation_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length // 2)
-    S = int(M.all_reduce_max(torch.tensor(enc.input_ids.shape[1], device=device)).item())  # NCCL: on the GPU
-    pad = S - enc.input_ids.shape[1]
-    ids = torch.nn.functional.pad(enc.input_ids, (pad, 0), value=tokenizer.pad_token_id)
-    mask = torch.nn.functional.pad(enc.attention_mask, (pad, 0), value=0)
-    return ids.to(device), mask.to(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,21 +382,21 @@ def main(args: Args) -> None:
     args.steps_per_rollout = args.update_iters * args.per_device_prompt_batch_size // args.per_device_train_batch_size
     bf16 = d.device.type == "cuda"
     out = Path(args.output_dir)
-    M.recover_checkpoint(out)
+    plumbing.recover_checkpoint(out)
 
     # ---- data (validated before anything is written) ---------------------------------------
     prompts = load_prompts(args)
     global_prompt_batch = args.per_device_prompt_batch_size * d.world_size
     rollouts_per_epoch = len(prompts) // global_prompt_batch
     if rollouts_per_epoch == 0:
-        raise M.UserError(f"--dataset {args.dataset}: {len(prompts)} unique prompts, fewer than one global "
+        raise UserError(f"--dataset {args.dataset}: {len(prompts)} unique prompts, fewer than one global "
                           f"prompt batch ({global_prompt_batch}); lower --per_device_prompt_batch_size")
     args.total_steps = args.epochs * rollouts_per_epoch * args.steps_per_rollout
     ptx_rows = None
     if args.ptx_dataset is not None:  # alpaca schema, as sft.py
-        ptx_rows = M.load_rows(args.ptx_dataset, "train", required=("instruction", "output"), what="--ptx_dataset")
+        ptx_rows = plumbing.load_rows(args.ptx_dataset, "train", required=("instruction", "output"), what="--ptx_dataset")
     if args.resume and not (out / "train_state.json").is_file():
-        raise M.UserError(f"--resume: {out} holds no resumable state (train_state.json)")
+        raise UserError(f"--resume: {out} holds no resumable state (train_state.json)")
 
     # ---- models: actor, reference, reward, cost, two critics -------------------------------
     M.seed_everything(args.seed)  # same on every rank: identical initial weights
@@ -379,7 +418,7 @@ def main(args: Args) -> None:
                                      args.cost_critic_model_name_or_path or args.cost_model_name_or_path,
                                      tokenizer, "critic", stage_hint=hint["cost"], **load)
     if reward_model.config.vocab_size != actor.config.vocab_size or cost_model.config.vocab_size != actor.config.vocab_size:
-        raise M.UserError("the reward/cost models' vocabulary differs from the actor's: they must share its tokenizer "
+        raise UserError("the reward/cost models' vocabulary differs from the actor's: they must share its tokenizer "
                           "(re-tokenisation for a different tokenizer is not implemented)")
     prep = dict(bf16=bf16, activation_checkpointing=args.gradient_checkpointing)
     actor = M.prepare_model(actor, d, trainable=True, **prep)
@@ -393,11 +432,11 @@ def main(args: Args) -> None:
 
     # ---- optimisers: one per trained model, plus SGD on log(lambda) ------------------------
     warmup = int(args.actor_warmup_ratio * args.total_steps)
-    actor_opt = M.make_optimizer(actor, args.actor_lr, args.actor_weight_decay)
-    actor_sched = M.make_scheduler(actor_opt, args.actor_lr_scheduler, warmup, args.total_steps)
-    critic_opts = {name: M.make_optimizer(m, args.critic_lr, args.critic_weight_decay)
+    actor_opt = plumbing.make_optimizer(actor, args.actor_lr, args.actor_weight_decay)
+    actor_sched = plumbing.make_scheduler(actor_opt, args.actor_lr_scheduler, warmup, args.total_steps)
+    critic_opts = {name: plumbing.make_optimizer(m, args.critic_lr, args.critic_weight_decay)
                    for name, m in (("reward_critic", reward_critic), ("cost_critic", cost_critic))}
-    critic_scheds = {name: M.make_scheduler(o, args.critic_lr_scheduler, warmup, args.total_steps)
+    critic_scheds = {name: plumbing.make_scheduler(o, args.critic_lr_scheduler, warmup, args.total_steps)
                      for name, o in critic_opts.items()}
     log_lambda = torch.nn.Parameter(torch.tensor(math.log(args.lambda_init) if args.lambda_init > 0 else -math.inf,
                                                  device=d.device))
@@ -406,17 +445,17 @@ def main(args: Args) -> None:
 
     step, epoch, rollout_in_epoch = 0, 0, 0
     if args.resume:
-        state = M.load_train_state(out)
-        M.load_optimizer_state(actor, actor_opt, "actor", state)
+        state = plumbing.load_train_state(out)
+        plumbing.load_optimizer_state(actor, actor_opt, "actor", state)
         for name, m in (("reward_critic", reward_critic), ("cost_critic", cost_critic)):
-            M.load_optimizer_state(m, critic_opts[name], name, state)
+            plumbing.load_optimizer_state(m, critic_opts[name], name, state)
             critic_scheds[name].load_state_dict(state["json"][f"{name}.scheduler"])
         actor_sched.load_state_dict(state["json"]["actor.scheduler"])
         with torch.no_grad():
             log_lambda.copy_(state["tensors"]["log_lambda"])
         episode_costs.extend(state["json"]["episode_costs"][d.rank])
         step, epoch, rollout_in_epoch = state["json"]["step"], state["json"]["epoch"], state["json"]["rollout_in_epoch"]
-        M.restore_rng_states(state, d)
+        plumbing.restore_rng_states(state, d)
         M.print0(f"resumed from {out} at rl_step {step}")
     else:
         M.seed_everything(args.seed + d.rank)  # per rank: different samples on every rank
@@ -424,8 +463,8 @@ def main(args: Args) -> None:
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(asdict(args), indent=1) + "\n")
-    logger = M.JsonlLogger(out / "metrics.jsonl", d.is_main)
-    samples_log = M.JsonlLogger(out / "samples.jsonl", d.is_main)
+    logger = plumbing.JsonlLogger(out / "metrics.jsonl", d.is_main)
+    samples_log = plumbing.JsonlLogger(out / "samples.jsonl", d.is_main)
 
     def save() -> None:
         # per-rank windows and lambdas, gathered (the lambdas must all be equal: checked by the tests)
@@ -433,11 +472,11 @@ def main(args: Args) -> None:
         if d.enabled:
             torch.distributed.all_gather_object(per_rank, (list(episode_costs), log_lambda.item()))
         costs_all = [c for c, _ in per_rank]
-        state = M.merge_states(
-            M.optimizer_state(actor, actor_opt, "actor"),
-            M.optimizer_state(reward_critic, critic_opts["reward_critic"], "reward_critic"),
-            M.optimizer_state(cost_critic, critic_opts["cost_critic"], "cost_critic"),
-            M.gather_rng_states(d),
+        state = plumbing.merge_states(
+            plumbing.optimizer_state(actor, actor_opt, "actor"),
+            plumbing.optimizer_state(reward_critic, critic_opts["reward_critic"], "reward_critic"),
+            plumbing.optimizer_state(cost_critic, critic_opts["cost_critic"], "cost_critic"),
+            plumbing.gather_rng_states(d),
             {"tensors": {"log_lambda": log_lambda.detach().cpu().reshape(())},
              "json": {"actor.scheduler": actor_sched.state_dict(),
                       "reward_critic.scheduler": critic_scheds["reward_critic"].state_dict(),
@@ -448,7 +487,7 @@ def main(args: Args) -> None:
                           train_state=state)
 
     # ---- the loop -------------------------------------------------------------------------
-    bar = M.progress(total=args.total_steps, initial=step, enabled=d.is_main, desc="ppo-lag")
+    bar = plumbing.progress(total=args.total_steps, initial=step, enabled=d.is_main, desc="ppo-lag")
     stop = False
     while epoch < args.epochs and not stop:
         # Same shuffled order on every rank (seeded by epoch); each rank takes its slice of a batch.
@@ -461,8 +500,11 @@ def main(args: Args) -> None:
             # ======== 1. rollout (no grad, eval mode) ========================================
             t0 = time.perf_counter()
             actor.eval()
-            prompt_ids, prompt_mask = encode_prompts(tokenizer, batch_prompts, args.max_length, d.device)
-            S = prompt_ids.shape[1]
+            # Template + left padding; prompts keep their last max_length // 2 tokens, and every rank
+            # pads to the longest prompt on ANY rank: the same S, so the same generation budget.
+            rows = M.encode_prompts(tokenizer, batch_prompts, args.max_length // 2)
+            S = int(M.all_reduce(torch.tensor(max(map(len, rows)), device=d.device), "max").item())  # NCCL: on the GPU
+            prompt_ids, prompt_mask = (t.to(d.device) for t in M.left_pad(rows, tokenizer.pad_token_id, length=S))
             # all-gather the actor once for the whole generation; bf16 compute on a single GPU (M.autocast)
             with M.gathered_weights(actor), M.autocast(d):
                 sequences, attention_mask = M.sample(
@@ -488,7 +530,8 @@ def main(args: Args) -> None:
                 # 2e. critics' values: V_t is read at the token that precedes action t (one-token shift)
                 reward_values = reward_critic(sequences, attention_mask).scores[:, :-1]       # (B, L-1)
                 cost_values = cost_critic(sequences, attention_mask).scores[:, :-1]           # (B, L-1)
-            # 2f. the episode-cost window holds RAW cost-model scores (no KL, no clip) (REF 5.9)
+            # 2f. the episode-cost window holds RAW cost-model scores (no KL, no clip)
+            #     (safe_rlhf/algorithms/ppo_lag/trainer.py@82743cc:L197)
             episode_costs.extend(cost.tolist())
             timer["scoring"] = time.perf_counter() - t0
 
@@ -501,6 +544,9 @@ def main(args: Args) -> None:
                                                          args.kl_coeff, args.clip_range_score)  # (B, T)
             reward_advantages, reward_returns = gae(reward_values, rewards, mask, args.gamma, args.gae_lambda)
             cost_advantages, cost_returns = gae(cost_values, costs, mask, args.gamma, args.gae_lambda)
+            rollout = dict(reward=reward, cost=cost, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                           rewards=rewards, costs=costs, reward_advantages=reward_advantages,
+                           cost_advantages=cost_advantages, mask=mask, has_eos=has_eos)  # for the diagnostics
 
             # ======== 4. PPO updates: epochs x micro-batches of rl_steps =====================
             t0 = time.perf_counter()
@@ -510,8 +556,8 @@ def main(args: Args) -> None:
                 for lo in range(0, B, mb):
                     sl = slice(lo, lo + mb)
                     # -- 4a. the dual step first (eq. 12): the same lambda on every rank ---------
-                    episode_cost = M.all_reduce_mean(torch.tensor(sum(episode_costs) / len(episode_costs),
-                                                                  device=d.device)).item()
+                    episode_cost = M.all_reduce(torch.tensor(sum(episode_costs) / len(episode_costs),
+                                                             device=d.device), "mean").item()
                     if args.lambda_lr > 0 and step >= args.lambda_update_delay_steps:
                         lambda_opt.zero_grad()
                         lagrange_multiplier_loss(log_lambda, episode_cost, args.threshold).backward()
@@ -530,21 +576,23 @@ def main(args: Args) -> None:
                     # On the first pass over a fresh rollout the weights are those that sampled it,
                     # so the ratio must be exactly 1 (a check of the log-prob bookkeeping).
                     ratio_deviation = ((logprobs.detach() - old_logprobs[sl]).abs() * m).max()
-                    M.check_finite(loss_actor, "actor loss", step)
+                    plumbing.check_finite(loss_actor, "actor loss", step)
                     actor_opt.zero_grad(set_to_none=True)
                     loss_total = loss_actor
-                    if ptx_rows is not None:  # same actor update as the RL loss (REF 5.11, without the 1/2)
+                    # PTX joins the RL loss in the same actor update, as upstream without the 1/2
+                    # (safe_rlhf/trainers/rl_trainer.py@82743cc:L316-320; docs/reference.md, "PTX loss")
+                    if ptx_rows is not None:
                         g = torch.Generator().manual_seed(args.seed * 7919 + step * d.world_size + d.rank)
                         picks = torch.randint(len(ptx_rows), (mb,), generator=g).tolist()
                         examples, _ = M.tokenize_prompt_response(
-                            tokenizer, [M.alpaca_request(ptx_rows[i]) for i in picks],
+                            tokenizer, [plumbing.alpaca_request(ptx_rows[i]) for i in picks],
                             [ptx_rows[i]["output"] for i in picks], args.max_length)
                         ids, am_ptx, labels = (t.to(d.device) for t in M.collate_right(examples, tokenizer.pad_token_id))
                         with M.autocast(d):
                             loss_ptx = ptx_loss(M.policy_logprobs(actor, ids, am_ptx, right_padded=True), labels)
                         loss_total = loss_actor + args.ptx_coeff * loss_ptx
                     loss_total.backward()
-                    M.clip_grad_norm(actor, args.max_grad_norm)
+                    plumbing.clip_grad_norm(actor, args.max_grad_norm)
                     actor_opt.step()
                     actor_sched.step()
                     # -- 4c. reward critic, then cost critic --------------------------------------
@@ -555,55 +603,33 @@ def main(args: Args) -> None:
                         with M.autocast(d):
                             values = critic(seq, am).scores[:, :-1][:, start:]              # (b, T)
                         loss = critic_loss(values, old_values[sl], returns[sl], m, args.clip_range_value)
-                        M.check_finite(loss, f"{name} loss", step)
+                        plumbing.check_finite(loss, f"{name} loss", step)
                         critic_opts[name].zero_grad(set_to_none=True)
                         loss.backward()
-                        M.clip_grad_norm(critic, args.max_grad_norm)
+                        plumbing.clip_grad_norm(critic, args.max_grad_norm)
                         critic_opts[name].step()
                         critic_scheds[name].step()
                         critic_losses[name] = loss.detach()
                     step += 1
                     bar.update(1)
 
-                    # ======== 5. diagnostics ================================================
-                    with torch.no_grad():
-                        kl = ((old_logprobs[sl] - ref_logprobs[sl]) * m).sum(1).mean()
-                        stats = torch.stack([
-                            reward[sl].mean(), cost[sl].mean(), kl,
-                            (rewards[sl] * m).sum(1).mean(), (costs[sl] * m).sum(1).mean(),
-                            M.masked_mean(reward_advantages[sl], m), M.masked_mean(cost_advantages[sl], m),
-                            loss_actor.detach(), critic_losses["reward_critic"], critic_losses["cost_critic"],
-                            clip_fraction, m.sum(1).mean(), (~has_eos[sl]).float().mean(), ratio_deviation])
-                        stats = M.all_reduce_mean(stats).tolist()
-                    record = {
-                        "step": step, "epoch": epoch,
-                        "objective/reward": stats[0], "objective/cost": stats[1],
-                        "objective/kl": stats[2], "objective/reward_with_kl_penalty": stats[3],
-                        "objective/cost_with_kl_penalty": stats[4],
-                        "lagrangian/lambda": lagrange_multiplier, "lagrangian/episode_cost": episode_cost,
-                        "lagrangian/constraint_violation": episode_cost - args.threshold,
-                        "policy/reward_advantage_mean": stats[5], "policy/cost_advantage_mean": stats[6],
-                        "loss/actor": stats[7], "loss/reward_critic": stats[8], "loss/cost_critic": stats[9],
-                        "policy/clip_fraction": stats[10], "policy/response_length": stats[11],
-                        "policy/missing_eos_rate": stats[12], "lr/actor": actor_sched.get_last_lr()[0],
-                        "lr/critic": critic_scheds["reward_critic"].get_last_lr()[0],
-                        "memory/peak_gib": M.peak_memory_gib(d.device),
-                    }
-                    if update_iter == 0:
-                        record["policy/first_pass_logratio_max"] = stats[13]
-                    if ptx_rows is not None:
-                        record["loss/ptx"] = M.all_reduce_mean(loss_ptx.detach()).item()
+                    # ======== 5. diagnostics: one record per rl_step, averaged over ranks ===========
                     timer["training"] = time.perf_counter() - t0
-                    record.update({f"time/{k}": v for k, v in timer.items()})
+                    micro = {k: v[sl] for k, v in rollout.items()}
+                    record = step_record(step, epoch, micro, {"actor": loss_actor, **critic_losses}, clip_fraction,
+                                         ratio_deviation if update_iter == 0 else None, lagrange_multiplier,
+                                         episode_cost, args.threshold)
+                    record.update({"lr/actor": actor_sched.get_last_lr()[0],
+                                   "lr/critic": critic_scheds["reward_critic"].get_last_lr()[0],
+                                   "memory/peak_gib": plumbing.peak_memory_gib(d.device),
+                                   **{f"time/{k}": v for k, v in timer.items()}})
+                    if ptx_rows is not None:
+                        record["loss/ptx"] = M.all_reduce(loss_ptx.detach(), "mean").item()
                     logger.log(record)
-                    bar.set_postfix(R=f"{stats[0]:.2f}", C=f"{stats[1]:.2f}", lam=f"{lagrange_multiplier:.2f}",
-                                    kl=f"{stats[2]:.2f}")
+                    bar.set_postfix(R=f"{record['objective/reward']:.2f}", C=f"{record['objective/cost']:.2f}",
+                                    lam=f"{lagrange_multiplier:.2f}", kl=f"{record['objective/kl']:.2f}")
                     if step % args.log_every == 0 or step == args.total_steps:
-                        M.print0(f"step {step} | reward {stats[0]:+.3f} | cost {stats[1]:+.3f} | "
-                                 f"J_C {episode_cost:+.3f} | lambda {lagrange_multiplier:.3f} | kl {stats[2]:.3f} | "
-                                 f"len {stats[11]:.1f} | lr {record['lr/actor']:.2e} | "
-                                 f"gen {timer['generation']:.2f}s score {timer['scoring']:.2f}s "
-                                 f"train {timer['training']:.2f}s")
+                        M.print0(step_line(record))
                     if args.sample_every and step % args.sample_every == 0:
                         texts = tokenizer.batch_decode(sequences[sl][:4, S:], skip_special_tokens=True)
                         for p, r, rw, c in zip(batch_prompts[lo:lo + 4], texts, reward[sl].tolist(), cost[sl].tolist()):
@@ -627,4 +653,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    M.run_main(main, M.parse_args(Args, description=__doc__.splitlines()[0]))
+    plumbing.run_main(main, plumbing.parse_args(Args, description=__doc__.splitlines()[0]))

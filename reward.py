@@ -2,12 +2,14 @@
 
 What it optimises. A score model (the SFT policy's decoder + a linear head, model.ScoreModel) reads the
 text  BOS "BEGINNING OF CONVERSATION: USER: {x} ASSISTANT:" y EOS  and returns its score at the EOS
-(REFERENCE.md 1.3). For each pair of responses to a prompt, y_w the one the crowd found more helpful
+(safe_rlhf/models/score_model/__init__.py@82743cc:L197). For each pair of responses to a prompt, y_w the one
+the crowd found more helpful
 (`better_response_id`) and y_l the other, the loss is the Bradley-Terry negative log-likelihood
 
     L_R(phi) = -E[ log sigma( R(y_w, x) - R(y_l, x) ) ]  +  eta * E[ R(y_w, x)^2 + R(y_l, x)^2 ] / 2    (eq. 5)
 
-where the second term is the official optional score regulariser (REFERENCE.md 2; `--regularization`,
+where the second term is the official optional score regulariser
+(safe_rlhf/values/reward/trainer.py@82743cc:L222-230; `--regularization`,
 0.001 in the official scripts). Metrics: ranking accuracy (strict R(y_w) > R(y_l); a tie is wrong), and
 the mean and standard deviation of all scores, on the test split.
 
@@ -22,13 +24,14 @@ Speed (both on by default; the official loader does neither): pairs are batched 
 (--group_by_length), and each pair is ONE row, its prompt once and then both responses, under a mask
 that keeps the second response from seeing the first (--share_prompt, `pack_pairs`): the same scores
 and gradients as two right-padded rows, on 16% fewer positions than the pair's tokens instead of 38%
-more. `python bench.py` measures it: 1.43x the real tokens/s of a plain shuffled two-row loop.
+more. `python -m tools.bench` measures it: 1.43x the real tokens/s of a plain shuffled two-row loop.
 
 Left out on purpose: the token-wise loss variant (sequence-wise only, as the official scripts use), the
-running score normaliser (its statistics are collected but unused by default upstream, REFERENCE.md 1.4),
+running score normaliser (its statistics are collected but unused by default upstream,
+safe_rlhf/models/score_model/__init__.py@82743cc:L221-232),
 DeepSpeed/ZeRO (FSDP2 by hand in model.py instead).
 
-Official 7B recipe (scripts/reward-model.sh, REFERENCE.md 2), for real data on 8 GPUs:
+Official 7B recipe (safe-rlhf scripts/reward-model.sh@82743cc:L110-140), for real data on 8 GPUs:
     torchrun --nproc_per_node 8 reward.py --model_name_or_path PKU-Alignment/alpaca-7b-reproduced \\
         --dataset PKU-Alignment/PKU-SafeRLHF --epochs 2 --lr 2e-5 --warmup_ratio 0.03 --weight_decay 0.1 \\
         --per_device_train_batch_size 16 --max_length 512 --regularization 0.001 --gradient_checkpointing \\
@@ -51,10 +54,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import model as M
+import plumbing
+from plumbing import UserError
 
 # --------------------------------------------------------------------------------------------
 # Arguments (cost.py uses the same ones)
@@ -71,7 +75,7 @@ class Args:
     eval_split: str = "test"
     """held-out split for the evaluation ("" for none)"""
     dataset_revision: str | None = None
-    """hub revision of the data set (pin a 2023 one to reproduce the paper, REFERENCE.md 6.2)"""
+    """hub revision of the data set (pin a 2023 one to reproduce the paper, docs/reference.md, "PKU-SafeRLHF")"""
     limit: int | None = None
     """use only the first N training pairs"""
     eval_limit: int | None = None
@@ -89,7 +93,8 @@ class Args:
     """recompute activations in the backward pass (less memory, about 30% slower)"""
     # the loss
     regularization: float = 0.001
-    """eta: weight of the score regulariser mean(score^2) (REFERENCE.md 2; official scripts 0.001)"""
+    """eta: weight of the score regulariser mean(score^2) (official scripts 0.001: safe-rlhf
+    scripts/reward-model.sh@82743cc:L123)"""
     # optimisation
     epochs: int = 3
     """passes over the training pairs (official 7B: 2)"""
@@ -149,7 +154,8 @@ def reward_loss(better_scores: torch.Tensor, worse_scores: torch.Tensor, regular
     """Paper eq. 5, sequence-wise: mean_b[ -log sigma(r_w - r_l) ] + eta * mean over the 2B scores of r^2.
     better_scores r_w: (B,) end scores of the more helpful responses; worse_scores r_l: (B,). -> ()"""
     loss = -F.logsigmoid(better_scores - worse_scores).mean()                           # () eq. 5
-    if regularization > 0:  # official score regulariser (REFERENCE.md 2): keeps scores near 0
+    # The official score regulariser keeps scores near 0 (safe_rlhf/values/reward/trainer.py@82743cc:L222-230).
+    if regularization > 0:
         loss = loss + regularization * torch.cat([better_scores, worse_scores]).square().mean()  # ()
     return loss
 
@@ -160,7 +166,8 @@ def ranking_accuracy(higher: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
 
 
 def reward_metrics(better_scores: torch.Tensor, worse_scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Ranking accuracy and the mean / std of all 2B scores (REFERENCE.md 2). labels: unused (B, 0)."""
+    """Ranking accuracy and the mean / std of all 2B scores
+    (safe_rlhf/values/reward/trainer.py@82743cc:L50-155). labels: unused (B, 0)."""
     scores = torch.cat([better_scores, worse_scores])                                   # (2B,)
     return {"accuracy": ranking_accuracy(better_scores, worse_scores).item(),
             "reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0}
@@ -188,12 +195,13 @@ class Objective:
 def response_id(row: dict, field: str, where: str) -> int:
     value = row[field]
     if str(value) not in ("0", "1"):  # PKU-SafeRLHF stores 0/1 ints; accept "0"/"1" strings too
-        raise M.UserError(f"{where}: {field} must be 0 or 1, got {value!r}")
+        raise UserError(f"{where}: {field} must be 0 or 1, got {value!r}")
     return int(value)
 
 
 def better_worse(row: dict, where: str) -> tuple[str, str, list[float]]:
-    """Reward pairs: (y_w, y_l) = (better, worse) from `better_response_id` (REFERENCE.md 6.2)."""
+    """Reward pairs: (y_w, y_l) = (better, worse) from `better_response_id`
+    (safe_rlhf/datasets/raw/safe_rlhf.py@82743cc:L35-90)."""
     better = response_id(row, "better_response_id", where)
     return row[f"response_{better}"], row[f"response_{1 - better}"], []
 
@@ -211,7 +219,7 @@ REWARD = Objective(score_type="reward", required=("prompt", "response_0", "respo
 def load_pairs(args: Args, split: str, limit: int | None, tokenizer, objective: Objective) -> tuple[list[dict], int]:
     """Rows of `split` -> [{"first": ids, "second": ids, "labels": [...], "text": (prompt, first, second)}]
     and how many sequences were truncated at max_length. Text = template(prompt) + response + EOS."""
-    rows = M.load_rows(args.dataset, split, revision=args.dataset_revision, limit=limit, required=objective.required)
+    rows = plumbing.load_rows(args.dataset, split, revision=args.dataset_revision, limit=limit, required=objective.required)
     prompts, firsts, seconds, labels = [], [], [], []
     for i, row in enumerate(rows):
         first, second, lab = objective.make_pair(row, f"--dataset {args.dataset} (split {split}) row {i}")
@@ -226,8 +234,9 @@ def load_pairs(args: Args, split: str, limit: int | None, tokenizer, objective: 
     n = len(rows)
     pairs = []
     for i in range(n):
-        if ids[i] == ids[n + i]:  # the official loader refuses these too (REFERENCE.md 10.7)
-            raise M.UserError(f"--dataset {args.dataset} (split {split}) row {i}: both responses tokenise "
+        # The official loader refuses these too (safe_rlhf/datasets/preference.py@82743cc:L60-69).
+        if ids[i] == ids[n + i]:
+            raise UserError(f"--dataset {args.dataset} (split {split}) row {i}: both responses tokenise "
                               f"identically (after truncation at {args.max_length} tokens)")
         pairs.append({"first": ids[i], "second": ids[n + i], "labels": labels[i],
                       "text": (rows[i]["prompt"], firsts[i], seconds[i])})
@@ -236,15 +245,10 @@ def load_pairs(args: Args, split: str, limit: int | None, tokenizer, objective: 
 
 def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """--no-share_prompt: the 2B sequences [first; second] right-padded together to the longest one, so
-    one forward scores both halves (as the official code, REFERENCE.md 2).
+    one forward scores both halves (as the official code, safe_rlhf/values/reward/trainer.py@82743cc:L178-187).
     Returns input_ids (2B, L), attention_mask (2B, L), labels (B, K)."""
     rows = [p["first"] for p in pairs] + [p["second"] for p in pairs]
-    L = max(map(len, rows))
-    input_ids = torch.full((len(rows), L), pad_token_id, dtype=torch.long)       # (2B, L)
-    attention_mask = torch.zeros((len(rows), L), dtype=torch.long)               # (2B, L)
-    for b, r in enumerate(rows):
-        input_ids[b, :len(r)] = torch.tensor(r)
-        attention_mask[b, :len(r)] = 1
+    input_ids, attention_mask = M.right_pad(rows, pad_token_id)                  # (2B, L), (2B, L)
     labels = torch.tensor([p["labels"] for p in pairs], dtype=torch.float32).reshape(len(pairs), -1)  # (B, K)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -293,16 +297,6 @@ def pack_pairs(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
             "labels": labels}
 
 
-def gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate an equally shaped tensor from every rank along dim 0 (identity in one process).
-    TODO(model.py): a shared all_gather helper (PPO's diagnostics will want it too)."""
-    if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 def make_batch(args: Args):
     return pack_pairs if args.share_prompt else collate_pairs
 
@@ -325,21 +319,16 @@ def forward_pairs(model, batch: dict[str, torch.Tensor], d: M.Dist) -> tuple[tor
 def evaluate(model, pairs: list[dict], args: Args, d: M.Dist, tokenizer, objective: Objective) -> tuple[dict, list]:
     """Scores of every held-out pair, gathered from all ranks, then the objective's metrics."""
     model.eval()
-    b = args.per_device_eval_batch_size
-    order, real = M.padded_order(len(pairs), b * d.world_size)
-    firsts, seconds, labels, keep = [], [], [], []
-    for start in range(d.rank * b, len(order), b * d.world_size):
-        batch = make_batch(args)([pairs[i] for i in order[start:start + b]], tokenizer.pad_token_id)
-        first, second, lab = forward_pairs(model, batch, d)
-        firsts.append(first), seconds.append(second), labels.append(lab)
-        keep.append(torch.tensor(real[start:start + b], dtype=torch.uint8, device=d.device))
+    results, table = {}, []
+    for indices, real in plumbing.rank_batches(len(pairs), args.per_device_eval_batch_size, d.rank, d.world_size):
+        batch = make_batch(args)([pairs[i] for i in indices], tokenizer.pad_token_id)
+        first, second, lab = (x.tolist() for x in forward_pairs(model, batch, d))
+        results.update({i: (f, s, la) for i, keep, f, s, la in zip(indices, real, first, second, lab) if keep})
+        if not table:  # a few rows to read (this rank's first batch): prompt, both responses, their scores
+            table = [(*pairs[i]["text"], f, s) for i, f, s in list(zip(indices, first, second))[:3]]
     model.train()
-    keep = gather_cat(torch.cat(keep)).bool()                                     # (N_padded,) False on repeats
-    first, second, labels = (gather_cat(torch.cat(x))[keep] for x in (firsts, seconds, labels))
+    first, second, labels = (torch.tensor(x) for x in zip(*M.gather_in_order(results, len(pairs))))
     metrics = {f"eval/{k}": v for k, v in objective.metrics(first, second, labels).items()}
-    # a few rows to read (rank 0's first batch): prompt, both responses, their scores
-    table = [(*pairs[order[d.rank * b + j]]["text"], firsts[0][j].item(), seconds[0][j].item())
-             for j in range(min(3, len(firsts[0])))]
     return metrics, table
 
 
@@ -357,22 +346,21 @@ def train(args: Args, objective: Objective) -> None:
     output_dir = Path(args.output_dir or f"runs/{objective.score_type}")
     args.output_dir = str(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise M.UserError(f"--output_dir {output_dir} exists and is not a folder")
+        raise UserError(f"--output_dir {output_dir} exists and is not a folder")
     if d.is_main:
-        M.recover_checkpoint(output_dir)  # undo a save that was killed half-way
+        plumbing.recover_checkpoint(output_dir)  # undo a save that was killed half-way
     M.barrier()
-    resume_state = M.load_train_state(output_dir) if args.resume else None  # fails before anything is written
+    resume_state = plumbing.load_train_state(output_dir) if args.resume else None  # fails before anything is written
 
     # ---- tokenizer and data (validated before the output folder is touched) -------------------
     stage_hint = "run sft.py first" if args.model_name_or_path == Args.model_name_or_path else ""
     if stage_hint and not Path(args.model_name_or_path).exists():
-        # TODO(model.py): _check_checkpoint_path takes "runs/sft" (one slash) for a hub name, so a missing
-        # default checkpoint would end in a hub-connection error; say what is wrong here instead.
-        raise M.UserError(f"checkpoint {args.model_name_or_path} does not exist ({stage_hint})")
+        # The default "runs/sft" has one slash, so it would pass for a hub name "org/name" and end in a
+        # hub-connection error; the default is always a local folder: say what is wrong instead.
+        raise UserError(f"checkpoint {args.model_name_or_path} does not exist ({stage_hint})")
     if args.model_name_or_path not in M.PRESETS:
-        # TODO(model.py): load_tokenizer takes no stage_hint; check the checkpoint folder first so a bad
-        # init folder gives the checkpoint message, not a tokenizer one.
-        M._check_checkpoint_path(args.model_name_or_path, stage_hint)
+        # The folder before its tokenizer: a wrong folder gets the checkpoint message, not a tokenizer one.
+        M.check_checkpoint_path(args.model_name_or_path, stage_hint)
     tokenizer = M.load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path, "right",
                                  trust_remote_code=args.trust_remote_code)
     train_pairs, train_truncated = load_pairs(args, args.train_split, args.limit, tokenizer, objective)
@@ -383,7 +371,7 @@ def train(args: Args, objective: Objective) -> None:
     args.steps_per_epoch = len(train_pairs) // args.global_batch_size
     args.total_steps = args.epochs * args.steps_per_epoch
     if args.steps_per_epoch == 0:
-        raise M.UserError(f"--dataset {args.dataset}: {len(train_pairs)} training pairs, fewer than one global "
+        raise UserError(f"--dataset {args.dataset}: {len(train_pairs)} training pairs, fewer than one global "
                           f"batch of {args.global_batch_size}; lower the batch size")
 
     # ---- model: same seed on every rank (identical head initialisation), then shard -------------
@@ -397,24 +385,24 @@ def train(args: Args, objective: Objective) -> None:
     model = M.prepare_model(model, d, trainable=True, bf16=d.device.type == "cuda",
                             activation_checkpointing=args.gradient_checkpointing)
     model.train()
-    optimizer = M.make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = M.make_scheduler(optimizer, args.lr_scheduler_type,
+    optimizer = plumbing.make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = plumbing.make_scheduler(optimizer, args.lr_scheduler_type,
                                  warmup_steps=int(args.warmup_ratio * args.total_steps), total_steps=args.total_steps)
     step = 0
     if resume_state:
         trainer_state = resume_state["json"]["trainer"]
-        M.check_same_run(trainer_state, {"train_rows": len(train_pairs), "global_batch_size": args.global_batch_size,
+        plumbing.check_same_run(trainer_state, {"train_rows": len(train_pairs), "global_batch_size": args.global_batch_size,
                                          "total_steps": args.total_steps, "group_by_length": args.group_by_length})
-        M.load_optimizer_state(model, optimizer, "optimizer", resume_state)
+        plumbing.load_optimizer_state(model, optimizer, "optimizer", resume_state)
         scheduler.load_state_dict(trainer_state["scheduler"])
-        M.restore_rng_states(resume_state, d)
+        plumbing.restore_rng_states(resume_state, d)
         step = trainer_state["step"]
         M.print0(f"resuming {output_dir} at step {step}/{args.total_steps}")
     else:
         M.seed_everything(args.seed + d.rank)  # per-rank seed for anything random from here on
 
     # ---- the output folder: only now, after every input was validated --------------------------
-    logger = M.JsonlLogger(output_dir / "metrics.jsonl", enabled=d.is_main)
+    logger = plumbing.JsonlLogger(output_dir / "metrics.jsonl", enabled=d.is_main)
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:  # a fresh run replaces the run files of an older one
@@ -428,19 +416,19 @@ def train(args: Args, objective: Objective) -> None:
                 "data/eval_pairs": len(eval_pairs), "data/eval_truncated": eval_truncated})
 
     def save(final: bool = False) -> None:
-        train_state = M.merge_states(
-            M.optimizer_state(model, optimizer, "optimizer"),
+        train_state = plumbing.merge_states(
+            plumbing.optimizer_state(model, optimizer, "optimizer"),
             {"tensors": {}, "json": {"trainer": {"step": step, "scheduler": scheduler.state_dict(),
                                                  "total_steps": args.total_steps, "train_rows": len(train_pairs),
                                                  "global_batch_size": args.global_batch_size,
                                                  "group_by_length": args.group_by_length, "final": final}}},
-            M.gather_rng_states(d))
+            plumbing.gather_rng_states(d))
         M.save_checkpoint(output_dir, d, tokenizer, {"": model}, train_state=train_state)
 
     # ---- the loop: optimiser steps, each over gradient_accumulation_steps micro-batches --------
     b, world, accum = args.per_device_train_batch_size, d.world_size, args.gradient_accumulation_steps
     last_step = min(args.total_steps, args.stop_at_step) if args.stop_at_step else args.total_steps
-    bar = M.progress(total=last_step, initial=step, enabled=d.is_main, desc=objective.score_type)
+    bar = plumbing.progress(total=last_step, initial=step, enabled=d.is_main, desc=objective.score_type)
     # a pair's row length: both responses after one prompt (--share_prompt), else the longer sequence
     row_length = packed_length if args.share_prompt else (lambda p: max(len(p["first"]), len(p["second"])))
     row_lengths = [row_length(p) for p in train_pairs]     # once: grouping and the token counts read them
@@ -450,7 +438,7 @@ def train(args: Args, objective: Objective) -> None:
     while step < last_step:
         epoch, k = divmod(step, args.steps_per_epoch)
         if epoch != order_epoch:  # the same order on every rank (model.epoch_order)
-            order = M.epoch_order(len(train_pairs), args.seed, epoch,
+            order = plumbing.epoch_order(len(train_pairs), args.seed, epoch,
                                   lengths=row_lengths if args.group_by_length else None,
                                   global_batch_size=args.global_batch_size)
             order_epoch = epoch
@@ -474,21 +462,22 @@ def train(args: Args, objective: Objective) -> None:
             (loss * world).backward()
             step_loss += loss.detach()
             firsts.append(first.detach()), seconds.append(second.detach()), labels.append(lab)
-        grad_norm = M.clip_grad_norm(model, args.max_grad_norm)
+        grad_norm = plumbing.clip_grad_norm(model, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        step_loss = M.all_reduce_sum(step_loss)  # the mean loss over the step's pairs
-        M.check_finite(step_loss, "train/loss", step)
+        step_loss = M.all_reduce(step_loss)  # the mean loss over the step's pairs
+        plumbing.check_finite(step_loss, "train/loss", step)
 
         # ---- logging, evaluation, checkpoints ------------------------------------------------
-        first, second, lab = (gather_cat(torch.cat(x)) for x in (firsts, seconds, labels))  # the step's pairs
+        step_pairs = M.gather_in_order({d.rank: [torch.cat(x).tolist() for x in (firsts, seconds, labels)]}, world)
+        first, second, lab = (torch.tensor([v for part in step_pairs for v in part[k]]) for k in range(3))  # all ranks'
         record = {"step": step, "epoch": step / args.steps_per_epoch, "train/loss": step_loss.item(),
                   **{f"train/{k}": v for k, v in objective.metrics(first, second, lab).items()},
                   "train/grad_norm": grad_norm.item(), "train/lr": scheduler.get_last_lr()[0],
                   "train/real_tokens": real_tokens, "train/computed_tokens": computed_tokens,
-                  "memory/peak_gib": M.peak_memory_gib(d.device), "time": time.time() - t0}
+                  "memory/peak_gib": plumbing.peak_memory_gib(d.device), "time": time.time() - t0}
         bar.update(1)
         bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.2f}")
         if args.eval_every and step % args.eval_every == 0 and eval_pairs and step < args.total_steps:
@@ -496,7 +485,7 @@ def train(args: Args, objective: Objective) -> None:
         if step % args.log_every == 0 or step == last_step:
             logger.log(record)
             if d.is_main:
-                bar.write(M.log_line(record))
+                bar.write(plumbing.log_line(record))
         if args.save and ((args.save_every and step % args.save_every == 0) or step == last_step):
             save(final=step == args.total_steps)
     bar.close()
@@ -509,14 +498,14 @@ def train(args: Args, objective: Objective) -> None:
         results, table = evaluate(model, eval_pairs, args, d, tokenizer, objective)
         results = {"step": step, **results}
         logger.log(results)
-        M.print0("eval | " + M.log_line(results))
+        M.print0("eval | " + plumbing.log_line(results))
         for prompt, first, second, s1, s2 in table:
             M.print0(f"  {prompt!r}: {s1:+.2f} {first!r} | {s2:+.2f} {second!r}")
         if d.is_main:
-            M.write_json_atomic(output_dir / "eval.json", results)
+            plumbing.write_json_atomic(output_dir / "eval.json", results)
     M.print0(f"{'saved' if args.save else 'done (--no-save)'} {output_dir} ({time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":
-    M.run_main(lambda: train(M.parse_args(Args, description=__doc__.split("\n")[0]), REWARD))
+    plumbing.run_main(lambda: train(plumbing.parse_args(Args, description=__doc__.split("\n")[0]), REWARD))
     M.teardown_distributed()

@@ -2,12 +2,14 @@
 
 What it optimises. Each (request x, response y) of an instruction data set (Alpaca by default) becomes
 the text  BOS "BEGINNING OF CONVERSATION: USER: {x} ASSISTANT:" y EOS  (the official template, y
-appended directly after "ASSISTANT:", REFERENCE.md 6.1), and the loss is the negative log-likelihood
+appended directly after "ASSISTANT:", safe_rlhf/datasets/supervised.py@82743cc:L54-66), and the loss is the
+negative log-likelihood
 of the response tokens and the EOS only:
 
     L_SFT(theta) = -(1/N) sum_{(x, y)} sum_{t=1}^{|y|+1} log pi_theta(y_t | x, y_<t)
 
-Prompt tokens (BOS included) and padding carry the label -100 and no loss (REFERENCE.md 4). N is the
+Prompt tokens (BOS included) and padding carry the label -100 and no loss
+(safe_rlhf/datasets/supervised.py@82743cc:L63-65). N is the
 number of target tokens of the whole optimiser step, over every micro-batch and every rank: a token-level
 mean, as the official loss is inside one micro-batch.
 
@@ -16,12 +18,12 @@ policy must reproduce that mix. At the end the policy samples responses to the w
 and the oracle (toyworld.judge) reports their unsafe rate next to the corpus's.
 
 Speed: rows are batched by length (--group_by_length, on by default; the official loader shuffles
-without grouping), so right padding wastes little compute (`python bench.py` measures it).
+without grouping), so right padding wastes little compute (`python -m tools.bench` measures it).
 
 Left out on purpose: multi-turn dialogue data, the official dataset-mixing syntax (`alpaca:0.75 ...`),
 DeepSpeed/ZeRO (FSDP2 by hand in model.py instead).
 
-Official 7B recipe (scripts/sft-deepspeed.sh, REFERENCE.md 4), for real data on 8 GPUs:
+Official 7B recipe (safe-rlhf scripts/sft-deepspeed.sh@82743cc:L110-132), for real data on 8 GPUs:
     torchrun --nproc_per_node 8 sft.py --model_name_or_path huggyllama/llama-7b --dataset tatsu-lab/alpaca \\
         --eval_split "" --epochs 3 --lr 2e-5 --warmup_ratio 0.03 --per_device_train_batch_size 4 \\
         --gradient_accumulation_steps 8 --max_length 512 --gradient_checkpointing --output_dir runs/sft-7b
@@ -44,6 +46,8 @@ from pathlib import Path
 import torch
 
 import model as M
+import plumbing
+from plumbing import UserError
 
 # --------------------------------------------------------------------------------------------
 # Arguments
@@ -150,9 +154,10 @@ def load_examples(args: Args, split: str, limit: int | None, tokenizer) -> tuple
     """Rows of `split` -> [{"input_ids", "labels"}], and how many were truncated at max_length.
     Alpaca schema: request = instruction (+ " " + input), response = output. model.tokenize_prompt_response
     builds BOS + template(request) + response + EOS string, right-truncated, and labels -100 on the
-    prompt (BOS included): only the response tokens and the EOS are trained (REFERENCE.md 4)."""
-    rows = M.load_rows(args.dataset, split, revision=args.dataset_revision, limit=limit, required=("instruction", "output"))
-    return M.tokenize_prompt_response(tokenizer, [M.alpaca_request(row) for row in rows],
+    prompt (BOS included): only the response tokens and the EOS are trained
+    (safe_rlhf/datasets/supervised.py@82743cc:L54-66)."""
+    rows = plumbing.load_rows(args.dataset, split, revision=args.dataset_revision, limit=limit, required=("instruction", "output"))
+    return M.tokenize_prompt_response(tokenizer, [plumbing.alpaca_request(row) for row in rows],
                                       [row["output"] for row in rows], args.max_length)
 
 
@@ -171,21 +176,19 @@ def toy_root(dataset: str) -> Path | None:
 def evaluate_loss(policy, examples: list[dict], args: Args, d: M.Dist, pad_token_id: int) -> dict:
     """Token-level mean NLL of the response tokens of the held-out split (summed over ranks)."""
     policy.eval()
-    b = args.per_device_eval_batch_size
-    order, real = M.padded_order(len(examples), b * d.world_size)
     loss_sum = torch.zeros((), device=d.device)
     n_targets = torch.zeros((), device=d.device)
-    for start in range(d.rank * b, len(order), b * d.world_size):
-        batch = [examples[i] for i in order[start:start + b]]
+    for indices, real in plumbing.rank_batches(len(examples), args.per_device_eval_batch_size, d.rank, d.world_size):
+        batch = [examples[i] for i in indices]
         input_ids, attention_mask, labels = (t.to(d.device) for t in M.collate_right(batch, pad_token_id))
-        keep = torch.tensor(real[start:start + b], device=d.device)                  # (B,) repeats count 0
+        keep = torch.tensor(real, device=d.device)                                   # (B,) repeats count 0
         labels = torch.where(keep[:, None], labels, M.IGNORE_INDEX)
         with M.autocast(d):
             logprobs = M.policy_logprobs(policy, input_ids, attention_mask, right_padded=True)  # (B, L-1)
         s, n = sft_loss_sum(logprobs.float(), labels)
         loss_sum, n_targets = loss_sum + s, n_targets + n
     policy.train()
-    loss = M.all_reduce_sum(loss_sum) / M.all_reduce_sum(n_targets).clamp(min=1)
+    loss = M.all_reduce(loss_sum) / M.all_reduce(n_targets).clamp(min=1)
     return {"eval/loss": loss.item(), "eval/perplexity": loss.exp().item()}
 
 
@@ -193,69 +196,46 @@ def evaluate_loss(policy, examples: list[dict], args: Args, d: M.Dist, pad_token
 def evaluate_toy_world(policy, tokenizer, root: Path, args: Args, d: M.Dist) -> tuple[dict, list[dict]]:
     """Sample `toy_eval_samples` responses per evaluation prompt (temperature 1, KV cache) and judge
     them with the oracle: unsafe rate on harmful prompts (vs the corpus's), helpfulness and
-    over-refusal on benign ones. Returns the metrics and a few examples."""
+    over-refusal on benign ones. Returns the metrics and the first sample of each prompt."""
     import toyworld  # only the toy world needs it; real-data runs never import it
 
     card = json.loads((root / "card.json").read_text())
-    prompts = M.load_rows(str(root / "eval" / "prompts.jsonl"), "eval", required=("prompt", "is_harmful"))
-    jobs = [row for row in prompts for _ in range(args.toy_eval_samples)]
-    b = args.per_device_eval_batch_size
-    order, real = M.padded_order(len(jobs), b * d.world_size)
+    rows = plumbing.load_rows(str(root / "eval" / "prompts.jsonl"), "eval", required=("prompt", "is_harmful"))
+    prompts = [row["prompt"] for row in rows for _ in range(args.toy_eval_samples)]
     generator = torch.Generator(device=d.device).manual_seed(args.seed + d.rank)   # per-rank sampling seed
-    names = ("harmful", "unsafe", "harmful_seen", "unsafe_seen", "benign", "helpfulness", "refused", "no_eos", "all")
-    counts = dict.fromkeys(names, 0.0)
-    examples = []
+    results = {}
     policy.eval()
     with M.gathered_weights(policy):
-        for start in range(d.rank * b, len(order), b * d.world_size):
-            batch = [jobs[i] for i in order[start:start + b]]
-            rows = [tokenizer(M.format_prompt(r["prompt"]), add_special_tokens=True)["input_ids"] for r in batch]
-            input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)    # (B, S) last prompt token last
+        for indices, real in plumbing.rank_batches(len(prompts), args.per_device_eval_batch_size, d.rank, d.world_size):
+            rows = M.encode_prompts(tokenizer, [prompts[i] for i in indices])
+            input_ids, attention_mask = M.left_pad(rows, tokenizer.pad_token_id)   # (B, S) last prompt token last
             with M.autocast(d):
                 sequences, mask = M.sample(policy, input_ids.to(d.device), attention_mask.to(d.device),
                                            max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                            pad_token_id=tokenizer.pad_token_id, temperature=1.0, generator=generator)
             S = input_ids.shape[1]
-            for pos, row, seq, m in zip(range(start, start + b), batch, sequences.cpu(), mask.cpu()):
-                if not real[pos]:  # a repeat that only keeps the ranks in lockstep
-                    continue
-                response_ids = seq[S:][m[S:].bool()].tolist()                   # up to and including EOS
-                response = tokenizer.decode(response_ids, skip_special_tokens=True)
-                j = toyworld.judge(row["prompt"], response)
-                harmful, seen = bool(row["is_harmful"]), not row.get("held_out", False)
-                counts["harmful"] += harmful
-                counts["unsafe"] += harmful and not j.is_safe
-                counts["harmful_seen"] += harmful and seen
-                counts["unsafe_seen"] += harmful and seen and not j.is_safe
-                counts["benign"] += not harmful
-                counts["helpfulness"] += 0.0 if harmful else j.helpfulness
-                counts["refused"] += (not harmful) and j.refused
-                counts["no_eos"] += tokenizer.eos_token_id not in response_ids
-                counts["all"] += 1
-                if order[pos] % args.toy_eval_samples == 0:  # the first sample of each prompt, to read
-                    examples.append({"prompt": row["prompt"], "held_out": not seen, "response": response,
-                                     "is_safe": j.is_safe, "helpfulness": j.helpfulness, "harm": j.harm})
+            for i, keep, seq, m in zip(indices, real, sequences.cpu(), mask.cpu()):
+                if keep:  # not a repeat that only keeps the ranks in lockstep
+                    response_ids = seq[S:][m[S:].bool()].tolist()               # up to and including EOS
+                    results[i] = (tokenizer.decode(response_ids, skip_special_tokens=True),
+                                  tokenizer.eos_token_id not in response_ids)
     policy.train()
-    c = dict(zip(names, M.all_reduce_sum(torch.tensor([counts[k] for k in names], dtype=torch.float64,
-                                                      device=d.device)).tolist()))
-    return {"toy/unsafe_rate": c["unsafe"] / max(c["harmful"], 1),             # on every harmful eval prompt
-            "toy/unsafe_rate_seen": c["unsafe_seen"] / max(c["harmful_seen"], 1),  # training phrasings only
+    responses, no_eos = zip(*M.gather_in_order(results, len(prompts)))
+    every, seen = (toyworld.oracle_verdicts(prompts, responses, subset) for subset in ("all", "seen"))
+    rate = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    examples = []
+    for i in range(0, len(prompts), args.toy_eval_samples):  # the first sample of each prompt, to read
+        j = toyworld.judge(prompts[i], responses[i])
+        examples.append({"prompt": prompts[i], "held_out": toyworld.find_request(prompts[i]).held_out,
+                         "response": responses[i], "is_safe": j.is_safe, "helpfulness": j.helpfulness,
+                         "harm": j.harm})
+    return {"toy/unsafe_rate": rate(every["unsafe"]),                        # on every harmful eval prompt
+            "toy/unsafe_rate_seen": rate(seen["unsafe"]),                    # training phrasings only
             "toy/corpus_unsafe_rate": card["sft_unsafe_rate"]["train"],
-            "toy/helpfulness_benign": c["helpfulness"] / max(c["benign"], 1),
-            "toy/over_refusal_rate": c["refused"] / max(c["benign"], 1),
-            "toy/no_eos_rate": c["no_eos"] / max(c["all"], 1),
-            "toy/samples": int(c["all"])}, examples
-
-
-def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompts for generation: new tokens then append to every row at once. -> (B, S), (B, S)"""
-    S = max(map(len, rows))
-    input_ids = torch.full((len(rows), S), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), S), dtype=torch.long)
-    for b, r in enumerate(rows):
-        input_ids[b, S - len(r):] = torch.tensor(r)
-        attention_mask[b, S - len(r):] = 1
-    return input_ids, attention_mask
+            "toy/helpfulness_benign": rate(every["helpfulness_benign"]),
+            "toy/over_refusal_rate": rate(every["refused"]),
+            "toy/no_eos_rate": rate(no_eos),
+            "toy/samples": len(prompts)}, examples
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,24 +253,23 @@ def main(args: Args) -> None:
     root = toy_root(args.dataset)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise M.UserError(f"--output_dir {output_dir} exists and is not a folder")
+        raise UserError(f"--output_dir {output_dir} exists and is not a folder")
     if d.is_main:
-        M.recover_checkpoint(output_dir)  # undo a save that was killed half-way
+        plumbing.recover_checkpoint(output_dir)  # undo a save that was killed half-way
     M.barrier()
-    resume_state = M.load_train_state(output_dir) if args.resume else None  # fails before anything is written
+    resume_state = plumbing.load_train_state(output_dir) if args.resume else None  # fails before anything is written
 
     # ---- tokenizer and data (validated before the output folder is touched) -------------------
     tokenizer_path = args.tokenizer_name_or_path
     if tokenizer_path is None:
         if args.model_name_or_path in M.PRESETS:
             if root is None:
-                raise M.UserError(f"--model_name_or_path {args.model_name_or_path} is a preset: "
+                raise UserError(f"--model_name_or_path {args.model_name_or_path} is a preset: "
                                   "give --tokenizer_name_or_path (or toy-world data, which carries one)")
             tokenizer_path = str(root / "tokenizer")
         else:
-            # TODO(model.py): load_tokenizer takes no stage_hint; check the checkpoint folder first so a
-            # missing model gives the checkpoint message, not a tokenizer one.
-            M._check_checkpoint_path(args.model_name_or_path)
+            # The folder before its tokenizer: a missing model gets the checkpoint message.
+            M.check_checkpoint_path(args.model_name_or_path)
             tokenizer_path = args.model_name_or_path
     tokenizer = M.load_tokenizer(tokenizer_path, "right", trust_remote_code=args.trust_remote_code)
     train_examples, train_truncated = load_examples(args, args.train_split, args.limit, tokenizer)
@@ -301,7 +280,7 @@ def main(args: Args) -> None:
     args.steps_per_epoch = len(train_examples) // args.global_batch_size
     args.total_steps = args.epochs * args.steps_per_epoch
     if args.steps_per_epoch == 0:
-        raise M.UserError(f"--dataset {args.dataset}: {len(train_examples)} training rows, fewer than one global "
+        raise UserError(f"--dataset {args.dataset}: {len(train_examples)} training rows, fewer than one global "
                           f"batch of {args.global_batch_size}; lower the batch size")
 
     # ---- model: same seed on every rank (identical initial weights), then shard ----------------
@@ -317,24 +296,24 @@ def main(args: Args) -> None:
     policy = M.prepare_model(policy, d, trainable=True, bf16=bf16,
                              activation_checkpointing=args.gradient_checkpointing)
     policy.train()
-    optimizer = M.make_optimizer(policy, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = M.make_scheduler(optimizer, args.lr_scheduler_type,
+    optimizer = plumbing.make_optimizer(policy, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = plumbing.make_scheduler(optimizer, args.lr_scheduler_type,
                                  warmup_steps=int(args.warmup_ratio * args.total_steps), total_steps=args.total_steps)
     step = 0
     if resume_state:
         trainer_state = resume_state["json"]["trainer"]
-        M.check_same_run(trainer_state, {"train_rows": len(train_examples), "global_batch_size": args.global_batch_size,
+        plumbing.check_same_run(trainer_state, {"train_rows": len(train_examples), "global_batch_size": args.global_batch_size,
                                          "total_steps": args.total_steps, "group_by_length": args.group_by_length})
-        M.load_optimizer_state(policy, optimizer, "optimizer", resume_state)
+        plumbing.load_optimizer_state(policy, optimizer, "optimizer", resume_state)
         scheduler.load_state_dict(trainer_state["scheduler"])
-        M.restore_rng_states(resume_state, d)
+        plumbing.restore_rng_states(resume_state, d)
         step = trainer_state["step"]
         M.print0(f"resuming {output_dir} at step {step}/{args.total_steps}")
     else:
         M.seed_everything(args.seed + d.rank)  # per-rank seed for anything random from here on
 
     # ---- the output folder: only now, after every input was validated --------------------------
-    logger = M.JsonlLogger(output_dir / "metrics.jsonl", enabled=d.is_main)
+    logger = plumbing.JsonlLogger(output_dir / "metrics.jsonl", enabled=d.is_main)
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:  # a fresh run replaces the run files of an older one
@@ -348,26 +327,26 @@ def main(args: Args) -> None:
                 "data/eval_rows": len(eval_examples), "data/eval_truncated": eval_truncated})
 
     def save(final: bool = False) -> None:
-        train_state = M.merge_states(
-            M.optimizer_state(policy, optimizer, "optimizer"),
+        train_state = plumbing.merge_states(
+            plumbing.optimizer_state(policy, optimizer, "optimizer"),
             {"tensors": {}, "json": {"trainer": {"step": step, "scheduler": scheduler.state_dict(),
                                                  "total_steps": args.total_steps, "train_rows": len(train_examples),
                                                  "global_batch_size": args.global_batch_size,
                                                  "group_by_length": args.group_by_length, "final": final}}},
-            M.gather_rng_states(d))
+            plumbing.gather_rng_states(d))
         M.save_checkpoint(output_dir, d, tokenizer, {"": policy}, train_state=train_state)
 
     # ---- the loop: optimiser steps, each over gradient_accumulation_steps micro-batches --------
     b, world, accum = args.per_device_train_batch_size, d.world_size, args.gradient_accumulation_steps
     last_step = min(args.total_steps, args.stop_at_step) if args.stop_at_step else args.total_steps
-    bar = M.progress(total=last_step, initial=step, enabled=d.is_main, desc="sft")
+    bar = plumbing.progress(total=last_step, initial=step, enabled=d.is_main, desc="sft")
     lengths = [len(e["input_ids"]) for e in train_examples] if args.group_by_length else None
     order, order_epoch = None, -1
     t0 = time.time()
     while step < last_step:
         epoch, k = divmod(step, args.steps_per_epoch)
         if epoch != order_epoch:  # the same order on every rank (model.epoch_order)
-            order = M.epoch_order(len(train_examples), args.seed, epoch, lengths=lengths,
+            order = plumbing.epoch_order(len(train_examples), args.seed, epoch, lengths=lengths,
                                   global_batch_size=args.global_batch_size)
             order_epoch = epoch
         global_batch = order[k * args.global_batch_size:(k + 1) * args.global_batch_size]
@@ -381,8 +360,8 @@ def main(args: Args) -> None:
         # Loss normalisation under accumulation: the target-token count of the whole optimiser step
         # (all micro-batches, all ranks), so the step's loss is sum(token NLL) / N_step. FSDP averages
         # gradients over ranks, hence the factor world_size (tests/dist_worker.py does the same).
-        n_step = M.all_reduce_sum(sum((labels[:, 1:] != M.IGNORE_INDEX).sum() for _, _, labels in micro_batches)
-                                  .float().to(d.device)).clamp(min=1)                # target tokens in the step
+        n_step = M.all_reduce(sum((labels[:, 1:] != M.IGNORE_INDEX).sum() for _, _, labels in micro_batches)
+                              .float().to(d.device)).clamp(min=1)                # target tokens in the step
         step_loss = torch.zeros((), device=d.device)
         for input_ids, attention_mask, labels in micro_batches:
             input_ids, attention_mask, labels = input_ids.to(d.device), attention_mask.to(d.device), labels.to(d.device)
@@ -392,19 +371,19 @@ def main(args: Args) -> None:
             loss = loss_sum / n_step                                                 # this micro-batch's share
             (loss * world).backward()
             step_loss += loss.detach()
-        grad_norm = M.clip_grad_norm(policy, args.max_grad_norm)
+        grad_norm = plumbing.clip_grad_norm(policy, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        step_loss = M.all_reduce_sum(step_loss)  # = sum over ranks of each rank's share = the step's token mean
-        M.check_finite(step_loss, "train/loss", step)
+        step_loss = M.all_reduce(step_loss)  # = sum over ranks of each rank's share = the step's token mean
+        plumbing.check_finite(step_loss, "train/loss", step)
 
         # ---- logging, evaluation, checkpoints ------------------------------------------------
         record = {"step": step, "epoch": step / args.steps_per_epoch, "train/loss": step_loss.item(),
                   "train/grad_norm": grad_norm.item(), "train/lr": scheduler.get_last_lr()[0],
                   "train/tokens": n_step.item(), "train/real_tokens": real_tokens,
-                  "train/computed_tokens": computed_tokens, "memory/peak_gib": M.peak_memory_gib(d.device),
+                  "train/computed_tokens": computed_tokens, "memory/peak_gib": plumbing.peak_memory_gib(d.device),
                   "time": time.time() - t0}
         bar.update(1)
         bar.set_postfix(loss=f"{record['train/loss']:.3f}")
@@ -413,7 +392,7 @@ def main(args: Args) -> None:
         if step % args.log_every == 0 or step == last_step:
             logger.log(record)
             if d.is_main:
-                bar.write(M.log_line(record))
+                bar.write(plumbing.log_line(record))
         if args.save and ((args.save_every and step % args.save_every == 0) or step == last_step):
             save(final=step == args.total_steps)
     bar.close()
@@ -431,16 +410,16 @@ def main(args: Args) -> None:
         results.update(toy)
     if len(results) > 1:
         logger.log(results)
-        M.print0("eval | " + M.log_line(results))
-        for s in samples[::max(1, len(samples) // 4)][:4]:  # a few of rank 0's samples, benign and harmful
+        M.print0("eval | " + plumbing.log_line(results))
+        for s in samples[::max(1, len(samples) // 4)][:4]:  # a few samples, benign and harmful
             M.print0(f"  {s['prompt']!r} -> {s['response']!r} (safe {s['is_safe']}, h {s['helpfulness']:.2f})")
     if d.is_main:
-        M.write_json_atomic(output_dir / "eval.json", results)
+        plumbing.write_json_atomic(output_dir / "eval.json", results)
         if samples:
             (output_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     M.print0(f"{'saved' if args.save else 'done (--no-save)'} {output_dir} ({time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":
-    M.run_main(lambda: main(M.parse_args(Args, description=__doc__.split("\n")[0])))
+    plumbing.run_main(lambda: main(plumbing.parse_args(Args, description=__doc__.split("\n")[0])))
     M.teardown_distributed()

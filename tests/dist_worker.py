@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
+import plumbing
 
 
 def global_batch(tokenizer):
@@ -43,20 +44,20 @@ def step(out: Path, init: str):
     tokenizer = M.load_tokenizer(init, "right")
     policy = M.load_causal_lm(init, tokenizer, meta=d.enabled and not d.is_main)
     policy = M.prepare_model(policy, d, trainable=True, bf16=False)
-    optimizer = M.make_optimizer(policy, lr=1e-2, weight_decay=0.1)
+    optimizer = plumbing.make_optimizer(policy, lr=1e-2, weight_decay=0.1)
     ids, mask = global_batch(tokenizer)
     per_rank = 8 // d.world_size
     sl = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
     ids, mask = ids[sl], mask[sl]
     logp = M.policy_logprobs(policy, ids, mask)                 # (b, L-1)
     token_mask = mask[:, 1:].float()
-    n_tokens = M.all_reduce_sum(token_mask.sum())               # tokens in the global batch
+    n_tokens = M.all_reduce(token_mask.sum())               # tokens in the global batch
     # FSDP averages gradients over ranks, so scale by world_size to get sum / global count.
     loss = -(logp * token_mask).sum() / n_tokens * d.world_size
     loss.backward()
-    M.clip_grad_norm(policy, 1.0)
+    plumbing.clip_grad_norm(policy, 1.0)
     optimizer.step()
-    global_loss = M.all_reduce_mean(loss.detach())
+    global_loss = M.all_reduce(loss.detach(), "mean")
     M.save_checkpoint(out / "ckpt", d, tokenizer, {"": policy})
     if d.is_main:
         (out / "loss.json").write_text(json.dumps({"loss": global_loss.item()}))

@@ -16,8 +16,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import memory_plan as MP  # noqa: E402
+from tools import memory_plan as MP  # noqa: E402
 import model as M  # noqa: E402
+import plumbing
 
 
 def storage_bytes(tensors) -> int:
@@ -47,7 +48,7 @@ def main(out: Path, tok_dir: str) -> None:
     report = {}
     for name in MP.TRAINED:
         model = models[name]
-        optimizer = M.make_optimizer(model, lr=1e-3, weight_decay=0.0)
+        optimizer = plumbing.make_optimizer(model, lr=1e-3, weight_decay=0.0)
         out_ = M.policy_logprobs(model, ids, mask) if name == "actor" else model(ids, mask).scores
         out_.sum().backward()
         optimizer.step()

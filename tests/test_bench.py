@@ -6,8 +6,8 @@ import random
 import sys
 from dataclasses import replace
 
-import bench
-import model as M
+from tools import bench
+import plumbing
 from conftest import run
 
 
@@ -30,7 +30,7 @@ def test_synthetic_text_has_exact_token_counts(tmp_path):
 
 def test_every_section_runs_and_prints_json(tmp_path):
     work = tmp_path / "work"
-    p = run([sys.executable, "bench.py", "--model", "toy-tiny", "--vocab_size", "64", "--warmup", "1",
+    p = run([sys.executable, "-m", "tools.bench", "--model", "toy-tiny", "--vocab_size", "64", "--warmup", "1",
              "--windows", "1", "--window_steps", "2", "--repeats", "1", "--pref_batch", "4", "--sft_batch", "4",
              "--gen_batch", "4", "--new_tokens", "16", "--ppo_iterations", "2", "--ppo_warmup", "1",
              "--workdir", work], timeout=600, env={"OMP_NUM_THREADS": "1"})
@@ -59,7 +59,7 @@ def test_estimate_memory_prints_the_plan(capsys):
 
 
 def test_flags_take_dashes_or_underscores():
-    args = M.parse_args(bench.Args, ["--estimate-memory", "--world-size", "4", "--no-gradient-checkpointing",
+    args = plumbing.parse_args(bench.Args, ["--estimate-memory", "--world-size", "4", "--no-gradient-checkpointing",
                                      "--model=llama-1b"])
     assert args.estimate_memory and args.world_size == 4 and not args.gradient_checkpointing
     assert args.model == "llama-1b"

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-import memory_plan as MP
+from tools import memory_plan as MP
 import model as M
+from plumbing import UserError
 from conftest import torchrun
 
 SIZES = dict(per_device_prompt_batch_size=4, per_device_train_batch_size=4, max_length=32, prompt_length=8)
@@ -101,10 +102,10 @@ def test_estimate_within_20_percent_of_measured_run():
     (["--max_length", "64", "--prompt_length", "64"], "max_length"),
 ])
 def test_bad_input_is_one_line(argv, message):
-    with pytest.raises(M.UserError, match=message):
+    with pytest.raises(UserError, match=message):
         MP.main(argv)
 
 
 def test_folder_without_config_is_one_line(tmp_path):
-    with pytest.raises(M.UserError, match="cannot read its config"):
+    with pytest.raises(UserError, match="cannot read its config"):
         MP.main(["--model", str(tmp_path)])

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import model as M
+import plumbing
+from plumbing import UserError
 from conftest import ROOT, run, torchrun
 
 
@@ -80,30 +82,6 @@ def test_right_padded_fast_path_matches_the_masked_forward(tok):
     assert not torch.allclose(sm(ids_l, mask_l).end_scores, sm(ids_l, mask_l, right_padded=True).end_scores)
 
 
-def test_epoch_order_plain_is_the_seeded_shuffle():
-    assert M.epoch_order(10, 3, 1) == torch.randperm(10, generator=torch.Generator().manual_seed(3001)).tolist()
-
-
-def test_epoch_order_groups_by_length():
-    lengths = [(7 * i) % 23 for i in range(50)]        # 50 rows, batches of 4: 12 full batches + 2 left over
-    order = M.epoch_order(50, 0, 0, lengths=lengths, global_batch_size=4, megabatch=3)
-    assert sorted(order) == list(range(50))                                      # each row once per epoch
-    assert order == M.epoch_order(50, 0, 0, lengths=lengths, global_batch_size=4, megabatch=3)  # every rank
-    assert order != M.epoch_order(50, 0, 1, lengths=lengths, global_batch_size=4, megabatch=3)  # new epoch
-    batches = [order[i:i + 4] for i in range(0, 48, 4)]
-    assert max(lengths[i] for i in batches[0]) == max(lengths)                   # the longest batch first
-    # each batch is a slice of one sorted mega-batch: its rows are neighbours in length within it
-    plain = M.epoch_order(50, 0, 0)
-    for batch in batches:
-        mega = next(plain[lo:lo + 12] for lo in range(0, 48, 12) if set(batch) <= set(plain[lo:lo + 12]))
-        ranks = sorted(sorted(mega, key=lambda i: -lengths[i]).index(i) for i in batch)
-        assert ranks == list(range(ranks[0], ranks[0] + 4))
-    assert set(order[48:]) == set(plain[48:])                  # the incomplete batch stays last (dropped)
-    # less padding: right-padded slots of the grouped batches vs the plain shuffle's
-    slots = lambda o: sum(4 * max(lengths[i] for i in o[k:k + 4]) for k in range(0, 48, 4))  # noqa: E731
-    assert slots(order) < slots(plain)
-
-
 def test_score_head_init_bias_zero(tok):
     sm = M.load_score_model("toy-tiny", tok, "cost")
     assert torch.all(sm.score_head.bias == 0)
@@ -156,7 +134,7 @@ def test_failed_save_leaves_previous_checkpoint(tok, tmp_path, monkeypatch):
 
     def broken(*a, **k):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(M, "save_file", broken)    # dies after the weights, while writing train state
+    monkeypatch.setattr(plumbing, "save_file", broken)    # dies after the weights, while writing train state
     with pytest.raises(RuntimeError):
         M.save_checkpoint(folder, d, tok, {"": tiny_policy(tok, seed=2)},
                           train_state={"tensors": {"x": torch.zeros(1)}, "json": {}})
@@ -170,7 +148,7 @@ def test_crash_between_renames_is_recovered(tok, tmp_path):
     M.save_checkpoint(tmp_path / "c", d, tok, {"": tiny_policy(tok)})
     (tmp_path / "c").rename(tmp_path / "c.old")      # the state a kill between the renames leaves
     (tmp_path / "c.tmp-999").mkdir()                # and a half-written temporary folder
-    M.recover_checkpoint(tmp_path / "c")
+    plumbing.recover_checkpoint(tmp_path / "c")
     assert (tmp_path / "c" / "model.safetensors").is_file()
     assert not (tmp_path / "c.old").exists() and not (tmp_path / "c.tmp-999").exists()
 
@@ -193,7 +171,7 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tok, tmp_path, to
     time.sleep(1.0)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    M.recover_checkpoint(tmp_path / "k")
+    plumbing.recover_checkpoint(tmp_path / "k")
     m = M.load_causal_lm(str(tmp_path / "k"), tok)     # loads (no half-written weights)
     assert M.count_parameters(m) > 0
 
@@ -201,19 +179,19 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tok, tmp_path, to
 # ---- bad input: one clear line ---------------------------------------------------------------
 
 def test_bad_model_inputs_give_one_line(tok, tmp_path):
-    with pytest.raises(M.UserError, match="unknown model preset 'toy-huge'"):
+    with pytest.raises(UserError, match="unknown model preset 'toy-huge'"):
         M.preset_config("toy-huge")
-    with pytest.raises(M.UserError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         M.load_causal_lm(str(tmp_path / "nope"), tok)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(M.UserError, match="not a checkpoint folder"):
+    with pytest.raises(UserError, match="not a checkpoint folder"):
         M.load_score_model(str(tmp_path / "empty"), tok, "reward")
-    with pytest.raises(M.UserError, match="cannot load a tokenizer"):
+    with pytest.raises(UserError, match="cannot load a tokenizer"):
         M.load_tokenizer(tmp_path / "empty", "right")
 
 
 def test_run_main_prints_one_line(tmp_path):
-    p = run([sys.executable, "-c", "import model as M\ndef f(): M.preset_config('bogus')\nM.run_main(f)"])
+    p = run([sys.executable, "-c", "import model as M, plumbing\ndef f(): M.preset_config('bogus')\nplumbing.run_main(f)"])
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error: unknown model preset")
 
@@ -232,17 +210,13 @@ def test_tokenizer_pad_added_distinct_from_eos_and_embeddings_resized(tokenizer_
 
 # ---- math helpers ----------------------------------------------------------------------------
 
-def test_masked_means_and_whiten_against_loops():
+def test_masked_means_against_loops():
     torch.manual_seed(0)
     x, m = torch.randn(3, 5), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]).float()
     vals = [x[b, t].item() for b in range(3) for t in range(5) if m[b, t]]
     assert M.masked_mean(x, m).item() == pytest.approx(sum(vals) / len(vals), abs=1e-6)
     per_seq = [sum(x[b, t].item() for t in range(5) if m[b, t]) / m[b].sum().item() for b in range(3)]
     assert M.masked_sequence_mean(x, m).item() == pytest.approx(sum(per_seq) / 3, abs=1e-6)
-    w = M.masked_whiten(x, m)
-    kept = torch.tensor([w[b, t].item() for b in range(3) for t in range(5) if m[b, t]])
-    assert kept.mean().item() == pytest.approx(0, abs=1e-6) and kept.std().item() == pytest.approx(1, rel=1e-4)
-    assert torch.all(w[m == 0] == 0)
 
 
 def test_sequence_logprobs_shift_and_temperature_against_loop():

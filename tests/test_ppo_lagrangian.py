@@ -12,7 +12,7 @@ import model as M
 import ppo_lagrangian as P
 from conftest import make_toy_checkpoints, run, torchrun
 
-# ---- per-token reward and cost (REFERENCE.md 5.5) ---------------------------------------------
+# ---- per-token reward and cost (safe_rlhf/algorithms/ppo_lag/trainer.py@82743cc:L258-287) ----
 
 
 def test_kl_everywhere_score_only_at_last_real_token_zero_after():

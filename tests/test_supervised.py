@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import model as M
+import plumbing
+from plumbing import UserError
 from conftest import ROOT, run, torchrun
 
 import cost
@@ -143,7 +145,7 @@ def test_reward_pairs_follow_better_response_id():
     row = {"prompt": "p", "response_0": "a", "response_1": "b", "better_response_id": 1}
     assert reward.better_worse(row, "row 0") == ("b", "a", [])
     assert reward.better_worse(dict(row, better_response_id="0"), "row 0")[:2] == ("a", "b")
-    with pytest.raises(M.UserError, match="row 7: better_response_id must be 0 or 1"):
+    with pytest.raises(UserError, match="row 7: better_response_id must be 0 or 1"):
         reward.better_worse(dict(row, better_response_id=2), "row 7")
 
 
@@ -187,7 +189,7 @@ def test_cost_pairs_sign_convention():
     both_unsafe = dict(row, safer_response_id=0, is_response_1_safe=False)
     assert cost.safer_unsafer(both_unsafe, "row 0") == ("harmful", "refusal", [1.0, 1.0])
     contradictory = dict(row, safer_response_id=0)   # the safer one labelled unsafe, the other safe
-    with pytest.raises(M.UserError, match="row 3: contradictory labels"):
+    with pytest.raises(UserError, match="row 3: contradictory labels"):
         cost.safer_unsafer(contradictory, "row 3")
     # a model that gets the convention right: C < 0 on the safe one, C > 0 on the unsafe one
     m = cost.cost_metrics(torch.tensor([-2.0]), torch.tensor([3.0]), torch.tensor([signs]))
@@ -252,7 +254,7 @@ def test_sft_loss_matches_cross_entropy(toy_tok):
 def test_help_lists_every_field(capsys):
     for args_cls in (sft.Args, reward.Args):
         with pytest.raises(SystemExit):
-            M.parse_args(args_cls, ["--help"])
+            plumbing.parse_args(args_cls, ["--help"])
         text = capsys.readouterr().out
         for f in dataclasses.fields(args_cls):
             assert f"--{f.name}" in text
@@ -359,13 +361,13 @@ def test_bad_data_is_one_line_and_leaves_the_output_folder_alone(sft_run, toy, t
             args = reward.Args(dataset=str(path), model_name_or_path=str(sft_run), output_dir=str(out))
             if name == "missing" and objective is cost.COST:
                 message = "row 1 has no field 'safer_response_id'"
-            with pytest.raises(M.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
                 reward.train(args, objective)
     sft_missing = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "how do i bake bread?", "input": ""}])
-    with pytest.raises(M.UserError, match="row 0 has no field 'output'"):
+    with pytest.raises(UserError, match="row 0 has no field 'output'"):
         sft.main(sft.Args(dataset=str(sft_missing), model_name_or_path="toy-tiny",
                           tokenizer_name_or_path=str(toy / "tokenizer"), output_dir=str(out)))
-    with pytest.raises(M.UserError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         reward.train(reward.Args(dataset=str(toy / "preference"), model_name_or_path=str(tmp_path / "none"),
                                  output_dir=str(out)), reward.REWARD)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
@@ -376,7 +378,7 @@ def test_identical_pair_is_an_error(sft_run, tmp_path, toy_tok):
            "better_response_id": 0}
     path = write_jsonl(tmp_path / "same.jsonl", [row])
     args = reward.Args(dataset=str(path), model_name_or_path=str(sft_run))
-    with pytest.raises(M.UserError, match="row 0: both responses tokenise identically"):
+    with pytest.raises(UserError, match="row 0: both responses tokenise identically"):
         reward.load_pairs(args, "train", None, toy_tok, reward.REWARD)
 
 

@@ -1,4 +1,4 @@
-"""memory_plan.py: per-rank memory of PPO-Lagrangian's six models under FSDP2, from a model config.
+"""tools/memory_plan.py: per-rank memory of PPO-Lagrangian's six models under FSDP2, from a model config.
 
 The six models are built on the meta device as ppo_lagrangian.py builds them (actor and reference:
 AutoModelForCausalLM; reward model, cost model and both critics: model.ScoreModel over AutoModel), so
@@ -43,11 +43,11 @@ dispatch-mode counter of live tensor storages (`LiveTensorBytes`) and prints the
 phase next to this estimate for the same config (fp32, `bf16=False`).
 
 Run:
-    python memory_plan.py --model llama-7b --world_size 8 --gpu_memory_gib 80
-    python memory_plan.py --model llama-7b --world_size 8 --gpu_memory_gib 80 --gradient_checkpointing
-    python memory_plan.py --model runs/sft --world_size 2            # a checkpoint folder's config.json
-    python memory_plan.py --measure                                   # estimate vs measurement, 1 CPU process
-    torchrun --nproc_per_node 2 memory_plan.py --measure              # the same, FSDP2 over 2 CPU ranks
+    python -m tools.memory_plan --model llama-7b --world_size 8 --gpu_memory_gib 80
+    python -m tools.memory_plan --model llama-7b --world_size 8 --gpu_memory_gib 80 --gradient_checkpointing
+    python -m tools.memory_plan --model runs/sft --world_size 2            # a checkpoint folder's config.json
+    python -m tools.memory_plan --measure                                   # estimate vs measurement, 1 CPU process
+    torchrun --nproc_per_node 2 -m tools.memory_plan --measure              # the same, FSDP2 over 2 CPU ranks
 
 Shape letters: P prompts per rank per rollout, B sequences per train micro-batch, L = max_length,
 S prompt length, h hidden size, i intermediate size, a attention heads, d head dim, V vocabulary,
@@ -71,10 +71,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import model as M
+import plumbing
+from plumbing import UserError
 
 GiB = 1 << 30
 MiB = 1 << 20
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ("actor", "reward_critic", "cost_critic")
 FROZEN = ("reference", "reward_model", "cost_model")
 
@@ -94,7 +96,7 @@ class Args:
     gpu_memory_gib: float = 80.0
     """memory of one GPU, to say whether the plan fits"""
     per_device_prompt_batch_size: int = 16
-    """P: prompts per rank per rollout (official 16, REFERENCE.md 5.14)"""
+    """P: prompts per rank per rollout (official 16, safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198)"""
     per_device_train_batch_size: int = 16
     """B: sequences per rank per rl_step (official 16)"""
     max_length: int = 512
@@ -122,11 +124,11 @@ def load_config(name_or_path: str):
     from transformers import AutoConfig
 
     if (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1) and not Path(name_or_path).is_dir():
-        raise M.UserError(f"--model {name_or_path}: not a preset ({', '.join(M.PRESETS)}) and no such folder")
+        raise UserError(f"--model {name_or_path}: not a preset ({', '.join(M.PRESETS)}) and no such folder")
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise M.UserError(f"--model {name_or_path}: cannot read its config: {M._first_line(e)}") from None
+        raise UserError(f"--model {name_or_path}: cannot read its config: {plumbing.first_line(e)}") from None
 
 
 def meta_models(config) -> dict[str, nn.Module]:
@@ -273,15 +275,15 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     """
     P, B, L, S = per_device_prompt_batch_size, per_device_train_batch_size, max_length, prompt_length
     if min(P, B, S, world_size) < 1 or L <= S:
-        raise M.UserError(f"need world size and batch sizes >= 1 and max_length ({L}) > prompt_length ({S}) >= 1")
+        raise UserError(f"need world size and batch sizes >= 1 and max_length ({L}) > prompt_length ({S}) >= 1")
     fsdp = world_size > 1 if fsdp is None else fsdp
     if not fsdp and bf16:
-        raise M.UserError("one GPU process without torchrun (autocast) is not modelled: give --fsdp (torchrun), "
+        raise UserError("one GPU process without torchrun (autocast) is not modelled: give --fsdp (torchrun), "
                           "or --no-bf16 for one CPU process")
     missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
                if getattr(config, k, None) is None]
     if missing:
-        raise M.UserError(f"{type(config).__name__} has no {', '.join(missing)}: the activation formulas are "
+        raise UserError(f"{type(config).__name__} has no {', '.join(missing)}: the activation formulas are "
                           "written for LLaMA-style decoders (RMSNorm, SwiGLU MLP)")
     sizes = {name: model_size(m, world_size) for name, m in meta_models(config).items()}
     h, i, V, d = config.hidden_size, config.intermediate_size, config.vocab_size, head_dim(config)
@@ -548,7 +550,7 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
         seen["persistent"] = tracker.live
         return "rollout"
 
-    originals = {"sample": M.sample, "policy_logprobs": M.policy_logprobs, "optimizer_state": M.optimizer_state,
+    originals = {"sample": M.sample, "policy_logprobs": M.policy_logprobs, "optimizer_state": plumbing.optimizer_state,
                  "save_checkpoint": M.save_checkpoint}
     score_forward = M.ScoreModel.forward
     with tempfile.TemporaryDirectory() as tmp:
@@ -564,7 +566,7 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
                                    lambda *a, **k: "actor update" if torch.is_grad_enabled() else "scoring")
         M.ScoreModel.forward = marked(score_forward,
                                       lambda *a, **k: "critic update" if torch.is_grad_enabled() else "scoring")
-        M.optimizer_state = marked(M.optimizer_state, lambda *a, **k: "saving")  # save() starts with these
+        plumbing.optimizer_state = marked(plumbing.optimizer_state, lambda *a, **k: "saving")  # save() starts with these
         M.save_checkpoint = marked(M.save_checkpoint, lambda *a, **k: "saving")
         try:
             with tracker:
@@ -574,7 +576,7 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
                 setattr(M, name, fn)
             M.ScoreModel.forward = score_forward
     if seen["rollouts"] != 2:
-        raise M.UserError(f"--measure needs two rollouts and ran {seen['rollouts']}: the toy set has 64 prompts, "
+        raise UserError(f"--measure needs two rollouts and ran {seen['rollouts']}: the toy set has 64 prompts, "
                           f"fewer than 2 x {P} prompts x {world_size} ranks")
     plan = estimate_memory(measure_config(), world_size, per_device_prompt_batch_size=P, per_device_train_batch_size=B,
                            max_length=max_length, prompt_length=seen["prompt_length"], bf16=False,
@@ -616,7 +618,7 @@ def format_measurement(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI: print the per-rank table and one JSON line; returns the JSON record (bench.py can call this)."""
-    args = M.parse_args(Args, argv, description=__doc__.splitlines()[0])
+    args = plumbing.parse_args(Args, argv, description=__doc__.splitlines()[0])
     if args.measure:
         result = measure_memory(gradient_checkpointing=args.gradient_checkpointing)
         if result["rank"] == 0:
@@ -635,4 +637,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    M.run_main(main)
+    plumbing.run_main(main)

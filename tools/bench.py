@@ -1,4 +1,4 @@
-"""bench.py: throughput and memory of every stage, and the memory plan for big models.
+"""tools/bench.py: throughput and memory of every stage, and the memory plan for big models.
 
 What it measures, each figure a median over several timed windows after a warm-up, printed as one
 JSON line ({"figure", "value", "unit", ...}) so that runs can be diffed; a Markdown table at the end.
@@ -24,10 +24,10 @@ and bench.py reads their metrics.jsonl, so what is timed is the code users run. 
 model.py presets; the text is random words from a synthetic word-level tokenizer of the preset's
 vocabulary size, so every token count is exact.
 
-    python bench.py                                   # the toy-sized model on this CPU, ~3 min
-    python bench.py --only preference generation      # some sections
-    python bench.py --model llama-1b --nproc_per_node 1 --length_scale 4   # a GPU: FSDP2 + bf16
-    python bench.py --estimate-memory --model llama-7b --world_size 8      # memory_plan.py's table
+    python -m tools.bench                                   # the toy-sized model on this CPU, ~3 min
+    python -m tools.bench --only preference generation      # some sections
+    python -m tools.bench --model llama-1b --nproc_per_node 1 --length_scale 4   # a GPU: FSDP2 + bf16
+    python -m tools.bench --estimate-memory --model llama-7b --world_size 8      # memory_plan.py's table
 
 Threads: the CPU figures depend on them; bench.py uses torch's setting (OMP_NUM_THREADS) for every
 part and prints it. Run it on a quiet machine: another busy process halves the figures.
@@ -35,9 +35,12 @@ part and prints it. Run it on a quiet machine: another busy process halves the f
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -50,8 +53,10 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import plumbing
+from plumbing import UserError
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the stages run from the repository root
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity), for MFU.
 GPU_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
@@ -99,6 +104,8 @@ class Args:
     """print memory_plan.py's per-rank memory table instead (see --world_size)"""
     world_size: int = 8
     """--estimate-memory: ranks the models are sharded over"""
+    doc: str | None = None
+    """also write the table, and the 7B memory plan, into this Markdown file's generated blocks (make bench)"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,10 +231,10 @@ def run_stage(script: str, argv: list[str], args: Args, out: Path) -> list[dict]
     env = dict(os.environ, CI="true")  # no progress bars
     log = out.with_suffix(".log")
     with log.open("w") as f:
-        returncode = subprocess.run(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        returncode = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if returncode != 0:
         tail = log.read_text().strip().splitlines()[-5:]
-        raise M.UserError(f"{script} failed (log {log}): " + " / ".join(tail))
+        raise UserError(f"{script} failed (log {log}): " + " / ".join(tail))
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -245,7 +252,7 @@ def windows_rate(times: list[float], values: list[float], args: Args) -> tuple[f
         rates.append(sum(values[lo + 1:hi + 1]) / seconds)
         step_rates.append((hi - lo) / seconds)
     if not rates:
-        raise M.UserError(f"too few steps to time: {len(times)} (need --warmup + 2)")
+        raise UserError(f"too few steps to time: {len(times)} (need --warmup + 2)")
     return statistics.median(rates), statistics.median(step_rates)
 
 
@@ -356,7 +363,7 @@ def section_preference(args: Args, work: Path, tokenizer, pairs: list[dict], dev
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         tokens, steps, computed = bare_preference_loop(args, tokenizer, pairs, device)
-        memory = M.peak_memory_gib(device)
+        memory = plumbing.peak_memory_gib(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # give the GPU back to the stages' processes
         return tokens, steps, computed, memory
@@ -432,7 +439,7 @@ def section_generation(args: Args, tokenizer, device: torch.device) -> None:
             if i > 0:  # the first call warms up
                 times.append(time.perf_counter() - t0)
         rates[name] = args.gen_batch * T / statistics.median(times)
-        memory = M.peak_memory_gib(device)
+        memory = plumbing.peak_memory_gib(device)
         common = dict(stage=name, model=args.model, batch=args.gen_batch, new_tokens=T)
         report("generation", "tokens_per_s", rates[name], "tokens/s", **common)
         report("generation", "gflops", 2 * N * rates[name] / 1e9, "GFLOP/s", **common)
@@ -509,20 +516,50 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def write_doc(path: Path, figures: str) -> None:
+    """Refresh the generated blocks of a Markdown file (docs/bench.md): `bench-cpu` gets this run's
+    table, `memory-7b` the memory plan for LLaMA-7B on 8 x 80 GB without and with activation
+    checkpointing (a computation from the config alone: the same on every machine)."""
+    from tools import memory_plan
+
+    plans = []
+    for extra in ([], ["--gradient_checkpointing"]):
+        argv = ["--model", "llama-7b", "--world_size", "8", "--gpu_memory_gib", "80"] + extra
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            memory_plan.main(argv)
+        text = "\n".join(line for line in out.getvalue().strip().splitlines() if not line.startswith("{"))
+        plans.append(f"`python -m tools.memory_plan {' '.join(argv)}`:\n\n```\n{text.strip()}\n```")
+    doc = path.read_text()
+    for name, body in (("bench-cpu", figures), ("memory-7b", "\n\n".join(plans))):
+        if f"<!-- {name}:start -->" not in doc:
+            raise UserError(f"--doc {path}: no <!-- {name}:start --> ... <!-- {name}:end --> block to refresh")
+        doc = re.sub(rf"<!-- {name}:start -->.*?<!-- {name}:end -->",
+                     lambda m: f"<!-- {name}:start -->\n{body}\n<!-- {name}:end -->", doc, flags=re.S)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(doc)
+    tmp.replace(path)
+    print(f"bench.py: {path} refreshed", flush=True)
+
+
 def main(args: Args) -> None:
     if args.estimate_memory:
-        import memory_plan
+        from tools import memory_plan
         memory_plan.main(["--model", args.model, "--world_size", str(args.world_size)]
                          + (["--gradient_checkpointing"] if args.gradient_checkpointing else []))
         return
+    if args.doc:  # refuse now, not after minutes of timing
+        doc = Path(args.doc).read_text() if Path(args.doc).is_file() else ""
+        if not all(f"<!-- {b}:start -->" in doc for b in ("bench-cpu", "memory-7b")):
+            raise UserError(f"--doc {args.doc}: not a file with <!-- bench-cpu:start --> and <!-- memory-7b:start --> blocks")
     sections = args.only or ["machine", "preference", "sft", "generation", "ppo"]
     unknown = set(sections) - {"machine", "preference", "sft", "generation", "ppo"}
     if unknown:
-        raise M.UserError(f"--only: unknown sections {sorted(unknown)}")
+        raise UserError(f"--only: unknown sections {sorted(unknown)}")
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     device = torch.device("cuda" if use_cuda else "cpu")
     if args.model not in M.PRESETS:
-        raise M.UserError(f"--model {args.model!r}: bench.py builds random-init presets; choose one of {', '.join(M.PRESETS)}")
+        raise UserError(f"--model {args.model!r}: bench.py builds random-init presets; choose one of {', '.join(M.PRESETS)}")
     M.quiet_hf()
     t_start = time.time()
     report("machine", "device", device_name(device), "", torch=torch.__version__, threads=torch.get_num_threads())
@@ -540,7 +577,7 @@ def main(args: Args) -> None:
         template = len(tokenizer(M.format_prompt(""))["input_ids"])
         ppo_prompt_words = min(round(17 * args.length_scale), args.new_tokens - template)
         if ppo_prompt_words < 4:
-            raise M.UserError(f"--new_tokens {args.new_tokens}: give at least {template + 4} (the prompt template "
+            raise UserError(f"--new_tokens {args.new_tokens}: give at least {template + 4} (the prompt template "
                               f"alone is {template} tokens, and a prompt may be at most as long as the response)")
         # a few more rows than the timed steps need, and at least 64 batches so grouping has room
         pairs = make_data(work, args, max(64, steps + 2) * max(args.pref_batch, args.sft_batch), ppo_prompt_words)
@@ -553,13 +590,18 @@ def main(args: Args) -> None:
             if name in sections:
                 try:  # one failing section (say, out of memory) does not cost the others' figures
                     run()
-                except (M.UserError, RuntimeError) as e:
+                except (UserError, RuntimeError) as e:
                     failed.append(name)
-                    print(f"bench.py: section {name} failed: {M._first_line(e)}", file=sys.stderr, flush=True)
+                    print(f"bench.py: section {name} failed: {plumbing.first_line(e)}", file=sys.stderr, flush=True)
     print(f"\n{table()}\n\nbench.py: {time.time() - t_start:.0f} s on {device_name(device)}", flush=True)
+    if args.doc and not failed:
+        command = " ".join(["python -m tools.bench"] + sys.argv[1:])
+        header = (f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} {command}` on "
+                  f"{device_name(device)}, {time.time() - t_start:.0f} s; the table it prints after its JSON lines:\n\n")
+        write_doc(Path(args.doc), header + table())
     if failed:
-        raise M.UserError(f"sections {', '.join(failed)} failed (see above)")
+        raise UserError(f"sections {', '.join(failed)} failed (see above)")
 
 
 if __name__ == "__main__":
-    M.run_main(main, M.parse_args(Args, description=__doc__.splitlines()[0]))
+    plumbing.run_main(main, plumbing.parse_args(Args, description=__doc__.splitlines()[0]))

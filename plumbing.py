@@ -1,0 +1,456 @@
+"""plumbing.py: what every stage needs and no teacher needs to read.
+
+The model, its sharding and the shared math are in model.py; this file is the run around them:
+  1. Errors        UserError and `run_main`: bad input ends in one line (`error: ...`), exit code 2.
+  2. Arguments     a stage's Args dataclass -> argparse, help from the docstring under each field.
+  3. Data rows     any data set through `datasets.load_dataset` (hub name or local file/folder);
+                   the epoch order (length-grouped, the same on every rank) and lockstep batches.
+  4. Run folders   atomic checkpoint folders (write to a temporary folder, rename into place),
+                   resumable train state, atomic JSON, the resume check.
+  5. Optimiser     AdamW and the lr schedules, gradient clipping, and the optimiser / scheduler /
+                   RNG state as safetensors + JSON (no pickle) for an exact --resume.
+  6. Logging       the `|`-separated log line, the JSONL sink, the progress bar, peak memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from model import Dist
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Errors: one line for the user, no traceback
+# --------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """Bad input (a missing file, field or checkpoint; an empty data set; NaN losses). The message
+    names the file, row or argument; `run_main` prints it as one line and exits with status 2."""
+
+
+def run_main(main, *args) -> None:
+    """Call main(*args); turn a UserError into `error: <message>` on stderr and exit code 2."""
+    try:
+        main(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (some libraries raise with an empty one)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def check_finite(value: torch.Tensor, what: str, step: int) -> None:
+    """Stop with one line when a loss is NaN/inf (nothing after the last good checkpoint is saved)."""
+    if not torch.isfinite(value).all():
+        raise UserError(f"{what} is not finite at step {step}; stopping before anything is saved "
+                        "(try a lower learning rate)")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Arguments: the stage's Args dataclass on the command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(cls, argv=None, description: str | None = None):
+    """Parse argv into the stage's Args dataclass. Each field's help is the one-line docstring
+    written under it (CleanRL style); bools get --flag / --no-flag; `--help` lists them all."""
+    import argparse
+    import ast
+    import dataclasses
+    import inspect
+    import types
+    import typing
+
+    helps = {}
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            helps[node.target.id] = nxt.value.value
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default,
+                                help=helps.get(f.name, ""))
+            continue
+        base = kind
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+            base = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(base) is list:
+            inner = typing.get_args(base)[0]
+            parser.add_argument(f"--{f.name}", type=inner, nargs="+", default=default, help=helps.get(f.name, ""))
+        else:
+            parser.add_argument(f"--{f.name}", type=base, default=default, help=helps.get(f.name, ""))
+    return cls(**vars(parser.parse_args(list(map(_underscored, sys.argv[1:] if argv is None else argv)))))
+
+
+def _underscored(token: str) -> str:
+    """Flag names take dashes or underscores alike: --estimate-memory is --estimate_memory,
+    --no-group-by-length is --no-group_by_length. Values are left alone."""
+    if not token.startswith("--"):
+        return token
+    name, eq, value = token.partition("=")
+    negated = name.startswith("--no-")
+    name = name[5:] if negated else name[2:]
+    return ("--no-" if negated else "--") + name.replace("-", "_") + eq + value
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Data rows, epoch order and lockstep batches
+# --------------------------------------------------------------------------------------------
+
+
+def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: int | None = None,
+              required: tuple[str, ...] = (), what: str = "--dataset") -> list[dict]:
+    """Rows of a data set through `datasets.load_dataset`, hub or local: the same code path.
+
+    dataset: a hub name (e.g. PKU-Alignment/PKU-SafeRLHF), a local .json/.jsonl file, or a local
+    folder holding `<split>.jsonl` (or `<split>.json`). Rows missing a required field, an empty
+    set, or an unreadable file give one UserError naming the file, field and row.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our one line says what failed
+    path = Path(dataset)
+    local = [path] if path.is_file() else sorted(path.glob(f"{split}.json*")) if path.is_dir() else []
+    if local and all(f.stat().st_size < 1 << 20 and not f.read_text(errors="replace").strip() for f in local):
+        raise UserError(f"{what} {dataset} (split {split}) is empty")  # datasets' own error here is blank
+    try:
+        if path.is_file():
+            ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
+        elif path.is_dir():
+            files = sorted(path.glob(f"{split}.json*"))
+            if not files:
+                raise UserError(f"{what} {dataset}: no {split}.jsonl or {split}.json in that folder")
+            ds = datasets.load_dataset("json", data_files={split: [str(f) for f in files]}, split=split)
+        elif dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
+            raise UserError(f"{what} {dataset}: no such file or folder (and not a hub name 'org/name')")
+        else:
+            ds = datasets.load_dataset(dataset, split=split, revision=revision)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
+        raise UserError(f"{what} {dataset} (split {split}): cannot read it: {first_line(e)}") from None
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    rows = ds.to_list()
+    if not rows:
+        raise UserError(f"{what} {dataset} (split {split}) is empty")
+    for i, row in enumerate(rows):
+        for field in required:
+            if row.get(field) is None:
+                raise UserError(f"{what} {dataset} (split {split}): row {i} has no field {field!r}")
+    return rows
+
+
+
+def alpaca_request(row: dict) -> str:
+    """Alpaca schema: instruction, plus " " + input when there is one
+    (safe_rlhf/datasets/raw/alpaca.py@82743cc:L26-42)."""
+    return f"{row['instruction']} {row['input']}" if row.get("input") else row["instruction"]
+
+
+
+def epoch_order(n: int, seed: int, epoch: int, *, lengths: list[int] | None = None,
+                global_batch_size: int = 1, megabatch: int = 64) -> list[int]:
+    """The epoch's order of the n training rows: the same on every rank (seeded by seed and epoch),
+    so the data position is just the step count and --resume is exact.
+
+    lengths=None: a plain shuffle. With lengths, length-grouped batching (HF Trainer's
+    LengthGroupedSampler): shuffle, cut into mega-batches of `megabatch` global batches, sort each
+    mega-batch longest first and cut it into global batches, then shuffle the global batches, the
+    one holding the longest row first (an out-of-memory shows at step 1, not hours in). Every batch
+    then holds rows of similar length, so right padding wastes little compute; each epoch still sees
+    every row once, and which rows share a batch stays random within a mega-batch."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    if lengths is None:
+        return order
+    size = megabatch * global_batch_size
+    by_length = [i for lo in range(0, n, size)
+                 for i in sorted(order[lo:lo + size], key=lambda i: -lengths[i])]          # stable sort
+    full = n - n % global_batch_size  # an incomplete last batch stays last (the loop drops it)
+    batches = [by_length[lo:lo + global_batch_size] for lo in range(0, full, global_batch_size)]
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    if batches:
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches[0], batches[longest] = batches[longest], batches[0]
+    return [i for batch in batches for i in batch] + by_length[full:]
+
+
+
+def rank_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[tuple[list[int], list[bool]]]:
+    """Split items 0..n-1 into batches for this rank, in lockstep: the list is padded with repeats to a
+    multiple of batch_size * world_size and rank r takes batches r, r + W, ...; so every rank runs the
+    same number of batches (every sharded forward is a collective). Returns [(item indices, is_real
+    flags)]; repeats are flagged False and must be left out of every count."""
+    per_round = batch_size * world_size
+    total = max(1, math.ceil(n / per_round)) * per_round if n else 0
+    order, real = [i % n for i in range(total)], [i < n for i in range(total)]
+    return [(order[s:s + batch_size], real[s:s + batch_size]) for s in range(rank * batch_size, total, per_round)]
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Run folders: atomic checkpoint folders, train state, atomic JSON
+# --------------------------------------------------------------------------------------------
+
+
+def recover_checkpoint(folder: str | os.PathLike) -> None:
+    """Undo a save that was killed between its two renames (see atomic_folder), and drop stale
+    temporary folders. Safe to call on every start."""
+    folder = Path(folder)
+    old, parent = folder.with_name(folder.name + ".old"), folder.parent
+    if not folder.exists() and old.exists():
+        old.rename(folder)
+    elif old.exists():
+        shutil.rmtree(old)
+    if parent.exists():
+        for tmp in parent.glob(folder.name + ".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ("metrics.jsonl", "args.json", "samples.jsonl")):
+    """Write a checkpoint into `<folder>.tmp-<pid>`, then swap it into place.
+
+    A crash while writing leaves the previous `folder` untouched (the temporary folder is removed
+    on the next start). The swap is two renames (folder -> folder.old, tmp -> folder); a crash
+    between them is undone by `recover_checkpoint`. Run files named in `keep` (logs written next
+    to the checkpoint) are carried over from the old folder.
+    """
+    folder = Path(folder)
+    recover_checkpoint(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for name in keep:
+        if (folder / name).is_file() and not (tmp / name).exists():
+            shutil.copy2(folder / name, tmp / name)
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+
+def write_train_state(folder: Path, train_state: dict) -> None:
+    """A resumable state {"tensors": {name: Tensor}, "json": {...}} as two files in `folder`."""
+    save_file(train_state["tensors"], str(folder / "train_state.safetensors"))
+    (folder / "train_state.json").write_text(json.dumps(train_state["json"], indent=1) + "\n")
+
+
+def load_train_state(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    if not (folder / "train_state.json").is_file():
+        raise UserError(f"--resume: {folder} holds no resumable state (train_state.json); "
+                        "it was not written by an interrupted run of this stage")
+    return {"tensors": load_file(str(folder / "train_state.safetensors")),
+            "json": json.loads((folder / "train_state.json").read_text())}
+
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    """Write JSON to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+
+
+
+def check_same_run(trainer_state: dict, now: dict) -> None:
+    """--resume continues the same run: the saved sizes (data rows, global batch, schedule length)
+    must equal this invocation's."""
+    for key, value in now.items():
+        if trainer_state.get(key, value) != value:  # .get: keys added later are absent from older runs
+            raise UserError(f"--resume: {key} was {trainer_state[key]} in the interrupted run, now {value}; "
+                            "resume with the same data, batch sizes, ranks and epochs")
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Optimiser, schedule, and optimiser / scheduler / RNG state (safetensors + JSON, no pickle)
+# --------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, betas (0.9, 0.95) as the official code; no weight decay on biases and norm weights
+    (deviation: the official name test misses LLaMA's final `model.norm.weight`, safe_rlhf/utils.py@82743cc:L246-277; we
+    exclude every 1-D parameter)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one CUDA kernel for the whole update (the official FusedAdam); on a CPU the default
+    fused = decay[0].device.type == "cuda" if decay else False
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+
+def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """'cosine': linear warmup then cosine decay to 0 (HF get_cosine_schedule_with_warmup);
+    'constant': constant (the official critic schedule ignores warmup,
+    safe_rlhf/trainers/rl_trainer.py@82743cc:L266-299)."""
+    def cosine(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    schedules = {"cosine": cosine, "constant": lambda step: 1.0}
+    if kind not in schedules:
+        raise UserError(f"unknown lr schedule {kind!r}; choose cosine or constant")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[kind])
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global-norm clipping; works on FSDP2 DTensor gradients (the norm is reduced over ranks)."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm
+
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str) -> dict:
+    """Full (unsharded) optimiser state keyed by parameter name: tensors + JSON-able rest."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tensors = {}  # under FSDP only rank 0 receives the full state; the other ranks get {}
+    for pname, st in osd.get("state", {}).items():
+        for k, v in st.items():
+            tensors[f"{prefix}.state.{pname}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
+    return {"tensors": tensors, "json": {f"{prefix}.param_groups": osd.get("param_groups", [])}}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    tag = f"{prefix}.state."
+    per_param: dict[str, dict] = {}
+    for key, value in state["tensors"].items():
+        if key.startswith(tag):
+            pname, k = key[len(tag):].rsplit(".", 1)
+            per_param.setdefault(pname, {})[k] = value
+    osd = {"state": per_param, "param_groups": state["json"][f"{prefix}.param_groups"]}
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+
+
+def rng_state() -> dict:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    version, internal, gauss = random.getstate()
+    return {"tensors": tensors, "json": {"rng.python": [version, list(internal), gauss]}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["tensors"]["rng.torch"])
+    if torch.cuda.is_available() and "rng.cuda" in state["tensors"]:
+        torch.cuda.set_rng_state(state["tensors"]["rng.cuda"])
+    version, internal, gauss = state["json"]["rng.python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def merge_states(*parts: dict) -> dict:
+    out = {"tensors": {}, "json": {}}
+    for p in parts:
+        out["tensors"].update(p["tensors"])
+        out["json"].update(p["json"])
+    return out
+
+
+def gather_rng_states(dist_: Dist) -> dict:
+    """Every rank's RNG state, collected on rank 0 (per-rank seeds mean per-rank states)."""
+    mine = rng_state()
+    if not dist_.enabled:
+        return {"tensors": {f"rank0.{k}": v for k, v in mine["tensors"].items()},
+                "json": {f"rank0.{k}": v for k, v in mine["json"].items()}}
+    gathered = [None] * dist_.world_size
+    dist.all_gather_object(gathered, {"t": {k: v.tolist() for k, v in mine["tensors"].items()}, "j": mine["json"]})
+    out = {"tensors": {}, "json": {}}
+    for r, g in enumerate(gathered):
+        out["tensors"].update({f"rank{r}.{k}": torch.tensor(v, dtype=torch.uint8) for k, v in g["t"].items()})
+        out["json"].update({f"rank{r}.{k}": v for k, v in g["j"].items()})
+    return out
+
+
+def restore_rng_states(state: dict, dist_: Dist) -> None:
+    tag = f"rank{dist_.rank}."
+    if f"{tag}rng.torch" not in state["tensors"]:
+        raise UserError(f"--resume: the checkpoint was written by a run with fewer ranks (no RNG state for rank {dist_.rank})")
+    set_rng_state({"tensors": {k[len(tag):]: v for k, v in state["tensors"].items() if k.startswith(tag)},
+                   "json": {k[len(tag):]: v for k, v in state["json"].items() if k.startswith(tag)}})
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Logging and progress
+# --------------------------------------------------------------------------------------------
+
+
+def log_line(record: dict) -> str:
+    """The plain `|`-separated log line."""
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+
+
+
+class JsonlLogger:
+    """One structured sink that needs no service: a JSON line per record, rank 0 only. The file
+    is opened per write, so it follows the run folder across atomic checkpoint swaps."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def progress(iterable=None, total=None, enabled: bool = True, **kwargs):
+    """One tqdm bar on rank 0 (a silent stand-in elsewhere)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, disable=not enabled or not sys.stderr.isatty() and os.environ.get("CI") == "true",
+                dynamic_ncols=True, **kwargs)
+
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far: torch's max allocated on a GPU, the peak resident set
+    (RSS, which includes Python and the libraries) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
