@@ -4,11 +4,11 @@
 #
 #   bash demo.sh            the full run (`make demo`): every stage with its default settings, PPO-
 #                           Lagrangian, plain PPO and reward shaping at seven fixed nu, then
-#                           evaluate.py over all of them; refreshes the results in README.md
+#                           evaluate.py over all of them; refreshes docs/results.md and README's table
 #   bash demo.sh quick      a first look in a few minutes (`make demo-quick`): shorter training,
 #                           three nu; writes to runs-quick/ and results-quick/, README untouched
 #   bash demo.sh smoke DIR  tiny settings for the test suite, everything under DIR
-#   bash demo.sh evaluate   only stage 5 and the README refresh, on the runs a full run left
+#   bash demo.sh evaluate   only stage 5 and the docs/README refresh, on the runs a full run left
 #
 # Python is .venv's (the Makefile builds it); PY=... overrides.
 set -euo pipefail
@@ -71,7 +71,7 @@ $PY evaluate.py --policies "${policies[@]}" --reward_model "$runs/reward" --cost
   --output_dir "$results" "${evalargs[@]}"
 
 if [ "$profile" = full ]; then
-  stage "README.md: results table and plots refreshed from $results"
+  stage "docs/results.md, README.md's headline table and the plots refreshed from $results"
   $PY - "$results" <<'EOF'
 import re, shutil, sys
 from pathlib import Path
@@ -80,12 +80,30 @@ docs = Path("docs"); docs.mkdir(exist_ok=True)
 for png in ("frontier.png", "training_curves.png", "scatter.png", "histograms.png"):
     if (results / png).is_file():
         shutil.copy(results / png, docs / png)
+md = (results / "results.md").read_text().strip()
+table = re.sub(r"^(#+) ", r"##\1 ", md, flags=re.M)  # headings one level down, under the page's ###
+Path("docs/results.md").write_text(
+    "# Results on the toy world\n\nEvery table here is written by `make demo` (`demo.sh`, then `evaluate.py`); the\n"
+    "headline rows are in README.md, the plots next to this file, the metric names in docs/metrics.md.\n\n"
+    "### Evaluation of the `make demo` run\n\n<!-- results:start -->\n" + table + "\n<!-- results:end -->\n")
+# The headline: the first four columns of the policies table for SFT, plain PPO, three fixed nu, PPO-Lagrangian.
+lines = md.splitlines()
+start = next(i for i, line in enumerate(lines) if line.startswith("| policy |"))
+rows = {}
+for line in lines[start + 2:]:
+    if not line.startswith("|"):
+        break
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    rows[cells[0]] = cells[:4]
+keep = [name for name in ("sft", "ppo", "nu_0.01", "nu_1", "nu_100", "ppo_lagrangian") if name in rows]
+head = [c.strip() for c in lines[start].strip("|").split("|")][:4]
+block = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                  + ["| " + " | ".join(rows[n]) + " |" for n in keep])
 readme = Path("README.md").read_text()
-table = re.sub(r"^(#+) ", r"##\1 ", (results / "results.md").read_text().strip(), flags=re.M)  # under README's ###
-block = "<!-- results:start -->\n" + table + "\n<!-- results:end -->"
-readme = re.sub(r"<!-- results:start -->.*?<!-- results:end -->", lambda m: block, readme, flags=re.S)
+readme = re.sub(r"<!-- headline:start -->.*?<!-- headline:end -->",
+                lambda m: "<!-- headline:start -->\n" + block + "\n<!-- headline:end -->", readme, flags=re.S)
 Path("README.md").write_text(readme)
-print("README.md updated; plots in docs/")
+print("docs/results.md and README.md's headline table updated; plots in docs/")
 EOF
 fi
 echo
