@@ -308,7 +308,7 @@ def lagrange_multiplier_loss(log_lambda: torch.Tensor, episode_cost: float, thre
 
 
 # --------------------------------------------------------------------------------------------
-# Diagnostics: the metrics of one rl_step (their names are explained in the README)
+# Diagnostics: the metrics of one rl_step (their names are explained in docs/metrics.md)
 # --------------------------------------------------------------------------------------------
 
 

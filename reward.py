@@ -24,7 +24,7 @@ Speed (both on by default; the official loader does neither): pairs are batched 
 (--group_by_length), and each pair is ONE row, its prompt once and then both responses, under a mask
 that keeps the second response from seeing the first (--share_prompt, `pack_pairs`): the same scores
 and gradients as two right-padded rows, on 16% fewer positions than the pair's tokens instead of 38%
-more. `python -m tools.bench` measures it: 1.43x the real tokens/s of a plain shuffled two-row loop.
+more. `python -m tools.bench` measures it: 1.38x the real tokens/s of a plain shuffled two-row loop (docs/bench.md).
 
 Left out on purpose: the token-wise loss variant (sequence-wise only, as the official scripts use), the
 running score normaliser (its statistics are collected but unused by default upstream,
