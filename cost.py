@@ -89,7 +89,9 @@ def safer_unsafer(row: dict, where: str) -> tuple[str, str, list[float]]:
     """Cost pairs: (y_l, y_w) = (safer, more harmful) from `safer_response_id`, with cost signs
     s = +1 unsafe / -1 safe from `is_response_*_safe` (safe_rlhf/datasets/safety_preference.py@82743cc:L66-73)."""
     safer = response_id(row, "safer_response_id", where)
-    safer_is_safe, unsafer_is_safe = bool(row[f"is_response_{safer}_safe"]), bool(row[f"is_response_{1 - safer}_safe"])
+    # Parsed, not cast: bool("false") is True, and files written by other tools do carry strings.
+    safer_is_safe = plumbing.parse_bool(row[f"is_response_{safer}_safe"], f"{where}: is_response_{safer}_safe")
+    unsafer_is_safe = plumbing.parse_bool(row[f"is_response_{1 - safer}_safe"], f"{where}: is_response_{1 - safer}_safe")
     # The official loader refuses these too (safe_rlhf/datasets/safety_preference.py@82743cc:L75-95).
     if not safer_is_safe and unsafer_is_safe:
         raise UserError(f"{where}: contradictory labels: the safer response (response_{safer}) is labelled "

@@ -10,6 +10,7 @@
 #   bash demo.sh smoke DIR  tiny settings for the test suite, everything under DIR
 #   bash demo.sh evaluate   only stage 5 and the docs/README refresh, on the runs a full run left
 #
+# Each run replaces the one an earlier demo left in its folder (--overwrite).
 # Python is .venv's (the Makefile builds it); PY=... overrides.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -41,15 +42,15 @@ stage "toy world -> data/toy"
 $PY -c "import toyworld; print(toyworld.ensure_toy_data('data/toy'))"
 
 stage "1/5 SFT -> $runs/sft"
-$PY sft.py --output_dir "$runs/sft" "${sft[@]}"
+$PY sft.py --overwrite --output_dir "$runs/sft" "${sft[@]}"
 
 stage "2/5 reward model (eq. 5) -> $runs/reward"
-$PY reward.py --model_name_or_path "$runs/sft" --output_dir "$runs/reward" "${pref[@]}"
+$PY reward.py --overwrite --model_name_or_path "$runs/sft" --output_dir "$runs/reward" "${pref[@]}"
 
 stage "3/5 cost model (eq. 6) -> $runs/cost"
-$PY cost.py --model_name_or_path "$runs/sft" --output_dir "$runs/cost" "${pref[@]}"
+$PY cost.py --overwrite --model_name_or_path "$runs/sft" --output_dir "$runs/cost" "${pref[@]}"
 
-models=(--actor_model_name_or_path "$runs/sft" --reward_model_name_or_path "$runs/reward"
+models=(--overwrite --actor_model_name_or_path "$runs/sft" --reward_model_name_or_path "$runs/reward"
         --cost_model_name_or_path "$runs/cost")
 stage "4/5 PPO-Lagrangian (eq. 12) -> $runs/ppo_lagrangian"
 $PY ppo_lagrangian.py "${models[@]}" --output_dir "$runs/ppo_lagrangian" "${ppo[@]}"

@@ -61,6 +61,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -93,6 +94,11 @@ Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 @dataclass
 class Args:
+    # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
+    LIMITS: ClassVar[dict] = {"max_length": (2, None), "safety_target": (0, 1), **dict.fromkeys(
+        ("samples_per_prompt", "max_new_tokens", "max_prompt_length", "batch_size", "limit", "preference_limit"),
+        (1, None))}
+
     # what to evaluate
     policies: list[str] = field(default_factory=lambda: ["sft=runs/sft", "ppo_lagrangian=runs/ppo_lagrangian"])
     """policies as NAME=PATH (checkpoint folder or hub name), in table order; the first is the baseline"""
@@ -396,8 +402,8 @@ def load_frozen(kind: str, path: str, tokenizer, args: Args, d: M.Dist, hint: st
     """A policy or score model in eval mode, sharded under torchrun: rank 0 reads the weights, the
     other ranks build a meta skeleton and receive their shards from rank 0 (model.prepare_model)."""
     load = dict(trust_remote_code=args.trust_remote_code, stage_hint=hint, meta=d.enabled and not d.is_main)
-    model = (M.load_causal_lm(path, tokenizer, **load) if kind == "policy"
-             else M.load_score_model(path, tokenizer, kind, **load))
+    model = (M.load_causal_lm(path, tokenizer, flag="--policies", **load) if kind == "policy"
+             else M.load_score_model(path, tokenizer, kind, accept=(kind,), flag=f"--{kind}_model", **load))
     return M.prepare_model(model, d, trainable=False, bf16=d.device.type == "cuda")
 
 
@@ -537,7 +543,8 @@ def main(args: Args) -> None:
     if modes & {"generate", "arena", "oracle"}:
         if args.prompts == Args.prompts:
             toyworld.ensure_toy_data(Path(args.prompts).parents[1])
-        rows = plumbing.load_rows(args.prompts, args.split, revision=args.revision, limit=args.limit, required=(args.prompt_field,), what="--prompts")
+        rows = plumbing.load_rows(args.prompts, args.split, revision=args.revision, limit=args.limit, required=(args.prompt_field,),
+                                  text=(args.prompt_field,), what="--prompts")
         prompts = list(dict.fromkeys(str(row[args.prompt_field]) for row in rows))  # deduplicated, order kept
         prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]      # each sampled k times
     unknown = next((p for p in prompts if not is_toy_request(p)), None)
@@ -582,6 +589,8 @@ def main(args: Args) -> None:
     needed = (names if generating else []) + (["reward", "cost"] if scoring or "preference" in modes else [])
     tokenizers = {k: load_checked_tokenizer(paths[k], args, hints[k], "left" if k in names else "right")
                   for k in needed}
+    for k in needed:  # the kind of every model now, not after minutes of generation (M.load_* check it again)
+        M.check_kind(paths[k], ("policy",) if k in names else (k,), "--policies" if k in names else f"--{k}_model")
     for name in names if scoring else []:
         for kind in ("reward", "cost"):
             if tokenizers[name].get_vocab() != tokenizers[kind].get_vocab():
@@ -802,4 +811,4 @@ def render_tables(results: dict, names: list[str], args: Args) -> tuple[tuple[st
 
 if __name__ == "__main__":
     description = __doc__.split("\n")[0] + " Modes (--modes): " + "; ".join(f"{k}: {v}" for k, v in MODES.items())
-    plumbing.run_main(main, plumbing.parse_args(Args, description=description + "; all: every mode that applies."))
+    plumbing.run_main(lambda: main(plumbing.parse_args(Args, description=description + "; all: every mode that applies.")))

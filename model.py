@@ -16,15 +16,11 @@
   6. Math          shared by several stages: masked means, log-probs with the one-token shift, and
                    sampling from exactly softmax(logits / temperature).
 
-Checkpoint format (a Hugging Face-style folder, safetensors only, never pickle):
-  config.json        the backbone's config; a score model adds "architectures": ["<Family>ForScore"],
-                     "score_type" (reward | cost | critic), "score_dim": 1, "score_bias": true
-  model.safetensors  weights (sharded with an index for large models); a score model's keys are the
-                     causal LM's "model.*" keys plus "score_head.weight" / "score_head.bias"
-  tokenizer files    from `tokenizer.save_pretrained`
-  train_state.*      only in resumable checkpoints: optimiser/scheduler/RNG/data position
-                     (train_state.safetensors for tensors, train_state.json for the rest)
-A saved policy loads with plain `transformers.AutoModelForCausalLM.from_pretrained(path)`.
+Checkpoints are Hugging Face folders, safetensors only: config.json (a score model adds
+"score_type": reward | cost | critic, "architectures": ["<Family>ForScore"], "score_dim": 1,
+"score_bias": true), model.safetensors (a score model: the causal LM's "model.*" keys plus
+"score_head.*"), the tokenizer files, and in a resumable one train_state.* (plumbing.py). A saved
+policy loads with plain `transformers.AutoModelForCausalLM.from_pretrained(path)`.
 
 Shape letters used below: B batch, L sequence length (prompt + response), S prompt length,
 T generated length, V vocabulary size, E hidden size.
@@ -59,15 +55,6 @@ PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"  # safe_
 DEFAULT_PAD_TOKEN = "<pad>"
 
 
-def quiet_hf() -> None:
-    """Silence transformers' load reports and progress bars (expected 'unexpected keys' such as
-    lm_head.weight when a score model starts from a policy would otherwise flood every log)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def format_prompt(request: str) -> str:
     """The official single-turn template; the response is appended directly after 'ASSISTANT:'."""
     return PROMPT_TEMPLATE.format(input=request)
@@ -82,8 +69,10 @@ def load_tokenizer(name_or_path: str | os.PathLike, padding_side: str,
     """
     from transformers import AutoTokenizer
 
-    quiet_hf()
+    plumbing.quiet_hf()
     assert padding_side in ("left", "right"), padding_side
+    if looks_local(str(name_or_path)) and not Path(name_or_path).exists():
+        raise UserError(f"{name_or_path} does not exist" + (f" ({stage_hint})" if stage_hint else ""))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -108,6 +97,15 @@ def check_tokenizer(tokenizer, where) -> None:
                         "not to the single EOS id")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"tokenizer at {where}: PAD must be a token distinct from EOS")
+
+
+def check_same_vocabulary(tokenizer, name_or_path: str, flag: str, trust_remote_code: bool = False) -> None:
+    """A model scores the actor's token ids, so its own tokenizer (saved in its folder) must map every
+    token to the same id: the same size is not enough. A preset or a folder without one is not checked."""
+    if name_or_path not in PRESETS and any((Path(name_or_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if load_tokenizer(name_or_path, "right", trust_remote_code).get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"{flag} {name_or_path} was trained with another tokenizer than the actor's (its "
+                            "vocabulary maps tokens to other ids); re-tokenisation is not implemented")
 
 
 def resize_embeddings(model: nn.Module, tokenizer) -> None:
@@ -217,19 +215,34 @@ def preset_config(preset: str, vocab_size: int | None = None, **overrides):
 
 
 
-def is_score_checkpoint(path: str | os.PathLike) -> bool:
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and "score_type" in json.loads(cfg.read_text())
+def checkpoint_kind(name_or_path: str | os.PathLike) -> str | None:
+    """What a local checkpoint folder holds: its saved score_type (reward, cost or critic), else
+    "policy" (any causal LM, a hub download included). None: a preset or a hub name (nothing to read)."""
+    cfg = Path(name_or_path) / "config.json"
+    return json.loads(cfg.read_text()).get("score_type", "policy") if cfg.is_file() else None
 
+
+def check_kind(name_or_path: str, accept: tuple[str, ...], flag: str) -> None:
+    """Refuse a checkpoint that fills the wrong slot (a cost model given as the reward model, a
+    policy as a frozen score model: its head would be random), naming the flag and both kinds."""
+    kind = checkpoint_kind(name_or_path)
+    if kind is not None and kind not in accept:
+        raise UserError(f"{flag} {name_or_path} is a {kind} model; {flag} takes a {' or '.join(accept)} model")
+
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A path, not a hub name 'org/name': it exists, starts like a path, or its parent folder exists
+    here (runs/nonexistent is a missing folder, not a model on the hub)."""
+    p = Path(name_or_path)
+    return p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or p.parent.is_dir()
 
 
 def check_checkpoint_path(name_or_path: str, stage_hint: str = "") -> None:
     """A local-looking path must be a checkpoint folder; a hub name ('org/name') is left to HF."""
-    p = Path(name_or_path)
-    looks_local = p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
-    if not looks_local:
+    p, hint = Path(name_or_path), f" ({stage_hint})" if stage_hint else ""
+    if not looks_local(name_or_path):
         return
-    hint = f" ({stage_hint})" if stage_hint else ""
     if not p.exists():
         raise UserError(f"checkpoint {name_or_path} does not exist{hint}")
     if not p.is_dir() or not (p / "config.json").is_file():
@@ -241,15 +254,17 @@ def check_checkpoint_path(name_or_path: str, stage_hint: str = "") -> None:
 
 def load_causal_lm(name_or_path: str, tokenizer, *, dtype: torch.dtype = torch.float32,
                    trust_remote_code: bool = False, stage_hint: str = "", device: str | torch.device = "cpu",
-                   meta: bool = False):
+                   meta: bool = False, flag: str = "the policy"):
     """A policy: a named preset (random init; same weights on every rank because every rank uses
     the same seed before this call) or any HF decoder-only causal LM checkpoint.
 
     meta=True builds only the skeleton on the meta device (no memory, no disk reads): under
     torchrun every rank but 0 does this, and prepare_model broadcasts rank 0's weights into the
-    shards, so an 8-GPU node holds one CPU copy of each checkpoint instead of eight."""
+    shards, so an 8-GPU node holds one CPU copy of each checkpoint instead of eight.
+    flag: the argument that named it, for the one-line error when it holds a score model."""
     from transformers import AutoModelForCausalLM
 
+    check_kind(name_or_path, ("policy",), flag)
     if meta:
         return _skeleton(AutoModelForCausalLM, name_or_path, tokenizer, dtype, trust_remote_code, stage_hint)
     if name_or_path in PRESETS:
@@ -257,7 +272,7 @@ def load_causal_lm(name_or_path: str, tokenizer, *, dtype: torch.dtype = torch.f
         model.to(dtype)
     else:
         check_checkpoint_path(name_or_path, stage_hint)
-        model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, device, stage_hint)
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, stage_hint, device=device)
     resize_embeddings(model, tokenizer)
     return model
 
@@ -283,15 +298,25 @@ def _skeleton(auto_cls, name_or_path, tokenizer, dtype, trust_remote_code, stage
     return model
 
 
-def _from_pretrained(auto_cls, name_or_path, dtype, trust_remote_code, device="cpu", stage_hint=""):
-    """HF loading; a failure (e.g. 'runs/sft' missing locally and not on the hub) is one line."""
+def _from_pretrained(auto_cls, name_or_path, dtype, trust_remote_code, stage_hint="", device="cpu", config=None):
+    """HF loading that refuses what it cannot load, in one line: a missing folder and no hub, a
+    corrupt weights file, weights that do not fit the config (another architecture: HF would leave
+    the missing tensors randomly initialised). A head it does not use (lm_head, score_head) is fine."""
+    hint = f" ({stage_hint})" if stage_hint else ""
     try:
-        return auto_cls.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                        use_safetensors=True, device_map=str(device) if device != "cpu" else None)
-    except (OSError, ValueError) as e:
-        hint = f" ({stage_hint})" if stage_hint else ""
-        raise UserError(f"cannot load model from {name_or_path}: not a local checkpoint folder, and the hub "
-                        f"says: {first_line(e)}{hint}") from None
+        model, info = auto_cls.from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, config=config,
+            device_map=str(device) if device != "cpu" else None, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, SafetensorError...: the message is what matters
+        where = "" if Path(name_or_path).exists() else "not a local checkpoint folder, and the hub says: "
+        raise UserError(f"cannot load model from {name_or_path}: {where}{first_line(e)}{hint}") from None
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(("lm_head.", "score_head."))]
+    for what, keys in (("missing", info.get("missing_keys", [])), ("unexpected", unexpected),
+                       ("wrongly shaped", info.get("mismatched_keys", []))):
+        if keys:
+            raise UserError(f"cannot load model from {name_or_path}: {len(keys)} {what} weights for its config "
+                            f"({type(model).__name__}), e.g. {sorted(map(str, keys))[0]}: not this architecture{hint}")
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,12 +422,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def load_score_model(name_or_path: str, tokenizer, score_type: str, *, dtype: torch.dtype = torch.float32,
-                     trust_remote_code: bool = False, stage_hint: str = "", meta: bool = False) -> ScoreModel:
+                     trust_remote_code: bool = False, stage_hint: str = "", meta: bool = False,
+                     accept: tuple[str, ...] | None = None, flag: str = "") -> ScoreModel:
     """From a saved score model (trained head restored) or from a causal-LM checkpoint / preset
     (fresh head). `score_type` overrides the saved one (a critic loaded from a reward model).
+    accept: the kinds this slot takes (checkpoint_kind), refused in one line naming `flag`.
     meta=True: the skeleton only, as in load_causal_lm."""
     from transformers import AutoConfig, AutoModel
 
+    if accept is not None:
+        check_kind(name_or_path, accept, flag)
     if meta:
         return _skeleton(AutoModel, name_or_path, tokenizer, dtype, trust_remote_code, stage_hint, score_type)
     if name_or_path in PRESETS:
@@ -410,28 +439,20 @@ def load_score_model(name_or_path: str, tokenizer, score_type: str, *, dtype: to
         model = ScoreModel(backbone, score_type)
     else:
         check_checkpoint_path(name_or_path, stage_hint)
-        if is_score_checkpoint(name_or_path):
+        if checkpoint_kind(name_or_path) in SCORE_TYPES:
             # The saved config is the backbone's plus score fields; AutoModel ignores the extras and
             # loads the "model.*" weights (HF strips the base-model prefix), the head is read below.
             config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
             config.architectures = None
-            backbone = _from_pretrained_with_config(AutoModel, name_or_path, config, dtype, trust_remote_code)
+            backbone = _from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code, stage_hint, config=config)
             model = ScoreModel(backbone, score_type)
             head = _read_tensors(Path(name_or_path), ("score_head.weight", "score_head.bias"))
             model.score_head.load_state_dict({k.removeprefix("score_head."): v.to(dtype) for k, v in head.items()})
         else:
-            backbone = _from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code, stage_hint=stage_hint)
+            backbone = _from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code, stage_hint)
             model = ScoreModel(backbone, score_type)
     resize_embeddings(model, tokenizer)
     return model
-
-
-def _from_pretrained_with_config(auto_cls, path, config, dtype, trust_remote_code):
-    try:
-        return auto_cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
-                                        use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model from {path}: {first_line(e)}") from None
 
 
 def _read_tensors(folder: Path, names) -> dict[str, torch.Tensor]:
@@ -645,13 +666,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in sd.items()}
 
 
-def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Inverse of full_state_dict for a (possibly sharded) model; every rank passes the full dict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
-
-
 def write_model_files(folder: Path, model: nn.Module, state_dict: dict[str, torch.Tensor], tokenizer) -> None:
     """Rank 0: config.json + safetensors weights (+ index when sharded) + tokenizer files."""
     from huggingface_hub import save_torch_state_dict
@@ -677,13 +691,17 @@ def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: d
     """
     state_dicts = {name: full_state_dict(m) for name, m in models.items()}
     if dist_.is_main:
-        with plumbing.atomic_folder(folder) as tmp:
-            for name, m in models.items():
-                sub = tmp / name if name else tmp
-                sub.mkdir(parents=True, exist_ok=True)
-                write_model_files(sub, m, state_dicts[name], tokenizer)
-            if train_state is not None:
-                plumbing.write_train_state(tmp, train_state)
+        plumbing.check_finite_weights(state_dicts, folder)  # a diverged model is never saved
+        try:
+            with plumbing.atomic_folder(folder) as tmp:
+                for name, m in models.items():
+                    sub = tmp / name if name else tmp
+                    sub.mkdir(parents=True, exist_ok=True)
+                    write_model_files(sub, m, state_dicts[name], tokenizer)
+                if train_state is not None:
+                    plumbing.write_train_state(tmp, train_state)
+        except OSError as e:  # disk full, read-only: the previous checkpoint is untouched (atomic_folder)
+            raise UserError(f"cannot save to {folder}: {first_line(e)}; it keeps its previous checkpoint") from None
     barrier()
 
 
@@ -704,19 +722,14 @@ def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return per_sequence.mean()                                                # ()
 
 
-def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] per position, in fp32. (B, T, V), (B, T) -> (B, T)"""
-    logp = F.log_softmax(logits.float(), dim=-1)                   # (B, T, V)
-    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)       # (B, T)
-
-
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """The one-token shift: logits at position t predict token t+1 (docs/reference.md, "Notation and the
-    one-token shift").
-    Logits are divided by the sampling temperature before the log-softmax, so these are the
-    log-probs of exactly the distribution `sample` draws from.
+    """The one-token shift: logits at position t predict token t+1 (docs/reference.md, "Notation and
+    the one-token shift"). Logits are divided by the sampling temperature before the log-softmax, so
+    these are the log-probs of exactly the distribution `sample` draws from.
     (B, L, V), (B, L) -> (B, L-1), entry t = log pi(x_{t+1} | x_{<=t})."""
-    return gather_logprobs(logits[:, :-1] / temperature, input_ids[:, 1:])  # (B, L-1)
+    logits = logits[:, :-1] / temperature                                   # (B, L-1, V)
+    logp = F.log_softmax(logits.float(), dim=-1)                            # (B, L-1, V) in fp32
+    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)      # (B, L-1)
 
 
 def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -724,15 +737,6 @@ def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """Forward a causal LM and return sequence_logprobs (right_padded: see backbone_masking). (B, L) -> (B, L-1)"""
     logits = model(input_ids=input_ids, **backbone_masking(attention_mask, right_padded), use_cache=False).logits
     return sequence_logprobs(logits, input_ids, temperature)
-
-
-def all_ranks_done(done: bool, device: torch.device) -> bool:
-    """True once every rank is done (one tiny all-reduce). Keeps sharded forwards in lockstep."""
-    if not dist.is_initialized():
-        return done
-    flag = torch.tensor([0.0 if done else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
-    return flag.item() == 0.0
 
 
 @torch.no_grad()
@@ -778,7 +782,8 @@ def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
         new_tokens.append(token)
         new_mask.append(real.long())
         finished = finished | (token == eos_token_id)
-        if all_ranks_done(bool(finished.all()), input_ids.device):
+        # stop only when every row on every rank is done: sharded forwards stay in lockstep
+        if all_reduce(torch.tensor([0.0 if finished.all() else 1.0], device=input_ids.device)).item() == 0.0:
             break
         attention_mask = torch.cat([attention_mask, real.long()[:, None]], dim=1)    # (B, S + t)
         out = model(input_ids=token[:, None], attention_mask=attention_mask,
@@ -787,7 +792,3 @@ def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
     mask = torch.cat([attention_mask[:, :input_ids.shape[1]], torch.stack(new_mask, dim=1)], dim=1)
     return sequences, mask
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

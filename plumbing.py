@@ -14,7 +14,9 @@ The model, its sharding and the shared math are in model.py; this file is the ru
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -62,10 +64,19 @@ def first_line(e: BaseException) -> str:
 
 
 def check_finite(value: torch.Tensor, what: str, step: int) -> None:
-    """Stop with one line when a loss is NaN/inf (nothing after the last good checkpoint is saved)."""
+    """Stop with one line when a loss is NaN/inf, saying what is on disk."""
     if not torch.isfinite(value).all():
-        raise UserError(f"{what} is not finite at step {step}; stopping before anything is saved "
-                        "(try a lower learning rate)")
+        raise UserError(f"{what} is not finite at step {step}; stopping without saving: --output_dir keeps the "
+                        "last checkpoint written before this step, if any (try a lower learning rate)")
+
+
+def check_finite_weights(state_dicts: dict[str, dict[str, torch.Tensor]], folder) -> None:
+    """Refuse to save weights that hold a NaN or an infinity (a diverged run), naming one of them."""
+    for name, state_dict in state_dicts.items():
+        for key, tensor in state_dict.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise UserError(f"the weight {name + '/' if name else ''}{key} is not finite; nothing saved: {folder} "
+                                "keeps its previous checkpoint, if any (try a lower learning rate)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,17 +106,35 @@ def parse_args(cls, argv=None, description: str | None = None):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default,
-                                help=helps.get(f.name, ""))
+                                help=helps.get(f.name, "").replace("%", "%%"))
             continue
         base = kind
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
             base = next(a for a in typing.get_args(kind) if a is not type(None))
         if typing.get_origin(base) is list:
             inner = typing.get_args(base)[0]
-            parser.add_argument(f"--{f.name}", type=inner, nargs="+", default=default, help=helps.get(f.name, ""))
+            parser.add_argument(f"--{f.name}", type=inner, nargs="+", default=default, help=helps.get(f.name, "").replace("%", "%%"))
         else:
-            parser.add_argument(f"--{f.name}", type=base, default=default, help=helps.get(f.name, ""))
-    return cls(**vars(parser.parse_args(list(map(_underscored, sys.argv[1:] if argv is None else argv)))))
+            parser.add_argument(f"--{f.name}", type=base, default=default, help=helps.get(f.name, "").replace("%", "%%"))
+    args = cls(**vars(parser.parse_args(list(map(_underscored, sys.argv[1:] if argv is None else argv)))))
+    check_limits(args)
+    return args
+
+
+def check_limits(args) -> None:
+    """Every number is checked before anything is read or written: finite, and within the range
+    the Args class declares in LIMITS {field: (low, high)} (None: unbounded), else >= 0. So a
+    negative batch size, --epochs 0 or a NaN learning rate is one line, not a run that saves nothing."""
+    limits = getattr(type(args), "LIMITS", {})
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low, high = limits.get(f.name, (0, None))
+        if not math.isfinite(value) or low is not None and value < low or high is not None and value > high:
+            bounds = {(True, True): f"between {low} and {high}", (True, False): f">= {low}",
+                      (False, True): f"<= {high}", (False, False): ""}[(low is not None, high is not None)]
+            raise UserError(f"--{f.name} {value}: must be a finite number {bounds}".rstrip())
 
 
 def _underscored(token: str) -> str:
@@ -125,12 +154,13 @@ def _underscored(token: str) -> str:
 
 
 def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: int | None = None,
-              required: tuple[str, ...] = (), what: str = "--dataset") -> list[dict]:
+              required: tuple[str, ...] = (), text: tuple[str, ...] = (), what: str = "--dataset") -> list[dict]:
     """Rows of a data set through `datasets.load_dataset`, hub or local: the same code path.
 
     dataset: a hub name (e.g. PKU-Alignment/PKU-SafeRLHF), a local .json/.jsonl file, or a local
-    folder holding `<split>.jsonl` (or `<split>.json`). Rows missing a required field, an empty
-    set, or an unreadable file give one UserError naming the file, field and row.
+    folder holding `<split>.jsonl` (or `<split>.json`). Rows missing a required field, a `text`
+    field that is not a string, an empty set, or an unreadable file give one UserError naming the
+    file, field and row.
     """
     import datasets
 
@@ -140,6 +170,13 @@ def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: i
     local = [path] if path.is_file() else sorted(path.glob(f"{split}.json*")) if path.is_dir() else []
     if local and all(f.stat().st_size < 1 << 20 and not f.read_text(errors="replace").strip() for f in local):
         raise UserError(f"{what} {dataset} (split {split}) is empty")  # datasets' own error here is blank
+    for f in local:  # datasets would fail later, lazily, without naming the line
+        with open(f, "rb") as lines:
+            for n, raw in enumerate(lines, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{what} {f} line {n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         if path.is_file():
             ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
@@ -152,20 +189,43 @@ def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: i
             raise UserError(f"{what} {dataset}: no such file or folder (and not a hub name 'org/name')")
         else:
             ds = datasets.load_dataset(dataset, split=split, revision=revision)
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        rows = ds.to_list()
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
         raise UserError(f"{what} {dataset} (split {split}): cannot read it: {first_line(e)}") from None
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    rows = ds.to_list()
     if not rows:
         raise UserError(f"{what} {dataset} (split {split}) is empty")
     for i, row in enumerate(rows):
         for field in required:
             if row.get(field) is None:
                 raise UserError(f"{what} {dataset} (split {split}): row {i} has no field {field!r}")
+        for field in text:
+            if row.get(field) is not None and not isinstance(row[field], str):
+                raise UserError(f"{what} {dataset} (split {split}): row {i}: {field!r} must be text, "
+                                f"got {type(row[field]).__name__} {row[field]!r:.40}")
     return rows
+
+
+def parse_bool(value, where: str) -> bool:
+    """A boolean label as data sets write it: true/false, 1/0, or those spelled as strings. Never a
+    cast: bool("false") is True. Anything else is refused, naming the row (`where`)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise UserError(f"{where} must be true/false or 1/0, got {value!r}")
+
+
+def parse_id(value, where: str) -> int:
+    """A response id: 0 or 1 (an int, or "0"/"1"); anything else is refused, naming the row."""
+    if not isinstance(value, bool) and isinstance(value, (int, float, str)) and str(value).strip() in ("0", "1", "0.0", "1.0"):
+        return int(float(value))
+    raise UserError(f"{where} must be 0 or 1, got {value!r}")
 
 
 
@@ -218,6 +278,105 @@ def rank_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[tu
 # --------------------------------------------------------------------------------------------
 # 4. Run folders: atomic checkpoint folders, train state, atomic JSON
 # --------------------------------------------------------------------------------------------
+
+
+# Arguments that do not change what a run computes: --resume may change them.
+RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "save", "log_every", "sample_every", "save_every",
+                     "eval_every", "stop_at_step", "device", "trust_remote_code",
+                     # sizes derived from the others after parsing (checked through those)
+                     "global_batch_size", "steps_per_epoch", "total_steps", "world_size", "steps_per_rollout"}
+RUN_FILES = ("args.json", "config.json", "metrics.jsonl", "train_state.json")  # a folder with one holds a run
+
+
+def open_run_folder(args, world_size: int, is_main: bool):
+    """Claim --output_dir for this run, before anything is read or written. Returns (lock, resume_state):
+    keep the lock for the whole run; resume_state is the saved train state with --resume, else None.
+      - an exclusive lock (<output_dir>.lock, flock: the kernel drops it when the process dies, even
+        by kill -9): a second run into the same folder is refused, naming the holder's pid;
+      - a fresh run into a folder that holds a run is refused unless --overwrite (and even then
+        nothing in it is deleted before the new run has validated its inputs);
+      - a save killed half-way is undone (recover_checkpoint);
+      - --resume: every argument that changes the result must equal the saved args.json, and the
+        number of ranks the saved RNG states were written by."""
+    folder = Path(args.output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output_dir {folder} exists and is not a folder")
+    if is_main and not os.access(folder if folder.exists() else folder.parent if folder.parent.exists() else ".", os.W_OK):
+        raise UserError(f"--output_dir {folder}: not writable")
+    lock = None
+    if is_main:
+        for held in [h for h in _HELD if Path(h.name) == folder.with_name(folder.name + ".lock")]:
+            _release(held)  # an earlier run in this process (a stage called as a function) is over
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(folder.with_name(folder.name + ".lock"), "a+")  # noqa: SIM115 - held for the whole run
+        except OSError as e:
+            raise UserError(f"--output_dir {folder}: cannot write there: {first_line(e)}") from None
+    try:
+        return lock, _claim(folder, lock, args, world_size)
+    except BaseException:
+        if lock is not None:  # a refused run lets go of the folder at once
+            _release(lock) if lock in _HELD else lock.close()
+        raise
+
+
+_HELD: list = []  # the lock files this process holds
+
+
+def _release(lock) -> None:
+    """Remove the lock file of a folder this process holds, then let go of it (at exit, or on refusal)."""
+    if lock in _HELD:
+        _HELD.remove(lock)
+        Path(lock.name).unlink(missing_ok=True)
+        lock.close()
+
+
+def _claim(folder: Path, lock, args, world_size: int) -> dict | None:
+    import fcntl
+
+    if lock is not None:  # rank 0
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            raise UserError(f"--output_dir {folder} is in use by another run (pid {lock.read().strip() or '?'}); "
+                            "wait for it or choose another folder") from None
+        lock.seek(0), lock.truncate(), lock.write(f"{os.getpid()}\n"), lock.flush()
+        _HELD.append(lock)
+        atexit.register(_release, lock)  # held, so ours to remove when the run ends
+        holds_run = folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
+        if holds_run and not args.resume and not args.overwrite:
+            raise UserError(f"--output_dir {folder} already holds a run: --resume to continue it, --overwrite to "
+                            "replace it, or choose another folder")
+        recover_checkpoint(folder)  # undo a save that was killed half-way
+    if dist.is_initialized():
+        dist.barrier()
+    if not args.resume:
+        return None
+    state = load_train_state(folder)
+    saved_ranks = len([k for k in state["json"] if k.startswith("rank") and k.endswith(".rng.python")])
+    if saved_ranks != world_size:
+        raise UserError(f"--resume: {folder} was saved by a run on {saved_ranks} rank(s), this one has {world_size}; "
+                        f"resume with the same number (torchrun --nproc_per_node {saved_ranks})")
+    saved = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
+    for f in dataclasses.fields(args):
+        if f.name in saved and f.name not in RESUME_MAY_CHANGE and saved[f.name] != getattr(args, f.name):
+            raise UserError(f"--resume: --{f.name} was {saved[f.name]!r} in the interrupted run, now "
+                            f"{getattr(args, f.name)!r}; resume with the same settings")
+    return state
+
+
+def trim_logs(folder: Path, step: int, names=("metrics.jsonl", "samples.jsonl")) -> None:
+    """On --resume, drop the records the killed run logged after its checkpoint's step, so each
+    step appears once in the resumed run's logs."""
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
 
 
 def recover_checkpoint(folder: str | os.PathLike) -> None:
@@ -418,6 +577,15 @@ def restore_rng_states(state: dict, dist_: Dist) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def quiet_hf() -> None:
+    """Silence transformers' load reports and progress bars (expected 'unexpected keys' such as
+    lm_head.weight when a score model starts from a policy would otherwise flood every log)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def log_line(record: dict) -> str:
     """The plain `|`-separated log line."""
     return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
@@ -445,6 +613,10 @@ def progress(iterable=None, total=None, enabled: bool = True, **kwargs):
     return tqdm(iterable, total=total, disable=not enabled or not sys.stderr.isatty() and os.environ.get("CI") == "true",
                 dynamic_ncols=True, **kwargs)
 
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -53,6 +53,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -68,6 +69,12 @@ from plumbing import UserError
 
 @dataclass
 class Args:
+    # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
+    LIMITS: ClassVar[dict] = {"max_length": (2, None), "actor_warmup_ratio": (0, 1), "gamma": (0, 1), "gae_lambda": (0, 1),
+              "threshold": (None, None), **dict.fromkeys(
+        ("epochs", "per_device_prompt_batch_size", "per_device_train_batch_size", "update_iters", "limit",
+         "episode_cost_window_size", "log_every"), (1, None))}
+
     # models
     actor_model_name_or_path: str = "runs/sft"
     """the SFT policy: initialises the actor and the frozen reference"""
@@ -173,6 +180,8 @@ class Args:
     """rl_steps between resumable checkpoints (0 = only at the end)"""
     resume: bool = False
     """continue the interrupted run in --output_dir"""
+    overwrite: bool = False
+    """replace the run already in --output_dir (refused without it; nothing is deleted before the inputs are checked)"""
     stop_at_step: int | None = None
     """stop after this rl_step and save (split a long run into jobs; schedules stay sized for the whole run)"""
     save: bool = True
@@ -361,7 +370,7 @@ def load_prompts(args: Args) -> list[str]:
         import toyworld
         toyworld.ensure_toy_data("data/toy")
     rows = plumbing.load_rows(args.dataset, args.split, revision=args.revision, limit=args.limit,
-                       required=(args.prompt_field,))
+                              required=(args.prompt_field,), text=(args.prompt_field,))
     # Deduplicate, keeping the last occurrence's position, as the official PromptOnlyDataset
     # (safe_rlhf/datasets/prompt_only.py@82743cc:L45-80).
     last = {row[args.prompt_field]: i for i, row in enumerate(rows)}
@@ -377,12 +386,18 @@ def main(args: Args) -> None:
     # ---- distributed set-up (model.py) ----------------------------------------------------
     d = M.init_distributed(args.device)
     args.world_size = d.world_size
-    assert args.per_device_prompt_batch_size % args.per_device_train_batch_size == 0, \
-        "per_device_prompt_batch_size must be a multiple of per_device_train_batch_size"
+    if args.per_device_prompt_batch_size % args.per_device_train_batch_size:
+        raise UserError(f"--per_device_prompt_batch_size {args.per_device_prompt_batch_size} must be a multiple of "
+                        f"--per_device_train_batch_size {args.per_device_train_batch_size}")
+    if args.lambda_init == 0 and args.lambda_lr > 0:
+        M.print0("warning: --lambda_init 0 stays 0 whatever --lambda_lr is (lambda is updated as log lambda); "
+                 "give a small positive --lambda_init for PPO-Lagrangian, or --lambda_lr 0 for plain PPO")
     args.steps_per_rollout = args.update_iters * args.per_device_prompt_batch_size // args.per_device_train_batch_size
     bf16 = d.device.type == "cuda"
     out = Path(args.output_dir)
-    plumbing.recover_checkpoint(out)
+    # Claim the folder before reading anything: locked for this run, never another run's without
+    # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
+    lock, state = plumbing.open_run_folder(args, d.world_size, d.is_main)  # noqa: F841 - held to the end
 
     # ---- data (validated before anything is written) ---------------------------------------
     prompts = load_prompts(args)
@@ -394,9 +409,8 @@ def main(args: Args) -> None:
     args.total_steps = args.epochs * rollouts_per_epoch * args.steps_per_rollout
     ptx_rows = None
     if args.ptx_dataset is not None:  # alpaca schema, as sft.py
-        ptx_rows = plumbing.load_rows(args.ptx_dataset, "train", required=("instruction", "output"), what="--ptx_dataset")
-    if args.resume and not (out / "train_state.json").is_file():
-        raise UserError(f"--resume: {out} holds no resumable state (train_state.json)")
+        ptx_rows = plumbing.load_rows(args.ptx_dataset, "train", required=("instruction", "output"),
+                                      text=("instruction", "input", "output"), what="--ptx_dataset")
 
     # ---- models: actor, reference, reward, cost, two critics -------------------------------
     M.seed_everything(args.seed)  # same on every rank: identical initial weights
@@ -406,20 +420,30 @@ def main(args: Args) -> None:
     # Only rank 0 reads the checkpoints; the other ranks build meta skeletons and receive the
     # weights when prepare_model shards them (one CPU copy per node instead of one per rank).
     load = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code, meta=d.enabled and not d.is_main)
-    actor = M.load_causal_lm(actor_path, tokenizer, stage_hint=hint["sft"], **load)
+    # Each model must be the kind its slot takes (a cost model as the reward model is refused, not
+    # trained on), and the frozen scorers must share the actor's tokenizer.
+    actor = M.load_causal_lm(actor_path, tokenizer, stage_hint=hint["sft"], flag="--actor_model_name_or_path", **load)
     M.seed_everything(args.seed)  # a preset (random-init) actor and its reference are then the same model
-    reference = M.load_causal_lm(args.actor_model_name_or_path, tokenizer, stage_hint=hint["sft"], **load)
-    reward_model = M.load_score_model(args.reward_model_name_or_path, tokenizer, "reward", stage_hint=hint["reward"], **load)
-    cost_model = M.load_score_model(args.cost_model_name_or_path, tokenizer, "cost", stage_hint=hint["cost"], **load)
+    reference = M.load_causal_lm(args.actor_model_name_or_path, tokenizer, stage_hint=hint["sft"],
+                                 flag="--actor_model_name_or_path", **load)
+    for flag, path in (("--reward_model_name_or_path", args.reward_model_name_or_path),
+                       ("--cost_model_name_or_path", args.cost_model_name_or_path)):
+        M.check_same_vocabulary(tokenizer, path, flag, args.trust_remote_code)
+    reward_model = M.load_score_model(args.reward_model_name_or_path, tokenizer, "reward", stage_hint=hint["reward"],
+                                      accept=("reward",), flag="--reward_model_name_or_path", **load)
+    cost_model = M.load_score_model(args.cost_model_name_or_path, tokenizer, "cost", stage_hint=hint["cost"],
+                                    accept=("cost",), flag="--cost_model_name_or_path", **load)
     reward_critic = M.load_score_model(str(out / "reward_critic") if args.resume else
                                        args.reward_critic_model_name_or_path or args.reward_model_name_or_path,
-                                       tokenizer, "critic", stage_hint=hint["reward"], **load)
+                                       tokenizer, "critic", stage_hint=hint["reward"], accept=("policy", "reward", "critic"),
+                                       flag="--reward_critic_model_name_or_path", **load)
     cost_critic = M.load_score_model(str(out / "cost_critic") if args.resume else
                                      args.cost_critic_model_name_or_path or args.cost_model_name_or_path,
-                                     tokenizer, "critic", stage_hint=hint["cost"], **load)
+                                     tokenizer, "critic", stage_hint=hint["cost"], accept=("policy", "cost", "critic"),
+                                     flag="--cost_critic_model_name_or_path", **load)
     if reward_model.config.vocab_size != actor.config.vocab_size or cost_model.config.vocab_size != actor.config.vocab_size:
         raise UserError("the reward/cost models' vocabulary differs from the actor's: they must share its tokenizer "
-                          "(re-tokenisation for a different tokenizer is not implemented)")
+                        "(re-tokenisation for a different tokenizer is not implemented)")
     prep = dict(bf16=bf16, activation_checkpointing=args.gradient_checkpointing)
     actor = M.prepare_model(actor, d, trainable=True, **prep)
     reward_critic = M.prepare_model(reward_critic, d, trainable=True, **prep)
@@ -427,7 +451,7 @@ def main(args: Args) -> None:
     reference = M.prepare_model(reference, d, trainable=False, bf16=bf16)
     reward_model = M.prepare_model(reward_model, d, trainable=False, bf16=bf16)
     cost_model = M.prepare_model(cost_model, d, trainable=False, bf16=bf16)
-    M.print0(f"actor {M.count_parameters(actor) * d.world_size / 1e6:.2f}M parameters (x6 models) | "
+    M.print0(f"actor {plumbing.count_parameters(actor) * d.world_size / 1e6:.2f}M parameters (x6 models) | "
              f"{len(prompts)} unique prompts | {args.total_steps} rl_steps | world size {d.world_size}")
 
     # ---- optimisers: one per trained model, plus SGD on log(lambda) ------------------------
@@ -445,7 +469,6 @@ def main(args: Args) -> None:
 
     step, epoch, rollout_in_epoch = 0, 0, 0
     if args.resume:
-        state = plumbing.load_train_state(out)
         plumbing.load_optimizer_state(actor, actor_opt, "actor", state)
         for name, m in (("reward_critic", reward_critic), ("cost_critic", cost_critic)):
             plumbing.load_optimizer_state(m, critic_opts[name], name, state)
@@ -462,6 +485,11 @@ def main(args: Args) -> None:
 
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:  # a fresh run (--overwrite) replaces the logs of an older one
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        else:  # the killed run may have logged past its checkpoint
+            plumbing.trim_logs(out, step)
         (out / "args.json").write_text(json.dumps(asdict(args), indent=1) + "\n")
     logger = plumbing.JsonlLogger(out / "metrics.jsonl", d.is_main)
     samples_log = plumbing.JsonlLogger(out / "samples.jsonl", d.is_main)
@@ -653,4 +681,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    plumbing.run_main(main, plumbing.parse_args(Args, description=__doc__.splitlines()[0]))
+    plumbing.run_main(lambda: main(plumbing.parse_args(Args, description=__doc__.splitlines()[0])))

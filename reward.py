@@ -51,7 +51,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,11 @@ from plumbing import UserError
 
 @dataclass
 class Args:
+    # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
+    LIMITS: ClassVar[dict] = {"max_length": (2, None), "warmup_ratio": (0, 1), **dict.fromkeys(
+        ("epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+         "limit", "eval_limit", "log_every"), (1, None))}
+
     # data
     dataset: str = "data/toy/preference"
     """hub name (PKU-Alignment/PKU-SafeRLHF) or local .json/.jsonl file or folder of <split>.jsonl"""
@@ -139,6 +144,8 @@ class Args:
     """write a resumable checkpoint every N steps (0: only at the end)"""
     resume: bool = False
     """continue the interrupted run in --output_dir (model, optimiser, schedule, data position, RNG)"""
+    overwrite: bool = False
+    """replace the run already in --output_dir (refused without it; nothing is deleted before the inputs are checked)"""
     stop_at_step: int = 0
     """stop after this optimiser step and save a resumable checkpoint (0: run to the end)"""
     save: bool = True
@@ -193,10 +200,8 @@ class Objective:
 
 
 def response_id(row: dict, field: str, where: str) -> int:
-    value = row[field]
-    if str(value) not in ("0", "1"):  # PKU-SafeRLHF stores 0/1 ints; accept "0"/"1" strings too
-        raise UserError(f"{where}: {field} must be 0 or 1, got {value!r}")
-    return int(value)
+    """PKU-SafeRLHF stores 0/1 ints; "0"/"1" strings are accepted too, anything else is refused."""
+    return plumbing.parse_id(row[field], f"{where}: {field}")
 
 
 def better_worse(row: dict, where: str) -> tuple[str, str, list[float]]:
@@ -219,7 +224,8 @@ REWARD = Objective(score_type="reward", required=("prompt", "response_0", "respo
 def load_pairs(args: Args, split: str, limit: int | None, tokenizer, objective: Objective) -> tuple[list[dict], int]:
     """Rows of `split` -> [{"first": ids, "second": ids, "labels": [...], "text": (prompt, first, second)}]
     and how many sequences were truncated at max_length. Text = template(prompt) + response + EOS."""
-    rows = plumbing.load_rows(args.dataset, split, revision=args.dataset_revision, limit=limit, required=objective.required)
+    rows = plumbing.load_rows(args.dataset, split, revision=args.dataset_revision, limit=limit, required=objective.required,
+                              text=("prompt", "response_0", "response_1"))
     prompts, firsts, seconds, labels = [], [], [], []
     for i, row in enumerate(rows):
         first, second, lab = objective.make_pair(row, f"--dataset {args.dataset} (split {split}) row {i}")
@@ -345,12 +351,9 @@ def train(args: Args, objective: Objective) -> None:
         toyworld.ensure_toy_data(Path(args.dataset).parent)
     output_dir = Path(args.output_dir or f"runs/{objective.score_type}")
     args.output_dir = str(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir} exists and is not a folder")
-    if d.is_main:
-        plumbing.recover_checkpoint(output_dir)  # undo a save that was killed half-way
-    M.barrier()
-    resume_state = plumbing.load_train_state(output_dir) if args.resume else None  # fails before anything is written
+    # Claim the folder before reading anything: locked for this run, never another run's without
+    # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
+    lock, resume_state = plumbing.open_run_folder(args, d.world_size, d.is_main)  # noqa: F841 - held to the end
 
     # ---- tokenizer and data (validated before the output folder is touched) -------------------
     stage_hint = "run sft.py first" if args.model_name_or_path == Args.model_name_or_path else ""
@@ -380,8 +383,9 @@ def train(args: Args, objective: Objective) -> None:
     # Under torchrun only rank 0 reads the weights; the others build a meta skeleton and receive
     # rank 0's weights when prepare_model shards the model (one CPU copy per node).
     model = M.load_score_model(init_from, tokenizer, objective.score_type, trust_remote_code=args.trust_remote_code,
-                               stage_hint=stage_hint, meta=d.enabled and not d.is_main)
-    M.print0(f"{objective.score_type} model from {init_from}: {M.count_parameters(model) / 1e6:.2f}M parameters")
+                               stage_hint=stage_hint, meta=d.enabled and not d.is_main,
+                               accept=("policy", objective.score_type), flag="--model_name_or_path")
+    M.print0(f"{objective.score_type} model from {init_from}: {plumbing.count_parameters(model) / 1e6:.2f}M parameters")
     model = M.prepare_model(model, d, trainable=True, bf16=d.device.type == "cuda",
                             activation_checkpointing=args.gradient_checkpointing)
     model.train()
@@ -405,9 +409,11 @@ def train(args: Args, objective: Objective) -> None:
     logger = plumbing.JsonlLogger(output_dir / "metrics.jsonl", enabled=d.is_main)
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if not args.resume:  # a fresh run replaces the run files of an older one
+        if not args.resume:  # a fresh run (--overwrite) replaces the run files of an older one
             for name in ("metrics.jsonl", "eval.json"):
                 (output_dir / name).unlink(missing_ok=True)
+        else:  # the killed run may have logged past its checkpoint
+            plumbing.trim_logs(output_dir, step)
         (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1) + "\n")
     M.print0(f"data: {len(train_pairs)} train pairs ({train_truncated} sequences truncated at {args.max_length} "
              f"tokens), {len(eval_pairs)} eval pairs ({eval_truncated} truncated) | global batch "

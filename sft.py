@@ -41,6 +41,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -56,6 +57,11 @@ from plumbing import UserError
 
 @dataclass
 class Args:
+    # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
+    LIMITS: ClassVar[dict] = {"max_length": (2, None), "warmup_ratio": (0, 1), **dict.fromkeys(
+        ("epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+         "limit", "eval_limit", "log_every", "max_new_tokens"), (1, None))}
+
     # data
     dataset: str = "data/toy/sft"
     """hub name (tatsu-lab/alpaca) or local .json/.jsonl file or folder of <split>.jsonl; alpaca schema"""
@@ -121,6 +127,8 @@ class Args:
     """write a resumable checkpoint every N steps (0: only at the end)"""
     resume: bool = False
     """continue the interrupted run in --output_dir (model, optimiser, schedule, data position, RNG)"""
+    overwrite: bool = False
+    """replace the run already in --output_dir (refused without it; nothing is deleted before the inputs are checked)"""
     stop_at_step: int = 0
     """stop after this optimiser step and save a resumable checkpoint (0: run to the end)"""
     save: bool = True
@@ -156,7 +164,8 @@ def load_examples(args: Args, split: str, limit: int | None, tokenizer) -> tuple
     builds BOS + template(request) + response + EOS string, right-truncated, and labels -100 on the
     prompt (BOS included): only the response tokens and the EOS are trained
     (safe_rlhf/datasets/supervised.py@82743cc:L54-66)."""
-    rows = plumbing.load_rows(args.dataset, split, revision=args.dataset_revision, limit=limit, required=("instruction", "output"))
+    rows = plumbing.load_rows(args.dataset, split, revision=args.dataset_revision, limit=limit,
+                              required=("instruction", "output"), text=("instruction", "input", "output"))
     return M.tokenize_prompt_response(tokenizer, [plumbing.alpaca_request(row) for row in rows],
                                       [row["output"] for row in rows], args.max_length)
 
@@ -252,12 +261,9 @@ def main(args: Args) -> None:
         toyworld.ensure_toy_data(Path(args.dataset).parent)
     root = toy_root(args.dataset)
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir} exists and is not a folder")
-    if d.is_main:
-        plumbing.recover_checkpoint(output_dir)  # undo a save that was killed half-way
-    M.barrier()
-    resume_state = plumbing.load_train_state(output_dir) if args.resume else None  # fails before anything is written
+    # Claim the folder before reading anything: locked for this run, never another run's without
+    # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
+    lock, resume_state = plumbing.open_run_folder(args, d.world_size, d.is_main)  # noqa: F841 - held to the end
 
     # ---- tokenizer and data (validated before the output folder is touched) -------------------
     tokenizer_path = args.tokenizer_name_or_path
@@ -275,6 +281,9 @@ def main(args: Args) -> None:
     train_examples, train_truncated = load_examples(args, args.train_split, args.limit, tokenizer)
     eval_examples, eval_truncated = load_examples(args, args.eval_split, args.eval_limit, tokenizer) \
         if args.eval_split else ([], 0)
+    if not any(label != M.IGNORE_INDEX for e in train_examples for label in e["labels"]):
+        raise UserError(f"--max_length {args.max_length}: every training row's prompt fills the window, so no "
+                        "response token is left to train on; raise --max_length")
 
     args.global_batch_size = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
     args.steps_per_epoch = len(train_examples) // args.global_batch_size
@@ -289,8 +298,9 @@ def main(args: Args) -> None:
     # Under torchrun only rank 0 reads the weights; the others build a meta skeleton and receive
     # rank 0's weights when prepare_model shards the model (one CPU copy per node).
     policy = M.load_causal_lm(init_from, tokenizer, trust_remote_code=args.trust_remote_code,
-                              stage_hint="" if args.resume else "the initial policy", meta=d.enabled and not d.is_main)
-    M.print0(f"policy {args.model_name_or_path}: {M.count_parameters(policy) / 1e6:.2f}M parameters, "
+                              stage_hint="" if args.resume else "the initial policy", meta=d.enabled and not d.is_main,
+                              flag="--model_name_or_path")
+    M.print0(f"policy {args.model_name_or_path}: {plumbing.count_parameters(policy) / 1e6:.2f}M parameters, "
              f"vocab {len(tokenizer)}")
     bf16 = d.device.type == "cuda"
     policy = M.prepare_model(policy, d, trainable=True, bf16=bf16,
@@ -316,9 +326,11 @@ def main(args: Args) -> None:
     logger = plumbing.JsonlLogger(output_dir / "metrics.jsonl", enabled=d.is_main)
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if not args.resume:  # a fresh run replaces the run files of an older one
+        if not args.resume:  # a fresh run (--overwrite) replaces the run files of an older one
             for name in ("metrics.jsonl", "eval.json", "samples.jsonl"):
                 (output_dir / name).unlink(missing_ok=True)
+        else:  # the killed run may have logged past its checkpoint
+            plumbing.trim_logs(output_dir, step)
         (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1) + "\n")
     M.print0(f"data: {len(train_examples)} train rows ({train_truncated} truncated at {args.max_length} tokens), "
              f"{len(eval_examples)} eval rows ({eval_truncated} truncated) | global batch {args.global_batch_size} | "

@@ -118,7 +118,7 @@ def test_score_model_round_trip_and_init_from_policy(tok, tmp_path):
     M.save_checkpoint(tmp_path / "rm", d, tok, {"": sm})
     cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert cfg["score_type"] == "reward" and cfg["architectures"] == ["LlamaForScore"]
-    assert M.is_score_checkpoint(tmp_path / "rm") and not M.is_score_checkpoint(tmp_path / "policy")
+    assert M.checkpoint_kind(tmp_path / "rm") == "reward" and M.checkpoint_kind(tmp_path / "policy") == "policy"
     back = M.load_score_model(str(tmp_path / "rm"), tok, "critic")
     ids, mask = padded(tok, ROWS, "right")
     assert torch.equal(sm(ids, mask).scores, back(ids, mask).scores)
@@ -173,7 +173,7 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tok, tmp_path, to
     p.wait()
     plumbing.recover_checkpoint(tmp_path / "k")
     m = M.load_causal_lm(str(tmp_path / "k"), tok)     # loads (no half-written weights)
-    assert M.count_parameters(m) > 0
+    assert plumbing.count_parameters(m) > 0
 
 
 # ---- bad input: one clear line ---------------------------------------------------------------
@@ -288,7 +288,7 @@ def test_fsdp_two_ranks_match_one_process(tmp_path, tokenizer_dir):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)
     # the 2-rank checkpoint loads in one process
     tok = M.load_tokenizer(tmp_path / "two" / "ckpt", "right")
-    assert M.count_parameters(M.load_causal_lm(str(tmp_path / "two" / "ckpt"), tok)) > 0
+    assert plumbing.count_parameters(M.load_causal_lm(str(tmp_path / "two" / "ckpt"), tok)) > 0
 
 
 def test_fsdp_generation_with_ranks_finishing_at_different_steps(tmp_path, tokenizer_dir):

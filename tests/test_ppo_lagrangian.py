@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import model as M
+import plumbing
 import ppo_lagrangian as P
 from conftest import make_toy_checkpoints, run, torchrun
 
@@ -212,7 +213,7 @@ def test_two_ranks_finish_with_identical_lambda(toy, tmp_path):
     assert state["log_lambda_per_rank"][0] == state["log_lambda_per_rank"][1]
     assert state["step"] == 2                                   # 16 prompts / (2 ranks x 4)
     tok = M.load_tokenizer(tmp_path / "run2", "right")
-    assert M.count_parameters(M.load_causal_lm(str(tmp_path / "run2"), tok)) > 0
+    assert plumbing.count_parameters(M.load_causal_lm(str(tmp_path / "run2"), tok)) > 0
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(toy, tmp_path):

@@ -279,7 +279,7 @@ def test_sft_smoke_and_resume_equals_uninterrupted(sft_run, toy, tmp_path, toy_t
     assert_same_weights(sft_run, out)
     assert json.loads((out / "train_state.json").read_text())["trainer"]["step"] == 4
     from transformers import AutoModelForCausalLM
-    assert M.count_parameters(AutoModelForCausalLM.from_pretrained(out)) > 0   # a plain HF load
+    assert plumbing.count_parameters(AutoModelForCausalLM.from_pretrained(out)) > 0   # a plain HF load
 
 
 @pytest.mark.parametrize("script", ["reward.py", "cost.py"])
@@ -305,7 +305,7 @@ def test_two_ranks_each_script_saves_a_loadable_checkpoint(sft_run, toy, tmp_pat
     p = torchrun(2, ["sft.py", "--dataset", toy / "sft", "--tokenizer_name_or_path", toy / "tokenizer",
                      "--output_dir", tmp_path / "sft", *SFT_FAST, "--toy_eval_samples", "1", "--max_new_tokens", "4"])
     ok(p)
-    assert M.count_parameters(M.load_causal_lm(str(tmp_path / "sft"), toy_tok)) > 0
+    assert plumbing.count_parameters(M.load_causal_lm(str(tmp_path / "sft"), toy_tok)) > 0
     assert json.loads((tmp_path / "sft" / "args.json").read_text())["global_batch_size"] == 32
     for script, score_type in (("reward.py", "reward"), ("cost.py", "cost")):
         ok(torchrun(2, pair_cmd(script, toy, tmp_path / "sft", tmp_path / score_type)[1:]))

@@ -560,7 +560,7 @@ def main(args: Args) -> None:
     device = torch.device("cuda" if use_cuda else "cpu")
     if args.model not in M.PRESETS:
         raise UserError(f"--model {args.model!r}: bench.py builds random-init presets; choose one of {', '.join(M.PRESETS)}")
-    M.quiet_hf()
+    plumbing.quiet_hf()
     t_start = time.time()
     report("machine", "device", device_name(device), "", torch=torch.__version__, threads=torch.get_num_threads())
     measured = matmul_gflops(device)
@@ -604,4 +604,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    plumbing.run_main(main, plumbing.parse_args(Args, description=__doc__.splitlines()[0]))
+    plumbing.run_main(lambda: main(plumbing.parse_args(Args, description=__doc__.splitlines()[0])))
