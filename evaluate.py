@@ -559,7 +559,8 @@ def main(args: Args) -> None:
         if args.preference_dataset == Args.preference_dataset:
             toyworld.ensure_toy_data(Path(args.preference_dataset).parent)
         preference_rows = {kind: plumbing.load_rows(args.preference_dataset, args.preference_split, limit=args.preference_limit,
-                                             required=objective.required, what="--preference_dataset")
+                                             required=objective.required, what="--preference_dataset",
+                                             text=("prompt", "response_0", "response_1"))
                            for kind, objective in (("reward", REWARD), ("cost", COST))}
     if args.training_logs is not None:
         log_paths = [(n, Path(p) / "metrics.jsonl" if Path(p).is_dir() else Path(p))

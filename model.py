@@ -71,7 +71,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, padding_side: str,
 
     plumbing.quiet_hf()
     assert padding_side in ("left", "right"), padding_side
-    if looks_local(str(name_or_path)) and not Path(name_or_path).exists():
+    name = str(name_or_path)  # a missing path, not a hub name such as "gpt2" or "org/name"
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or "/" in name and Path(name).parent.is_dir()):
         raise UserError(f"{name_or_path} does not exist" + (f" ({stage_hint})" if stage_hint else ""))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
@@ -265,14 +266,15 @@ def load_causal_lm(name_or_path: str, tokenizer, *, dtype: torch.dtype = torch.f
     from transformers import AutoModelForCausalLM
 
     check_kind(name_or_path, ("policy",), flag)
-    if meta:
-        return _skeleton(AutoModelForCausalLM, name_or_path, tokenizer, dtype, trust_remote_code, stage_hint)
-    if name_or_path in PRESETS:
-        model = AutoModelForCausalLM.from_config(preset_config(name_or_path, vocab_size=len(tokenizer)))
-        model.to(dtype)
-    else:
-        check_checkpoint_path(name_or_path, stage_hint)
-        model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, stage_hint, device=device)
+    with plumbing.on_every_rank():  # rank 0 alone reads the weights: its refusal must reach the others
+        if meta:
+            return _skeleton(AutoModelForCausalLM, name_or_path, tokenizer, dtype, trust_remote_code, stage_hint)
+        if name_or_path in PRESETS:
+            model = AutoModelForCausalLM.from_config(preset_config(name_or_path, vocab_size=len(tokenizer)))
+            model.to(dtype)
+        else:
+            check_checkpoint_path(name_or_path, stage_hint)
+            model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, stage_hint, device=device)
     resize_embeddings(model, tokenizer)
     return model
 
@@ -432,25 +434,26 @@ def load_score_model(name_or_path: str, tokenizer, score_type: str, *, dtype: to
 
     if accept is not None:
         check_kind(name_or_path, accept, flag)
-    if meta:
-        return _skeleton(AutoModel, name_or_path, tokenizer, dtype, trust_remote_code, stage_hint, score_type)
-    if name_or_path in PRESETS:
-        backbone = AutoModel.from_config(preset_config(name_or_path, vocab_size=len(tokenizer))).to(dtype)
-        model = ScoreModel(backbone, score_type)
-    else:
-        check_checkpoint_path(name_or_path, stage_hint)
-        if checkpoint_kind(name_or_path) in SCORE_TYPES:
-            # The saved config is the backbone's plus score fields; AutoModel ignores the extras and
-            # loads the "model.*" weights (HF strips the base-model prefix), the head is read below.
-            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-            config.architectures = None
-            backbone = _from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code, stage_hint, config=config)
+    with plumbing.on_every_rank():  # rank 0 alone reads the weights: its refusal must reach the others
+        if meta:
+            return _skeleton(AutoModel, name_or_path, tokenizer, dtype, trust_remote_code, stage_hint, score_type)
+        if name_or_path in PRESETS:
+            backbone = AutoModel.from_config(preset_config(name_or_path, vocab_size=len(tokenizer))).to(dtype)
             model = ScoreModel(backbone, score_type)
-            head = _read_tensors(Path(name_or_path), ("score_head.weight", "score_head.bias"))
-            model.score_head.load_state_dict({k.removeprefix("score_head."): v.to(dtype) for k, v in head.items()})
         else:
-            backbone = _from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code, stage_hint)
-            model = ScoreModel(backbone, score_type)
+            check_checkpoint_path(name_or_path, stage_hint)
+            if checkpoint_kind(name_or_path) in SCORE_TYPES:
+                # The saved config is the backbone's plus score fields; AutoModel ignores the extras and
+                # loads the "model.*" weights (HF strips the base-model prefix), the head is read below.
+                config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+                config.architectures = None
+                backbone = _from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code, stage_hint, config=config)
+                model = ScoreModel(backbone, score_type)
+                head = _read_tensors(Path(name_or_path), ("score_head.weight", "score_head.bias"))
+                model.score_head.load_state_dict({k.removeprefix("score_head."): v.to(dtype) for k, v in head.items()})
+            else:
+                backbone = _from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code, stage_hint)
+                model = ScoreModel(backbone, score_type)
     resize_embeddings(model, tokenizer)
     return model
 
@@ -690,19 +693,19 @@ def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: d
     train_state: {"tensors": {name: Tensor}, "json": {...}} or None.
     """
     state_dicts = {name: full_state_dict(m) for name, m in models.items()}
-    if dist_.is_main:
-        plumbing.check_finite_weights(state_dicts, folder)  # a diverged model is never saved
-        try:
-            with plumbing.atomic_folder(folder) as tmp:
-                for name, m in models.items():
-                    sub = tmp / name if name else tmp
-                    sub.mkdir(parents=True, exist_ok=True)
-                    write_model_files(sub, m, state_dicts[name], tokenizer)
-                if train_state is not None:
-                    plumbing.write_train_state(tmp, train_state)
-        except OSError as e:  # disk full, read-only: the previous checkpoint is untouched (atomic_folder)
-            raise UserError(f"cannot save to {folder}: {first_line(e)}; it keeps its previous checkpoint") from None
-    barrier()
+    with plumbing.on_every_rank():  # a refusal on rank 0 (which alone writes) reaches the other ranks
+        if dist_.is_main:
+            plumbing.check_finite_weights(state_dicts, folder)  # a diverged model is never saved
+            try:
+                with plumbing.atomic_folder(folder) as tmp:
+                    for name, m in models.items():
+                        sub = tmp / name if name else tmp
+                        sub.mkdir(parents=True, exist_ok=True)
+                        write_model_files(sub, m, state_dicts[name], tokenizer)
+                    if train_state is not None:
+                        plumbing.write_train_state(tmp, train_state)
+            except OSError as e:  # disk full, read-only: the previous checkpoint is untouched (atomic_folder)
+                raise UserError(f"cannot save to {folder}: {first_line(e)}; it keeps its previous checkpoint") from None
 
 
 # --------------------------------------------------------------------------------------------

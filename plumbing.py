@@ -131,7 +131,7 @@ def check_limits(args) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         low, high = limits.get(f.name, (0, None))
-        if not math.isfinite(value) or low is not None and value < low or high is not None and value > high:
+        if isinstance(value, float) and not math.isfinite(value) or low is not None and value < low or high is not None and value > high:
             bounds = {(True, True): f"between {low} and {high}", (True, False): f">= {low}",
                       (False, True): f"<= {high}", (False, False): ""}[(low is not None, high is not None)]
             raise UserError(f"--{f.name} {value}: must be a finite number {bounds}".rstrip())
@@ -170,7 +170,7 @@ def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: i
     local = [path] if path.is_file() else sorted(path.glob(f"{split}.json*")) if path.is_dir() else []
     if local and all(f.stat().st_size < 1 << 20 and not f.read_text(errors="replace").strip() for f in local):
         raise UserError(f"{what} {dataset} (split {split}) is empty")  # datasets' own error here is blank
-    for f in local:  # datasets would fail later, lazily, without naming the line
+    for f in (f for f in local if f.suffix in (".json", ".jsonl")):  # datasets would fail later, lazily, without naming the line
         with open(f, "rb") as lines:
             for n, raw in enumerate(lines, 1):
                 try:
@@ -301,26 +301,75 @@ def open_run_folder(args, world_size: int, is_main: bool):
     folder = Path(args.output_dir)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--output_dir {folder} exists and is not a folder")
-    if is_main and not os.access(folder if folder.exists() else folder.parent if folder.parent.exists() else ".", os.W_OK):
-        raise UserError(f"--output_dir {folder}: not writable")
     lock = None
-    if is_main:
-        for held in [h for h in _HELD if Path(h.name) == folder.with_name(folder.name + ".lock")]:
-            _release(held)  # an earlier run in this process (a stage called as a function) is over
-        try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(folder.with_name(folder.name + ".lock"), "a+")  # noqa: SIM115 - held for the whole run
-        except OSError as e:
-            raise UserError(f"--output_dir {folder}: cannot write there: {first_line(e)}") from None
-    try:
-        return lock, _claim(folder, lock, args, world_size)
-    except BaseException:
-        if lock is not None:  # a refused run lets go of the folder at once
-            _release(lock) if lock in _HELD else lock.close()
+    with on_every_rank():  # rank 0 decides; a refusal there must not leave the others in the barrier
+        if is_main:
+            lock = _lock(folder)
+            holds_run = folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
+            if holds_run and not args.resume and not args.overwrite:
+                _release(lock)
+                raise UserError(f"--output_dir {folder} already holds a run: --resume to continue it, --overwrite "
+                                "to replace it, or choose another folder")
+            recover_checkpoint(folder)  # undo a save that was killed half-way
+    if not args.resume:
+        return lock, None
+    try:  # every rank reads the same files, so every rank refuses alike
+        state = load_train_state(folder)
+        saved_ranks = len([k for k in state["json"] if k.startswith("rank") and k.endswith(".rng.python")])
+        if saved_ranks != world_size:
+            raise UserError(f"--resume: {folder} was saved by a run on {saved_ranks} rank(s), this one has "
+                            f"{world_size}; resume with the same number (torchrun --nproc_per_node {saved_ranks})")
+        saved = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
+        for f in dataclasses.fields(args):
+            if f.name in saved and f.name not in RESUME_MAY_CHANGE and saved[f.name] != getattr(args, f.name):
+                raise UserError(f"--resume: --{f.name} was {saved[f.name]!r} in the interrupted run, now "
+                                f"{getattr(args, f.name)!r}; resume with the same settings")
+    except UserError:
+        if lock is not None:
+            _release(lock)  # a refused run lets go of the folder at once
         raise
+    return lock, state
 
 
 _HELD: list = []  # the lock files this process holds
+
+
+def _lock(folder: Path):
+    """Take <folder>.lock (flock) and write our pid in it; refuse in one line if another run holds it."""
+    import fcntl
+
+    path = folder.resolve()
+    if not path.name:
+        raise UserError(f"--output_dir {folder}: choose a folder, not the file-system root")
+    path = path.with_name(path.name + ".lock")
+    for held in [h for h in _HELD if h.name == str(path)]:
+        _release(held)  # an earlier run in this process (a stage called as a function) is over
+    for _ in range(3):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(path, "a+")  # noqa: SIM115 - held for the whole run
+        except OSError as e:
+            raise UserError(f"--output_dir {folder}: cannot write there: {first_line(e)}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise UserError(f"--output_dir {folder} is in use by another run (pid {holder}); "
+                            "wait for it or choose another folder") from None
+        if path.exists() and os.fstat(lock.fileno()).st_ino == path.stat().st_ino:
+            break  # still the file at that path (a run that just ended may have removed the one we opened)
+        lock.close()
+    else:
+        raise UserError(f"--output_dir {folder}: could not take {path}")
+    if not os.access(folder if folder.exists() else path.parent, os.W_OK):
+        lock.close()
+        raise UserError(f"--output_dir {folder}: not writable")
+    lock.seek(0), lock.truncate(), lock.write(f"{os.getpid()}\n"), lock.flush()
+    _HELD.append(lock)
+    atexit.register(_release, lock)  # held, so ours to remove when the run ends
+    return lock
 
 
 def _release(lock) -> None:
@@ -331,39 +380,31 @@ def _release(lock) -> None:
         lock.close()
 
 
-def _claim(folder: Path, lock, args, world_size: int) -> dict | None:
-    import fcntl
-
-    if lock is not None:  # rank 0
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            raise UserError(f"--output_dir {folder} is in use by another run (pid {lock.read().strip() or '?'}); "
-                            "wait for it or choose another folder") from None
-        lock.seek(0), lock.truncate(), lock.write(f"{os.getpid()}\n"), lock.flush()
-        _HELD.append(lock)
-        atexit.register(_release, lock)  # held, so ours to remove when the run ends
-        holds_run = folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
-        if holds_run and not args.resume and not args.overwrite:
-            raise UserError(f"--output_dir {folder} already holds a run: --resume to continue it, --overwrite to "
-                            "replace it, or choose another folder")
-        recover_checkpoint(folder)  # undo a save that was killed half-way
+@contextlib.contextmanager
+def on_every_rank():
+    """Run a block that may refuse on some ranks only (rank 0 alone reads the weights and writes the
+    files) and raise the refusal on every rank: a rank left waiting in a collective would hang.
+    Collective under torchrun: every rank must enter it. One process: a plain block."""
+    error = None
+    try:
+        yield
+    except UserError as e:
+        error = str(e)
     if dist.is_initialized():
-        dist.barrier()
-    if not args.resume:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise UserError(error)
+
+
+def _step_of(line: str):
+    """The step of a JSON-lines record (0 without one); None for what a kill leaves: half a line."""
+    try:
+        record = json.loads(line)
+        return float(record.get("step", 0)) if isinstance(record, dict) else None
+    except (ValueError, TypeError):
         return None
-    state = load_train_state(folder)
-    saved_ranks = len([k for k in state["json"] if k.startswith("rank") and k.endswith(".rng.python")])
-    if saved_ranks != world_size:
-        raise UserError(f"--resume: {folder} was saved by a run on {saved_ranks} rank(s), this one has {world_size}; "
-                        f"resume with the same number (torchrun --nproc_per_node {saved_ranks})")
-    saved = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
-    for f in dataclasses.fields(args):
-        if f.name in saved and f.name not in RESUME_MAY_CHANGE and saved[f.name] != getattr(args, f.name):
-            raise UserError(f"--resume: --{f.name} was {saved[f.name]!r} in the interrupted run, now "
-                            f"{getattr(args, f.name)!r}; resume with the same settings")
-    return state
 
 
 def trim_logs(folder: Path, step: int, names=("metrics.jsonl", "samples.jsonl")) -> None:
@@ -373,7 +414,7 @@ def trim_logs(folder: Path, step: int, names=("metrics.jsonl", "samples.jsonl"))
         path = folder / name
         if path.is_file():
             lines = path.read_text().splitlines(keepends=True)
-            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(kept))
             tmp.replace(path)
@@ -413,9 +454,13 @@ def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ("metrics.j
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for name in keep:
-        if (folder / name).is_file() and not (tmp / name).exists():
-            shutil.copy2(folder / name, tmp / name)
+    try:
+        for name in keep:
+            if (folder / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(folder / name, tmp / name)
+    except BaseException:  # e.g. the disk filled up: the previous folder is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         folder.rename(old)

@@ -71,7 +71,8 @@ from plumbing import UserError
 class Args:
     # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
     LIMITS: ClassVar[dict] = {"max_length": (2, None), "actor_warmup_ratio": (0, 1), "gamma": (0, 1), "gae_lambda": (0, 1),
-              "threshold": (None, None), **dict.fromkeys(
+              "threshold": (None, None), "temperature": (1e-6, None), "lambda_max": (1e-6, None),
+              **dict.fromkeys(
         ("epochs", "per_device_prompt_batch_size", "per_device_train_batch_size", "update_iters", "limit",
          "episode_cost_window_size", "log_every"), (1, None))}
 
@@ -422,7 +423,8 @@ def main(args: Args) -> None:
     load = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code, meta=d.enabled and not d.is_main)
     # Each model must be the kind its slot takes (a cost model as the reward model is refused, not
     # trained on), and the frozen scorers must share the actor's tokenizer.
-    actor = M.load_causal_lm(actor_path, tokenizer, stage_hint=hint["sft"], flag="--actor_model_name_or_path", **load)
+    actor = M.load_causal_lm(actor_path, tokenizer, stage_hint=hint["sft"],
+                             flag="--output_dir" if args.resume else "--actor_model_name_or_path", **load)
     M.seed_everything(args.seed)  # a preset (random-init) actor and its reference are then the same model
     reference = M.load_causal_lm(args.actor_model_name_or_path, tokenizer, stage_hint=hint["sft"],
                                  flag="--actor_model_name_or_path", **load)

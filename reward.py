@@ -384,7 +384,8 @@ def train(args: Args, objective: Objective) -> None:
     # rank 0's weights when prepare_model shards the model (one CPU copy per node).
     model = M.load_score_model(init_from, tokenizer, objective.score_type, trust_remote_code=args.trust_remote_code,
                                stage_hint=stage_hint, meta=d.enabled and not d.is_main,
-                               accept=("policy", objective.score_type), flag="--model_name_or_path")
+                               accept=("policy", objective.score_type),
+                               flag="--output_dir" if resume_state else "--model_name_or_path")
     M.print0(f"{objective.score_type} model from {init_from}: {plumbing.count_parameters(model) / 1e6:.2f}M parameters")
     model = M.prepare_model(model, d, trainable=True, bf16=d.device.type == "cuda",
                             activation_checkpointing=args.gradient_checkpointing)
@@ -418,8 +419,9 @@ def train(args: Args, objective: Objective) -> None:
     M.print0(f"data: {len(train_pairs)} train pairs ({train_truncated} sequences truncated at {args.max_length} "
              f"tokens), {len(eval_pairs)} eval pairs ({eval_truncated} truncated) | global batch "
              f"{args.global_batch_size} pairs | {args.total_steps} steps")
-    logger.log({"step": step, "data/train_pairs": len(train_pairs), "data/train_truncated": train_truncated,
-                "data/eval_pairs": len(eval_pairs), "data/eval_truncated": eval_truncated})
+    if not resume_state:  # a resumed run's data are checked equal to the ones logged here
+        logger.log({"step": step, "data/train_pairs": len(train_pairs), "data/train_truncated": train_truncated,
+                    "data/eval_pairs": len(eval_pairs), "data/eval_truncated": eval_truncated})
 
     def save(final: bool = False) -> None:
         train_state = plumbing.merge_states(

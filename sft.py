@@ -299,7 +299,7 @@ def main(args: Args) -> None:
     # rank 0's weights when prepare_model shards the model (one CPU copy per node).
     policy = M.load_causal_lm(init_from, tokenizer, trust_remote_code=args.trust_remote_code,
                               stage_hint="" if args.resume else "the initial policy", meta=d.enabled and not d.is_main,
-                              flag="--model_name_or_path")
+                              flag="--output_dir" if resume_state else "--model_name_or_path")
     M.print0(f"policy {args.model_name_or_path}: {plumbing.count_parameters(policy) / 1e6:.2f}M parameters, "
              f"vocab {len(tokenizer)}")
     bf16 = d.device.type == "cuda"
@@ -335,8 +335,9 @@ def main(args: Args) -> None:
     M.print0(f"data: {len(train_examples)} train rows ({train_truncated} truncated at {args.max_length} tokens), "
              f"{len(eval_examples)} eval rows ({eval_truncated} truncated) | global batch {args.global_batch_size} | "
              f"{args.total_steps} steps")
-    logger.log({"step": step, "data/train_rows": len(train_examples), "data/train_truncated": train_truncated,
-                "data/eval_rows": len(eval_examples), "data/eval_truncated": eval_truncated})
+    if not resume_state:  # a resumed run's data are checked equal to the ones logged here
+        logger.log({"step": step, "data/train_rows": len(train_examples), "data/train_truncated": train_truncated,
+                    "data/eval_rows": len(eval_examples), "data/eval_truncated": eval_truncated})
 
     def save(final: bool = False) -> None:
         train_state = plumbing.merge_states(

@@ -314,3 +314,19 @@ def test_ppo_batch_sizes_that_do_not_divide_are_one_line(ckpt):
              "--per_device_train_batch_size", "8", "--output_dir", ckpt / "previous_run"], cwd=ROOT)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "--per_device_prompt_batch_size 12 must be a multiple of --per_device_train_batch_size 8" in p.stderr
+
+
+def test_trim_logs_drops_the_half_line_a_kill_leaves(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"note": "no step"}\n{"step": 3}\n{"step": 4, "trai')
+    plumbing.trim_logs(tmp_path, 3)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"note": "no step"}\n{"step": 3}\n'
+
+
+def test_limits_take_huge_integers_and_refuse_zero_temperature():
+    import ppo_lagrangian
+
+    args = plumbing.parse_args(ppo_lagrangian.Args, ["--limit", str(10 ** 400)])
+    assert args.limit == 10 ** 400
+    for flag in ("--temperature", "--lambda_max"):
+        with pytest.raises(UserError, match=f"{flag} 0.0: must be a finite number >= 1e-06"):
+            plumbing.parse_args(ppo_lagrangian.Args, [flag, "0"])

@@ -48,6 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,10 @@ GPU_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362
 
 @dataclass
 class Args:
+    # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
+    LIMITS: ClassVar[dict] = dict.fromkeys(("vocab_size", "pref_batch", "sft_batch", "gen_batch", "new_tokens", "windows",
+                                        "window_steps", "repeats", "ppo_iterations", "world_size"), (1, None))
+
     only: list[str] = field(default_factory=list)
     """sections to run (machine preference sft generation ppo); default: all"""
     model: str = "toy-small"
@@ -227,7 +232,7 @@ def run_stage(script: str, argv: list[str], args: Args, out: Path) -> list[dict]
                f"--nproc_per_node={args.nproc_per_node}", script]
     else:
         cmd = [sys.executable, script]
-    cmd += argv + ["--output_dir", str(out), "--no-save"] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+    cmd += argv + ["--output_dir", str(out), "--no-save", "--overwrite"] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
     env = dict(os.environ, CI="true")  # no progress bars
     log = out.with_suffix(".log")
     with log.open("w") as f:

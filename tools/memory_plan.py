@@ -64,6 +64,7 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -87,6 +88,10 @@ FROZEN = ("reference", "reward_model", "cost_model")
 
 @dataclass
 class Args:
+    # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
+    LIMITS: ClassVar[dict] = dict.fromkeys(("world_size", "per_device_prompt_batch_size", "per_device_train_batch_size",
+                                        "max_length", "prompt_length"), (1, None))
+
     model: str = "llama-7b"
     """a preset (model.PRESETS), a checkpoint folder or a hub name: only its config is read"""
     world_size: int = 8
