@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -145,20 +146,42 @@ def probes(r):
     ]
 
 
-@pytest.mark.parametrize("index", range(21))
-def test_wrong_input_is_one_line_and_leaves_the_run_folder_alone(ckpt, index):
-    name, cmd, fragments = probes(ckpt)[index]
-    before = folder_digest(ckpt / "previous_run")
-    # evaluate.py refuses a folder that holds no results.json anyway: give it a new one
-    out = ckpt / f"results_{index}" if cmd[0] == "evaluate.py" else ckpt / "previous_run"
-    # --overwrite: the probe gets past the folder check, and even so nothing may change before validation
-    p = run([sys.executable, *cmd, "--output_dir", out] + ([] if cmd[0] == "evaluate.py" else ["--overwrite"]), cwd=ROOT)
-    assert p.returncode == 2, f"{name}: exit {p.returncode}\n{p.stderr[-2000:]}"
-    assert "Traceback" not in p.stderr, f"{name}:\n{p.stderr[-3000:]}"
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and all(f in last for f in map(str, fragments)), f"{name}: {last}"
-    assert folder_digest(ckpt / "previous_run") == before, f"{name}: the earlier run's folder changed"
-    assert cmd[0] != "evaluate.py" or not out.exists(), f"{name}: {out} was created"
+def probe_problems(name, p, fragments, folder, before) -> list[str]:
+    """What is wrong with one refused run: anything but exit 2, one `error:` line holding every
+    fragment, no traceback, and the run folder next to it unchanged."""
+    last = (p.stderr.strip().splitlines() or [""])[-1]
+    problems = [f"exit {p.returncode}" if p.returncode != 2 else "",
+                "a traceback" if "Traceback" in p.stderr else "",
+                f"line {last!r} lacks {[f for f in map(str, fragments) if f not in last]}"
+                if not last.startswith("error: ") or not all(f in last for f in map(str, fragments)) else "",
+                "the run folder changed" if folder_digest(folder) != before else ""]
+    return [f"{name}: {x}\n{p.stderr[-1500:]}" for x in problems if x]
+
+
+def run_probes(cases, tmp_path, ckpt):
+    """Run (name, command, fragments, extra flags) probes 3 at a time, each next to its own copy of an
+    earlier run's folder (a probe that gets as far as claiming it holds its lock)."""
+    def one(i):
+        name, cmd, fragments, extra = cases[i]
+        folder = tmp_path / f"run_{i}"
+        shutil.copytree(ckpt / "previous_run", folder)
+        before = folder_digest(folder)
+        # evaluate.py refuses a folder that holds no results.json anyway: give it a new one
+        out = tmp_path / f"results_{i}" if cmd[0] == "evaluate.py" else folder
+        p = run([sys.executable, *cmd, "--output_dir", out, *extra], cwd=ROOT)
+        problems = probe_problems(name, p, fragments, folder, before)
+        return problems + ([f"{name}: {out} was created"] if cmd[0] == "evaluate.py" and out.exists() else [])
+    with ThreadPoolExecutor(3) as pool:
+        problems = [x for found in pool.map(one, range(len(cases))) for x in found]
+    assert not problems, "\n".join(problems)
+
+
+def test_wrong_input_is_one_line_and_leaves_the_run_folder_alone(ckpt, tmp_path):
+    # --overwrite: each probe gets past the folder check, and even so nothing may change before validation
+    cases = [(name, cmd, fragments, [] if cmd[0] == "evaluate.py" else ["--overwrite"])
+             for name, cmd, fragments in probes(ckpt)]
+    assert len(cases) == 21
+    run_probes(cases, tmp_path, ckpt)
 
 
 def test_safety_labels_are_parsed_not_cast():
@@ -299,14 +322,10 @@ NUMBER_PROBES = [  # (stage, flag, value, what the line says)
 ]
 
 
-@pytest.mark.parametrize("stage,flag,value,says", NUMBER_PROBES)
-def test_nonsense_numbers_are_refused_at_parse_time(ckpt, stage, flag, value, says):
-    before = folder_digest(ckpt / "previous_run")
-    p = run([sys.executable, stage, flag, value, "--output_dir", ckpt / "previous_run"], cwd=ROOT)
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    line = p.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"error: {flag} ") and "must be a finite number" in line and says in line, line
-    assert folder_digest(ckpt / "previous_run") == before
+def test_nonsense_numbers_are_refused_at_parse_time(ckpt, tmp_path):
+    cases = [(f"{stage} {flag} {value}", [stage, flag, value], [f"error: {flag} ", "must be a finite number", says], [])
+             for stage, flag, value, says in NUMBER_PROBES]
+    run_probes(cases, tmp_path, ckpt)
 
 
 def test_ppo_batch_sizes_that_do_not_divide_are_one_line(ckpt):
