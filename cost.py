@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 import model as M
 import plumbing
-from plumbing import UserError
 from reward import Args, Objective, ranking_accuracy, response_id, train
 
 # --------------------------------------------------------------------------------------------
@@ -92,10 +91,10 @@ def safer_unsafer(row: dict, where: str) -> tuple[str, str, list[float]]:
     # Parsed, not cast: bool("false") is True, and files written by other tools do carry strings.
     safer_is_safe = plumbing.parse_bool(row[f"is_response_{safer}_safe"], f"{where}: is_response_{safer}_safe")
     unsafer_is_safe = plumbing.parse_bool(row[f"is_response_{1 - safer}_safe"], f"{where}: is_response_{1 - safer}_safe")
-    # The official loader refuses these too (safe_rlhf/datasets/safety_preference.py@82743cc:L75-95).
+    # The official loader raises on these, mid-epoch (safe_rlhf/datasets/safety_preference.py@82743cc:L75-95,
+    # safe-rlhf#181); here the row is dropped and counted in the data summary.
     if not safer_is_safe and unsafer_is_safe:
-        raise UserError(f"{where}: contradictory labels: the safer response (response_{safer}) is labelled "
-                          "unsafe while the other is labelled safe")
+        raise plumbing.Unusable("inconsistent safety labels")
     return (row[f"response_{safer}"], row[f"response_{1 - safer}"],
             [-1.0 if safer_is_safe else 1.0, -1.0 if unsafer_is_safe else 1.0])
 

@@ -72,7 +72,7 @@ import plumbing
 from plumbing import UserError
 import toyworld
 from cost import COST  # Table-1 metric definitions (cost_metrics) and the (safer, unsafer) pair order
-from reward import REWARD  # reward_metrics and the (better, worse) pair order
+from reward import REWARD, load_pairs  # reward_metrics, the (better, worse) pair order, the pairs' loader
 
 MODES = {  # one line each for --help; the module docstring has the details
     "generate": "every policy answers the prompts; R and C score the answers: mean R, mean C, P(C > 0) "
@@ -384,20 +384,6 @@ def score(model, sequences: list[list[int]], pad_token_id: int, args: Args, d: M
     return M.gather_in_order(results, len(sequences))
 
 
-def preference_pairs(rows: list[dict], objective, tokenizer, args: Args) -> tuple[list, list, torch.Tensor]:
-    """Rows -> (first ids, second ids, labels (N, K)) in the objective's order (reward: better, worse;
-    cost: safer, unsafer with signs), tokenised as reward.py does: template + response + EOS."""
-    firsts, seconds, labels = [], [], []
-    for i, row in enumerate(rows):
-        first, second, lab = objective.make_pair(row, f"--preference_dataset {args.preference_dataset} row {i}")
-        for text, out in ((first, firsts), (second, seconds)):
-            ids = tokenizer(M.format_prompt(row["prompt"]) + text + tokenizer.eos_token)["input_ids"]
-            out.append(ids[:args.max_length])
-        labels.append(lab)
-    return firsts, seconds, torch.tensor(labels, dtype=torch.float32).reshape(len(rows), -1)
-
-
-
 def load_frozen(kind: str, path: str, tokenizer, args: Args, d: M.Dist, hint: str):
     """A policy or score model in eval mode, sharded under torchrun: rank 0 reads the weights, the
     other ranks build a meta skeleton and receive their shards from rank 0 (model.prepare_model)."""
@@ -558,10 +544,9 @@ def main(args: Args) -> None:
     if "preference" in modes:
         if args.preference_dataset == Args.preference_dataset:
             toyworld.ensure_toy_data(Path(args.preference_dataset).parent)
-        preference_rows = {kind: plumbing.load_rows(args.preference_dataset, args.preference_split, limit=args.preference_limit,
-                                             required=objective.required, what="--preference_dataset",
-                                             text=("prompt", "response_0", "response_1"))
-                           for kind, objective in (("reward", REWARD), ("cost", COST))}
+        plumbing.load_rows(args.preference_dataset, args.preference_split, limit=args.preference_limit,  # fail early
+                           required=tuple(dict.fromkeys(REWARD.required + COST.required)), what="--preference_dataset",
+                           text=("prompt", "response_0", "response_1"))
     if args.training_logs is not None:
         log_paths = [(n, Path(p) / "metrics.jsonl" if Path(p).is_dir() else Path(p))
                      for n, p in parse_named_paths(args.training_logs, "--training_logs")]
@@ -597,6 +582,13 @@ def main(args: Args) -> None:
             if tokenizers[name].get_vocab() != tokenizers[kind].get_vocab():
                 raise UserError(f"the {kind} model's tokenizer differs from policy {name}'s: scoring reads the "
                                   "generated token ids, so they must match (re-tokenisation is not implemented)")
+    pairs: dict[str, list[dict]] = {}  # Table 1's usable pairs, tokenised as reward.py and cost.py do
+    for kind, objective in (("reward", REWARD), ("cost", COST)) if "preference" in modes else ():
+        summary = plumbing.DataSummary("--preference_dataset", args.preference_dataset, args.preference_split)
+        pairs[kind], _ = load_pairs(args.preference_dataset, args.preference_split, tokenizers[kind], objective,
+                                    max_length=args.max_length, limit=args.preference_limit,
+                                    flag="--preference_dataset", summary=summary)
+        plumbing.report_data({kind: summary}, False, d.is_main)
     M.print0(f"evaluate: modes {' '.join(m for m in MODES if m in modes)} | {len(policies)} policies | "
              f"{len(prompts)} prompts | world size {d.world_size}")
 
@@ -618,8 +610,9 @@ def main(args: Args) -> None:
             for k, name in enumerate(names):
                 scores[name][kind] = values[k * len(prompts):(k + 1) * len(prompts)]
         if "preference" in modes:
-            firsts, seconds, labels = preference_pairs(preference_rows[kind], objective, tokenizers[kind], args)
-            values, n = score(score_model, firsts + seconds, pad, args, d), len(firsts)
+            labels = torch.tensor([p["labels"] for p in pairs[kind]], dtype=torch.float32).reshape(len(pairs[kind]), -1)
+            values = score(score_model, [p["first"] for p in pairs[kind]] + [p["second"] for p in pairs[kind]], pad, args, d)
+            n = len(pairs[kind])
             metrics = objective.metrics(torch.tensor(values[:n]), torch.tensor(values[n:]), labels)
             metrics.update(n_pairs=n, accuracy_ci=interval_of(metrics["accuracy"], n))  # over the pairs
             if "accuracy_sign" in metrics:  # over every response, 2n of them
@@ -632,7 +625,7 @@ def main(args: Args) -> None:
         results = summarize(args, policies, prompts, generations, scores, preference, logs, modes)
         if preference:  # the toy world knows the best accuracy any model could reach on these labels
             with contextlib.suppress(ValueError):
-                results["preference"]["bayes_ceiling"] = toyworld.bayes_ceiling(preference_rows["cost"])
+                results["preference"]["bayes_ceiling"] = toyworld.bayes_ceiling([p["row"] for p in pairs["cost"]])
         write_report(out, results, args, prompts, generations, scores, logs)
     M.barrier()  # the other ranks wait here rather than exit while rank 0 still holds the process group
     if d.enabled:

@@ -127,8 +127,7 @@ def tokenize_prompt_response(tokenizer, requests: list[str], responses: list[str
     """SFT-style examples: BOS + template(request) + response + EOS string, right-truncated to
     max_length (which may cut the EOS); labels are IGNORE_INDEX on the prompt (BOS included), the
     token itself on the response and the EOS (safe_rlhf/datasets/supervised.py@82743cc:L54-66). Returns
-    ([{input_ids, labels}],
-    number truncated)."""
+    ([{input_ids, labels, truncated}], number truncated)."""
     prompts = [format_prompt(r) for r in requests]
     all_ids = tokenizer([p + r + tokenizer.eos_token for p, r in zip(prompts, responses)],
                         add_special_tokens=True)["input_ids"]
@@ -136,8 +135,8 @@ def tokenize_prompt_response(tokenizer, requests: list[str], responses: list[str
     examples, truncated = [], 0
     for ids, n_prompt in zip(all_ids, prompt_lengths):
         truncated += len(ids) > max_length
-        ids = ids[:max_length]
-        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * min(n_prompt, len(ids)) + ids[n_prompt:]})
+        examples.append({"input_ids": ids[:max_length], "truncated": len(ids) > max_length,
+                         "labels": [IGNORE_INDEX] * min(n_prompt, len(ids), max_length) + ids[n_prompt:max_length]})
     return examples, truncated
 
 

@@ -14,6 +14,7 @@ The model, its sharding and the shared math are in model.py; this file is the ru
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
 import dataclasses
@@ -86,10 +87,46 @@ def check_finite_weights(state_dicts: dict[str, dict[str, torch.Tensor]], folder
 
 def parse_args(cls, argv=None, description: str | None = None):
     """Parse argv into the stage's Args dataclass. Each field's help is the one-line docstring
-    written under it (CleanRL style); bools get --flag / --no-flag; `--help` lists them all."""
+    written under it (CleanRL style); bools get --flag / --no-flag; `--help` lists them all.
+
+    Recipes: a training stage's Args has PAPER, the official 7B settings {field: value}. `--recipe
+    paper` makes them the defaults (so `--recipe paper --help` lists them), `--recipe toy` keeps the
+    dataclass's own defaults (the toy world's); a flag given on the command line beats either.
+    Without --recipe the toy recipe is used only when the data are the toy world's; real data
+    without a recipe are refused, so a toy learning rate never reaches a real model unnoticed."""
     import argparse
+
+    argv = list(map(_underscored, sys.argv[1:] if argv is None else argv))
+    paper = getattr(cls, "PAPER", None)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default="")
+    recipe = pre.parse_known_args(argv)[0].recipe
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    if paper is not None and recipe == "paper":
+        defaults.update(paper)
+    epilog = None
+    if paper is not None:
+        flags = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}" for k, v in paper.items()]
+        epilog = (f"--recipe paper ({cls.PAPER_SOURCE}) sets:\n"
+                  + "".join(f"  {' '.join(flags[i:i + 3])}\n" for i in range(0, len(flags), 3))
+                  + "flags given on the command line override it.")
+    args = cls(**vars(_parser(cls, defaults, description, epilog).parse_args(argv)))
+    check_limits(args)
+    if paper is not None:
+        check_recipe(args)
+    return args
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown (not "(default: None)" on optional fields); the epilog's lines kept as written."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default == "" else super()._get_help_string(action)
+
+
+def _parser(cls, defaults: dict, description: str | None, epilog: str | None):
     import ast
-    import dataclasses
     import inspect
     import types
     import typing
@@ -98,27 +135,48 @@ def parse_args(cls, argv=None, description: str | None = None):
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     for node, nxt in zip(body, body[1:] + [None]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            helps[node.target.id] = nxt.value.value
+            helps[node.target.id] = " ".join(nxt.value.value.split())
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind, default, help_ = hints[f.name], defaults[f.name], helps.get(f.name, "").replace("%", "%%")
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default,
-                                help=helps.get(f.name, "").replace("%", "%%"))
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_)
             continue
         base = kind
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
             base = next(a for a in typing.get_args(kind) if a is not type(None))
         if typing.get_origin(base) is list:
-            inner = typing.get_args(base)[0]
-            parser.add_argument(f"--{f.name}", type=inner, nargs="+", default=default, help=helps.get(f.name, "").replace("%", "%%"))
+            parser.add_argument(f"--{f.name}", type=typing.get_args(base)[0], nargs="+", default=default, help=help_)
         else:
-            parser.add_argument(f"--{f.name}", type=base, default=default, help=helps.get(f.name, "").replace("%", "%%"))
-    args = cls(**vars(parser.parse_args(list(map(_underscored, sys.argv[1:] if argv is None else argv)))))
-    check_limits(args)
-    return args
+            parser.add_argument(f"--{f.name}", type=base, default=default, help=help_)
+    return parser
+
+
+def check_recipe(args) -> None:
+    """--recipe: toy or paper; left out, toy only if every data flag (Args.DATA_FLAGS) is the toy world's."""
+    import toyworld
+
+    if args.recipe not in ("", "toy", "paper"):
+        raise UserError(f"--recipe {args.recipe}: choose toy or paper")
+    if args.recipe:
+        return
+    for flag in type(args).DATA_FLAGS:
+        value = getattr(args, flag)
+        default = next(f.default for f in dataclasses.fields(args) if f.name == flag)
+        if value is not None and value != default and not toyworld.is_toy_data(value):
+            raise UserError(f"--{flag} {value} is not the toy world's data: choose --recipe paper (the official 7B "
+                            "settings; --recipe paper --help lists them) or --recipe toy (the toy world's); "
+                            "flags still override either")
+    args.recipe = "toy"
+
+
+def recipe_line(args) -> str:
+    """The run header's recipe line: which recipe is in force, and every value that differs from the paper's."""
+    paper = getattr(type(args), "PAPER", {})
+    differ = [f"--{k} {getattr(args, k)} (paper {v})" for k, v in paper.items() if getattr(args, k) != v]
+    return f"recipe {args.recipe or '(none)'} | " + (f"differs from the paper: {', '.join(differ)}" if differ
+                                                      else "every official setting as the paper's")
 
 
 def check_limits(args) -> None:
@@ -207,6 +265,110 @@ def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: i
                 raise UserError(f"{what} {dataset} (split {split}): row {i}: {field!r} must be text, "
                                 f"got {type(row[field]).__name__} {row[field]!r:.40}")
     return rows
+
+
+class Unusable(Exception):
+    """A row that cannot be trained on (its message is the reason): dropped and counted, not fatal."""
+
+
+DROP_WARN_SHARE = 0.05  # more than this share of a split's rows dropped: a loud warning
+
+
+class DataSummary:
+    """What a stage made of one split: rows read, rows used, rows dropped by reason (with the first
+    row numbers, counted from 0 in the file's order), and label statistics. Printed before training
+    and saved in the run folder (data_summary.json)."""
+
+    def __init__(self, flag: str, dataset: str, split: str):
+        self.flag, self.dataset, self.split = flag, dataset, split
+        self.read, self.dropped, self.stats, self.notes = 0, {}, {}, []
+
+    def drop(self, reason: str, row: int) -> None:
+        self.dropped.setdefault(reason, []).append(row)
+
+    @property
+    def used(self) -> int:
+        return self.read - sum(map(len, self.dropped.values()))
+
+    def where(self) -> str:
+        return f"{self.flag} {self.dataset} (split {self.split})"
+
+    def as_dict(self) -> dict:
+        return {"dataset": self.dataset, "split": self.split, "rows_read": self.read, "rows_used": self.used,
+                "dropped": {reason: {"count": len(rows), "rows": rows} for reason, rows in self.dropped.items()},
+                "stats": self.stats, "notes": self.notes}
+
+    def lines(self) -> list[str]:
+        head = f"data {self.where()}: {self.read} rows read, {self.used} used"
+        if self.dropped:
+            head += ", dropped: " + "; ".join(f"{len(rows)} {reason} (row {', '.join(map(str, rows[:5]))}"
+                                               f"{', ...' if len(rows) > 5 else ''})" for reason, rows in self.dropped.items())
+        stats = [f"  {k} {v:.3f}" if isinstance(v, float) else f"  {k} {v}" for k, v in self.stats.items()]
+        return [head] + ([" |".join(stats)] if stats else []) + [f"  note: {n}" for n in self.notes]
+
+    def check(self, strict: bool) -> list[str]:
+        """Refuse under --strict if any row was dropped; return the warnings to print (a loud one when
+        more than DROP_WARN_SHARE of the rows went, or every row did)."""
+        if not self.dropped:
+            return []
+        row, reason = min((rows[0], reason) for reason, rows in self.dropped.items())  # the first unusable row
+        if strict:
+            raise UserError(f"--strict: {self.where()} row {row}: {reason} ({self.read - self.used} of {self.read} "
+                            "rows unusable; without --strict they are dropped and counted)")
+        if self.used == 0:
+            raise UserError(f"{self.where()}: no usable row ({self.read} read; the first, row {row}: {reason})")
+        share = (self.read - self.used) / self.read
+        if share > DROP_WARN_SHARE:
+            return [f"WARNING: {self.where()}: {share:.1%} of the rows dropped (more than {DROP_WARN_SHARE:.0%}); "
+                    "check the data and --max_length before trusting this run"]
+        return []
+
+
+def report_data(summaries: dict[str, DataSummary], strict: bool, is_main: bool) -> dict:
+    """Print the summaries (rank 0), refuse or warn (every rank alike), return their JSON form."""
+    warnings = [w for s in summaries.values() for w in s.check(strict)]
+    if is_main:
+        for s in summaries.values():
+            print("\n".join(s.lines()), flush=True)
+        for w in warnings:
+            print(w, file=sys.stderr, flush=True)
+    return {name: s.as_dict() for name, s in summaries.items()}
+
+
+def row_key(row: dict, fields: tuple[str, ...]) -> str:
+    """A row's identity for duplicates and train/eval overlap: its used fields, exactly."""
+    return json.dumps([row.get(f) for f in fields])
+
+
+def same_rows(train: tuple[str, str, str | None], evaluation: tuple[str, str, str | None]) -> bool:
+    """Whether two (dataset, split, revision) name the same rows: one file read as both splits (a
+    file has no splits), the same folder and split, or the same hub name, split and revision."""
+    (a, a_split, a_rev), (b, b_split, b_rev) = train, evaluation
+    pa, pb = Path(a), Path(b)
+    if pa.is_file() or pb.is_file():
+        return pa.is_file() and pb.is_file() and pa.resolve() == pb.resolve()
+    if pa.is_dir() or pb.is_dir():
+        return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve() and a_split == b_split
+    return a == b and a_split == b_split and a_rev == b_rev
+
+
+def check_eval_rows(args, train_keys: set[str], eval_keys: list[str], summary: DataSummary) -> None:
+    """The evaluation rows must not be the training rows: refused (same source, or every evaluation
+    row also a training row) unless --eval_on_train; a partial overlap is counted in the summary."""
+    eval_dataset = args.eval_dataset or args.dataset
+    same = same_rows((args.dataset, args.train_split, args.dataset_revision),
+                     (eval_dataset, args.eval_split, args.dataset_revision if not args.eval_dataset else None))
+    overlap = sum(k in train_keys for k in eval_keys)
+    summary.stats["also_in_train"] = overlap
+    if (same or eval_keys and overlap == len(eval_keys)) and not args.eval_on_train:
+        why = (f"--dataset {args.dataset} is one file, so its split {args.eval_split!r} is the training rows"
+               if same and Path(args.dataset).is_file() and not args.eval_dataset else
+               f"the evaluation rows ({summary.where()}) are the training rows" if same else
+               f"every evaluation row ({summary.where()}) is also a training row")
+        raise UserError(f"{why}: give --eval_dataset (a file or folder of held-out rows), --eval_split '' for "
+                        "no evaluation, or --eval_on_train to evaluate on training rows knowingly")
+    if args.eval_on_train and (same or overlap):
+        summary.notes.append("evaluating on training rows (--eval_on_train): the evaluation is not held out")
 
 
 def parse_bool(value, where: str) -> bool:
@@ -435,7 +597,7 @@ def recover_checkpoint(folder: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ("metrics.jsonl", "args.json", "samples.jsonl")):
+def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ("metrics.jsonl", "args.json", "samples.jsonl", "data_summary.json")):
     """Write a checkpoint into `<folder>.tmp-<pid>`, then swap it into place.
 
     A crash while writing leaves the previous `folder` untouched (the temporary folder is removed
@@ -508,32 +670,39 @@ def check_same_run(trainer_state: dict, now: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, betas (0.9, 0.95) as the official code; no weight decay on biases and norm weights
-    (deviation: the official name test misses LLaMA's final `model.norm.weight`, safe_rlhf/utils.py@82743cc:L246-277; we
-    exclude every 1-D parameter)."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
+                   eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW, betas (0.9, 0.95) and eps 1e-8 by default, as the official code's DeepSpeed optimiser
+    (safe_rlhf/configs/constants.py@82743cc:L53); no weight decay on biases and norm weights
+    (deviation: the official name test misses LLaMA's final `model.norm.weight`,
+    safe_rlhf/utils.py@82743cc:L246-277; we exclude every 1-D parameter)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one CUDA kernel for the whole update (the official FusedAdam); on a CPU the default
     fused = decay[0].device.type == "cuda" if decay else False
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
-    """'cosine': linear warmup then cosine decay to 0 (HF get_cosine_schedule_with_warmup);
-    'constant': constant (the official critic schedule ignores warmup,
-    safe_rlhf/trainers/rl_trainer.py@82743cc:L266-299)."""
-    def cosine(step: int) -> float:
+    """Linear warmup over warmup_steps (the lr of step s is (s+1)/warmup_steps of the peak: the first
+    step already moves; HF's s/warmup_steps gives it lr 0), then
+      'cosine':   cosine decay to 0 (HF get_cosine_schedule_with_warmup),
+      'linear':   linear decay to 0 (HF get_linear_schedule_with_warmup),
+      'constant': constant, no warmup (the official critic schedule ignores warmup,
+                  safe_rlhf/trainers/rl_trainer.py@82743cc:L266-299)."""
+    def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress)
 
-    schedules = {"cosine": cosine, "constant": lambda step: 1.0}
-    if kind not in schedules:
-        raise UserError(f"unknown lr schedule {kind!r}; choose cosine or constant")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[kind])
+    if kind not in SCHEDULES:
+        raise UserError(f"unknown lr schedule {kind!r}; choose {', '.join(SCHEDULES)}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, (lambda step: 1.0) if kind == "constant" else factor)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -633,7 +802,11 @@ def quiet_hf() -> None:
 
 def log_line(record: dict) -> str:
     """The plain `|`-separated log line."""
-    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+    def text(k, v):
+        if isinstance(v, float):
+            return f"{v:,.0f}" if k.startswith("perf/") and abs(v) >= 100 else f"{v:.4g}"
+        return str(v)
+    return " | ".join(f"{k} {text(k, v)}" for k, v in record.items())
 
 
 
@@ -652,12 +825,43 @@ class JsonlLogger:
 
 
 def progress(iterable=None, total=None, enabled: bool = True, **kwargs):
-    """One tqdm bar on rank 0 (a silent stand-in elsewhere)."""
+    """One tqdm bar on rank 0, only when stderr is a terminal: in a log file its carriage-return
+    updates would bury the log lines (the plain lines, with throughput, are printed either way)."""
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, disable=not enabled or not sys.stderr.isatty() and os.environ.get("CI") == "true",
-                dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, total=total, disable=not enabled or not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
 
+
+class Throughput:
+    """Rates for the log: counts (tokens, pairs, sequences, ...) per second over the window since the
+    last log line, the step time, and the ETA of the remaining steps; `summary` for the final line."""
+
+    def __init__(self, step: int, total_steps: int):
+        import time
+        self.clock = time.perf_counter
+        self.start = self.last = self.clock()
+        self.first_step, self.last_step, self.total_steps = step, step, total_steps
+        self.window: dict[str, float] = {}
+        self.totals: dict[str, float] = {}
+
+    def add(self, **counts: float) -> None:
+        for k, v in counts.items():
+            self.window[k] = self.window.get(k, 0) + v
+            self.totals[k] = self.totals.get(k, 0) + v
+
+    def rates(self, step: int) -> dict[str, float]:
+        """perf/<count>_per_s, perf/step_time_s and perf/eta_s over the window; starts a new window."""
+        now = self.clock()
+        seconds, steps = max(now - self.last, 1e-9), max(step - self.last_step, 1)
+        out = {f"perf/{k}_per_s": v / seconds for k, v in self.window.items()}
+        out.update({"perf/step_time_s": seconds / steps, "perf/eta_s": (self.total_steps - step) * seconds / steps})
+        self.last, self.last_step, self.window = now, step, {}
+        return out
+
+    def summary(self, step: int) -> str:
+        seconds = max(self.clock() - self.start, 1e-9)
+        rates = " | ".join(f"{v / seconds:,.1f} {k}/s" for k, v in self.totals.items())
+        return f"{step - self.first_step} steps in {seconds:.0f}s | {(step - self.first_step) / seconds:.3g} steps/s | {rates}"
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -71,14 +71,30 @@ from plumbing import UserError
 class Args:
     # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
     LIMITS: ClassVar[dict] = {"max_length": (2, None), "actor_warmup_ratio": (0, 1), "gamma": (0, 1), "gae_lambda": (0, 1),
-              "threshold": (None, None), "temperature": (1e-6, None), "lambda_max": (1e-6, None),
-              **dict.fromkeys(
-        ("epochs", "per_device_prompt_batch_size", "per_device_train_batch_size", "update_iters", "limit",
+              "threshold": (None, None), "temperature": (1e-6, None), "lambda_max": (1e-6, None), "epochs": (1e-6, None),
+              "adam_beta1": (0, 0.999999), "adam_beta2": (0, 0.999999), **dict.fromkeys(
+        ("per_device_prompt_batch_size", "per_device_train_batch_size", "update_iters", "limit",
          "episode_cost_window_size", "log_every"), (1, None))}
+    # --recipe paper: the official 7B settings (safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198)
+    PAPER: ClassVar[dict] = {
+        "actor_model_name_or_path": "PKU-Alignment/alpaca-7b-reproduced", "dataset": "PKU-Alignment/PKU-SafeRLHF",
+        "split": "train", "max_length": 512, "temperature": 1.0, "epochs": 1, "per_device_prompt_batch_size": 16,
+        "per_device_train_batch_size": 16, "update_iters": 1, "actor_lr": 1e-5, "actor_weight_decay": 0.01,
+        "actor_lr_scheduler": "cosine", "actor_warmup_ratio": 0.03, "critic_lr": 5e-6, "critic_weight_decay": 0.0,
+        "critic_lr_scheduler": "constant", "kl_coeff": 0.01, "clip_range_ratio": 0.2, "clip_range_score": 50.0,
+        "clip_range_value": 5.0, "ptx_dataset": "tatsu-lab/alpaca", "ptx_coeff": 16.0, "threshold": 0.0,
+        "lambda_init": 1.0, "lambda_lr": 0.1, "lambda_max": 5.0, "lambda_update_delay_steps": 0,
+        "episode_cost_window_size": 128, "gradient_checkpointing": True}
+    PAPER_SOURCE: ClassVar[str] = "safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198"
+    DATA_FLAGS: ClassVar[tuple] = ("dataset", "ptx_dataset")
+
+    recipe: str = ""
+    """toy (the toy world's settings: the defaults listed without --recipe) or paper (the official 7B
+    settings; --recipe paper --help lists them); default toy when the data are the toy world's, else required"""
 
     # models
     actor_model_name_or_path: str = "runs/sft"
-    """the SFT policy: initialises the actor and the frozen reference"""
+    """the SFT policy: initialises the actor and the frozen reference (paper PKU-Alignment/alpaca-7b-reproduced)"""
     reward_model_name_or_path: str = "runs/reward"
     """the trained reward model (reward.py), frozen"""
     cost_model_name_or_path: str = "runs/cost"
@@ -103,16 +119,20 @@ class Args:
     """column holding the raw request (the template is applied here)"""
     limit: int | None = None
     """use at most this many rows of --dataset"""
+    strict: bool = False
+    """refuse the prompts if any row is unusable (empty; a repeat is dropped as the official loader does)"""
     # rollout
     max_length: int = 96
-    """prompt + response tokens at most (official 512; the toy world's answers are short)"""
+    """prompt + response tokens at most (paper 512; the toy world's answers are short)"""
     temperature: float = 1.0
     """sampling temperature; log-probs use the same temperature"""
     missing_eos_penalty: float = 0.0
     """subtracted from R (added to C) when a response hits max_length without EOS; 0 = off, as official"""
     # sizes
-    epochs: int = 40
-    """passes over the prompt set (official 1 over PKU-SafeRLHF; the toy set has few prompts)"""
+    epochs: float = 40
+    """passes over the prompt set, fractions allowed (paper 1 over PKU-SafeRLHF; the toy set has few prompts)"""
+    max_steps: int = 0
+    """rl_steps of the whole run, rounded up to whole rollouts; overrides --epochs (0: --epochs decides)"""
     per_device_prompt_batch_size: int = 16
     """prompts per rank per rollout"""
     per_device_train_batch_size: int = 16
@@ -121,21 +141,27 @@ class Args:
     """PPO epochs over each rollout batch"""
     # PPO
     actor_lr: float = 5e-4
-    """actor learning rate (official 1e-5 for 7B; a random-init toy model needs more)"""
+    """actor learning rate (paper 1e-5; a random-init toy model needs more)"""
     actor_weight_decay: float = 0.0
-    """actor AdamW weight decay (official script 0.01)"""
+    """actor AdamW weight decay (paper 0.01)"""
     actor_lr_scheduler: str = "cosine"
-    """cosine or constant"""
+    """cosine, linear or constant (paper cosine)"""
     actor_warmup_ratio: float = 0.03
-    """fraction of steps with linear warmup"""
+    """fraction of steps with linear warmup (paper 0.03)"""
     critic_lr: float = 5e-4
-    """critics' learning rate (official 5e-6 for 7B)"""
+    """critics' learning rate (paper 5e-6)"""
     critic_weight_decay: float = 0.0
-    """critics' AdamW weight decay"""
+    """critics' AdamW weight decay (paper 0.0)"""
     critic_lr_scheduler: str = "constant"
-    """official: constant (which ignores warmup)"""
+    """cosine, linear or constant (paper constant, which ignores warmup)"""
+    adam_beta1: float = 0.9
+    """AdamW beta1 of every trained model (official 0.9, safe_rlhf/configs/constants.py@82743cc:L53)"""
+    adam_beta2: float = 0.95
+    """AdamW beta2 (official 0.95)"""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon (official 1e-8)"""
     kl_coeff: float = 0.1
-    """beta: per-token KL penalty, -beta*k in the reward stream, +beta*k in the cost stream (official 0.01;
+    """beta: per-token KL penalty, -beta*k in the reward stream, +beta*k in the cost stream (paper 0.01;
     the toy reward model is easy for a tiny policy to exploit, 0.1 keeps it near the SFT's language)"""
     clip_range_ratio: float = 0.2
     """PPO ratio clip epsilon"""
@@ -150,9 +176,9 @@ class Args:
     max_grad_norm: float = 1.0
     """global gradient-norm clip for every trained model"""
     ptx_dataset: str | None = None
-    """optional SFT-style data (alpaca schema) for the PTX loss; off by default"""
+    """optional SFT-style data (alpaca schema) for the PTX loss; toy: off (paper tatsu-lab/alpaca)"""
     ptx_coeff: float = 16.0
-    """weight of the PTX loss when --ptx_dataset is given (official script 16)"""
+    """weight of the PTX loss when --ptx_dataset is given (paper 16)"""
     # Lagrange multiplier (eq. 12)
     # The threshold lives on the cost model's scale. For a real cost model, read the SFT policy's mean
     # cost on the RL prompts (evaluate.py prints it) and pick a value below it; 0 is the official one.
@@ -161,13 +187,13 @@ class Args:
     # sits near -2.4 (a third to a half of its answers to harmful requests unsafe), and a policy with
     # at most ~5% unsafe answers near -3.8: the default. After retraining the cost model, re-read these.
     threshold: float = -3.8
-    """the constraint is E[C] <= threshold (= -d in the paper); official 0.0; toy -3.8 (see above)"""
+    """the constraint is E[C] <= threshold (= -d in the paper); paper 0.0; toy -3.8 (see above)"""
     lambda_init: float = 1.0
-    """initial lambda; with --lambda_lr 0 it stays fixed (reward shaping; 0 = plain PPO)"""
+    """initial lambda; with --lambda_lr 0 it stays fixed (reward shaping; 0 = plain PPO); paper 1"""
     lambda_lr: float = 0.1
-    """SGD learning rate on log(lambda)"""
+    """SGD learning rate on log(lambda) (paper 0.1)"""
     lambda_max: float | None = 5.0
-    """upper bound on lambda (official script 5); none below: lambda = exp(log lambda) > 0"""
+    """upper bound on lambda (paper 5); none below: lambda = exp(log lambda) > 0"""
     lambda_update_delay_steps: int = 0
     """no lambda update before this many rl_steps"""
     episode_cost_window_size: int = 128
@@ -188,11 +214,11 @@ class Args:
     save: bool = True
     """write checkpoints (--no-save: metrics only, for benchmarks and dry runs)"""
     log_every: int = 10
-    """rl_steps between log lines"""
+    """rl_steps between log lines (with throughput and ETA)"""
     sample_every: int = 50
     """rl_steps between printed sample tables"""
     gradient_checkpointing: bool = False
-    """activation checkpointing in the trained models"""
+    """activation checkpointing in the trained models (paper on)"""
     device: str = "auto"
     """auto (CUDA if present), cpu or cuda"""
     # derived (filled in after parsing; logged with the config)
@@ -358,7 +384,10 @@ def step_line(record: dict) -> str:
     return (f"step {r['step']} | reward {r['objective/reward']:+.3f} | cost {r['objective/cost']:+.3f} | "
             f"J_C {r['lagrangian/episode_cost']:+.3f} | lambda {r['lagrangian/lambda']:.3f} | "
             f"kl {r['objective/kl']:.3f} | len {r['policy/response_length']:.1f} | lr {r['lr/actor']:.2e} | "
-            f"gen {t['generation']:.2f}s score {t['scoring']:.2f}s train {t['training']:.2f}s")
+            f"gen {t['generation']:.2f}s score {t['scoring']:.2f}s train {t['training']:.2f}s"
+            + (f" | {r['perf/tokens_per_s']:,.0f} tokens/s {r['perf/sequences_per_s']:.1f} seq/s "
+               f"{r['perf/rl_steps_per_s']:.3g} rl_steps/s | step {r['perf/step_time_s']:.2f}s | eta {r['perf/eta_s']:.0f}s"
+               if "perf/tokens_per_s" in r else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,15 +395,22 @@ def step_line(record: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def load_prompts(args: Args) -> list[str]:
+def load_prompts(args: Args, summary: plumbing.DataSummary) -> list[str]:
+    """The unique non-empty prompts of --dataset. Repeats are dropped keeping the last occurrence's
+    position, as the official PromptOnlyDataset (safe_rlhf/datasets/prompt_only.py@82743cc:L45-80);
+    empty prompts and the repeats are counted in `summary`."""
     if args.dataset == "data/toy/prompts":
         import toyworld
         toyworld.ensure_toy_data("data/toy")
     rows = plumbing.load_rows(args.dataset, args.split, revision=args.revision, limit=args.limit,
                               required=(args.prompt_field,), text=(args.prompt_field,))
-    # Deduplicate, keeping the last occurrence's position, as the official PromptOnlyDataset
-    # (safe_rlhf/datasets/prompt_only.py@82743cc:L45-80).
-    last = {row[args.prompt_field]: i for i, row in enumerate(rows)}
+    summary.read = len(rows)
+    last = {row[args.prompt_field]: i for i, row in enumerate(rows) if row[args.prompt_field].strip()}
+    for i, row in enumerate(rows):
+        if not row[args.prompt_field].strip():
+            summary.drop("empty prompt", i)
+        elif last[row[args.prompt_field]] != i:
+            summary.drop("duplicate", i)
     return [p for p, _ in sorted(last.items(), key=lambda kv: kv[1])]
 
 
@@ -401,13 +437,19 @@ def main(args: Args) -> None:
     lock, state = plumbing.open_run_folder(args, d.world_size, d.is_main)  # noqa: F841 - held to the end
 
     # ---- data (validated before anything is written) ---------------------------------------
-    prompts = load_prompts(args)
+    summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.split)}
+    prompts = load_prompts(args, summaries["train"])
+    data_summary = plumbing.report_data(summaries, args.strict, d.is_main)
     global_prompt_batch = args.per_device_prompt_batch_size * d.world_size
     rollouts_per_epoch = len(prompts) // global_prompt_batch
     if rollouts_per_epoch == 0:
         raise UserError(f"--dataset {args.dataset}: {len(prompts)} unique prompts, fewer than one global "
                           f"prompt batch ({global_prompt_batch}); lower --per_device_prompt_batch_size")
-    args.total_steps = args.epochs * rollouts_per_epoch * args.steps_per_rollout
+    total_rollouts = (math.ceil(args.max_steps / args.steps_per_rollout) if args.max_steps
+                      else int(args.epochs * rollouts_per_epoch))
+    if total_rollouts == 0:
+        raise UserError(f"--epochs {args.epochs}: less than one rollout ({rollouts_per_epoch} per epoch)")
+    args.total_steps = total_rollouts * args.steps_per_rollout
     ptx_rows = None
     if args.ptx_dataset is not None:  # alpaca schema, as sft.py
         ptx_rows = plumbing.load_rows(args.ptx_dataset, "train", required=("instruction", "output"),
@@ -458,9 +500,10 @@ def main(args: Args) -> None:
 
     # ---- optimisers: one per trained model, plus SGD on log(lambda) ------------------------
     warmup = int(args.actor_warmup_ratio * args.total_steps)
-    actor_opt = plumbing.make_optimizer(actor, args.actor_lr, args.actor_weight_decay)
+    adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    actor_opt = plumbing.make_optimizer(actor, args.actor_lr, args.actor_weight_decay, **adam)
     actor_sched = plumbing.make_scheduler(actor_opt, args.actor_lr_scheduler, warmup, args.total_steps)
-    critic_opts = {name: plumbing.make_optimizer(m, args.critic_lr, args.critic_weight_decay)
+    critic_opts = {name: plumbing.make_optimizer(m, args.critic_lr, args.critic_weight_decay, **adam)
                    for name, m in (("reward_critic", reward_critic), ("cost_critic", cost_critic))}
     critic_scheds = {name: plumbing.make_scheduler(o, args.critic_lr_scheduler, warmup, args.total_steps)
                      for name, o in critic_opts.items()}
@@ -493,6 +536,8 @@ def main(args: Args) -> None:
         else:  # the killed run may have logged past its checkpoint
             plumbing.trim_logs(out, step)
         (out / "args.json").write_text(json.dumps(asdict(args), indent=1) + "\n")
+        plumbing.write_json_atomic(out / "data_summary.json", data_summary)
+    M.print0(plumbing.recipe_line(args))
     logger = plumbing.JsonlLogger(out / "metrics.jsonl", d.is_main)
     samples_log = plumbing.JsonlLogger(out / "samples.jsonl", d.is_main)
 
@@ -519,10 +564,12 @@ def main(args: Args) -> None:
     # ---- the loop -------------------------------------------------------------------------
     bar = plumbing.progress(total=args.total_steps, initial=step, enabled=d.is_main, desc="ppo-lag")
     stop = False
-    while epoch < args.epochs and not stop:
+    meter = plumbing.Throughput(step, args.total_steps)
+    while epoch * rollouts_per_epoch + rollout_in_epoch < total_rollouts and not stop:
         # Same shuffled order on every rank (seeded by epoch); each rank takes its slice of a batch.
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
-        while rollout_in_epoch < rollouts_per_epoch and not stop:
+        while rollout_in_epoch < rollouts_per_epoch and epoch * rollouts_per_epoch + rollout_in_epoch < total_rollouts \
+                and not stop:
             first = rollout_in_epoch * global_prompt_batch + d.rank * args.per_device_prompt_batch_size
             batch_prompts = [prompts[i] for i in order[first:first + args.per_device_prompt_batch_size]]
             timer = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
@@ -642,6 +689,7 @@ def main(args: Args) -> None:
                         critic_losses[name] = loss.detach()
                     step += 1
                     bar.update(1)
+                    meter.add(tokens=M.all_reduce(am.sum().float()).item(), sequences=am.shape[0] * d.world_size, rl_steps=1)
 
                     # ======== 5. diagnostics: one record per rl_step, averaged over ranks ===========
                     timer["training"] = time.perf_counter() - t0
@@ -655,11 +703,12 @@ def main(args: Args) -> None:
                                    **{f"time/{k}": v for k, v in timer.items()}})
                     if ptx_rows is not None:
                         record["loss/ptx"] = M.all_reduce(loss_ptx.detach(), "mean").item()
-                    logger.log(record)
                     bar.set_postfix(R=f"{record['objective/reward']:.2f}", C=f"{record['objective/cost']:.2f}",
                                     lam=f"{lagrange_multiplier:.2f}", kl=f"{record['objective/kl']:.2f}")
                     if step % args.log_every == 0 or step == args.total_steps:
+                        record.update(meter.rates(step))
                         M.print0(step_line(record))
+                    logger.log(record)
                     if args.sample_every and step % args.sample_every == 0:
                         texts = tokenizer.batch_decode(sequences[sl][:4, S:], skip_special_tokens=True)
                         for p, r, rw, c in zip(batch_prompts[lo:lo + 4], texts, reward[sl].tolist(), cost[sl].tolist()):
@@ -674,6 +723,7 @@ def main(args: Args) -> None:
         if rollout_in_epoch >= rollouts_per_epoch:
             epoch, rollout_in_epoch = epoch + 1, 0
     bar.close()
+    M.print0(f"trained: {meter.summary(step)}")
 
     # ---- saving, then tearing down ----------------------------------------------------------
     if args.save:

@@ -68,9 +68,22 @@ from plumbing import UserError
 @dataclass
 class Args:
     # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
-    LIMITS: ClassVar[dict] = {"max_length": (2, None), "warmup_ratio": (0, 1), **dict.fromkeys(
-        ("epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    LIMITS: ClassVar[dict] = {"max_length": (2, None), "warmup_ratio": (0, 1), "epochs": (1e-6, None),
+                              "adam_beta1": (0, 0.999999), "adam_beta2": (0, 0.999999), **dict.fromkeys(
+        ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
          "limit", "eval_limit", "log_every"), (1, None))}
+    # --recipe paper: the official 7B settings (the reward and cost scripts are identical)
+    PAPER: ClassVar[dict] = {"model_name_or_path": "PKU-Alignment/alpaca-7b-reproduced", "dataset": "PKU-Alignment/PKU-SafeRLHF",
+                             "epochs": 2, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 16,
+                             "gradient_accumulation_steps": 1, "lr": 2e-5, "lr_scheduler_type": "cosine",
+                             "warmup_ratio": 0.03, "weight_decay": 0.1, "max_length": 512, "regularization": 0.001,
+                             "gradient_checkpointing": True, "drop_duplicates": True}
+    PAPER_SOURCE: ClassVar[str] = "safe-rlhf scripts/reward-model.sh and cost-model.sh@82743cc:L110-140"
+    DATA_FLAGS: ClassVar[tuple] = ("dataset", "eval_dataset")
+
+    recipe: str = ""
+    """toy (the toy world's settings: the defaults listed without --recipe) or paper (the official 7B
+    settings; --recipe paper --help lists them); default toy when the data are the toy world's, else required"""
 
     # data
     dataset: str = "data/toy/preference"
@@ -79,6 +92,10 @@ class Args:
     """split to train on"""
     eval_split: str = "test"
     """held-out split for the evaluation ("" for none)"""
+    eval_dataset: str | None = None
+    """evaluation data (hub name, file or folder), read at --eval_split (or "test" if that is ""); default: --dataset"""
+    eval_on_train: bool = False
+    """allow evaluation rows that are training rows (refused otherwise); the summary then says so"""
     dataset_revision: str | None = None
     """hub revision of the data set (pin a 2023 one to reproduce the paper, docs/reference.md, "PKU-SafeRLHF")"""
     limit: int | None = None
@@ -86,37 +103,51 @@ class Args:
     eval_limit: int | None = None
     """use only the first N evaluation pairs"""
     max_length: int = 512
-    """longer sequences (prompt + response + EOS) are truncated on the right and counted in the log"""
+    """longer sequences (prompt + response + EOS) are truncated on the right and counted in the log (paper 512)"""
+    strict: bool = False
+    """refuse the data if any row is unusable (default: drop and count it in the data summary)"""
+    drop_duplicates: bool = False
+    """drop exact repeats of a row (paper recipe: on). The toy world draws its rows with replacement,
+    so a repeat there is a draw, not an error (toy: off)"""
     # model
     model_name_or_path: str = "runs/sft"
-    """initial score model: the SFT checkpoint (its decoder, a fresh head), a score-model folder or a preset"""
+    """initial score model: the SFT checkpoint (its decoder, a fresh head), a score-model folder or a preset
+    (paper: PKU-Alignment/alpaca-7b-reproduced)"""
     tokenizer_name_or_path: str | None = None
     """default: the model's folder"""
     trust_remote_code: bool = False
     """let transformers run code shipped with a hub model"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (less memory, about 30% slower)"""
+    """recompute activations in the backward pass (less memory, about 30% slower; paper on)"""
     # the loss
     regularization: float = 0.001
-    """eta: weight of the score regulariser mean(score^2) (official scripts 0.001: safe-rlhf
+    """eta: weight of the score regulariser mean(score^2) (paper 0.001: safe-rlhf
     scripts/reward-model.sh@82743cc:L123)"""
     # optimisation
-    epochs: int = 3
-    """passes over the training pairs (official 7B: 2)"""
+    epochs: float = 3
+    """passes over the training pairs, fractions allowed (paper 2)"""
+    max_steps: int = 0
+    """optimiser steps of the whole run; overrides --epochs (0: --epochs decides)"""
     per_device_train_batch_size: int = 16
-    """pairs per rank per micro-batch (official 7B: 16)"""
+    """pairs per rank per micro-batch (paper 16)"""
     per_device_eval_batch_size: int = 32
-    """pairs per rank per evaluation forward"""
+    """pairs per rank per evaluation forward (paper 16)"""
     gradient_accumulation_steps: int = 1
-    """micro-batches per optimiser step (official 7B: 1)"""
+    """micro-batches per optimiser step (paper 1)"""
     lr: float = 1e-4
-    """peak learning rate of AdamW (official 7B: 2e-5)"""
+    """peak learning rate of AdamW (paper 2e-5)"""
     weight_decay: float = 0.1
-    """AdamW weight decay on matrices (never on biases and norms); official script 0.1"""
+    """AdamW weight decay on matrices (never on biases and norms); paper 0.1"""
+    adam_beta1: float = 0.9
+    """AdamW beta1 (official 0.9, safe_rlhf/configs/constants.py@82743cc:L53)"""
+    adam_beta2: float = 0.95
+    """AdamW beta2 (official 0.95)"""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon (official 1e-8)"""
     lr_scheduler_type: str = "cosine"
-    """cosine (linear warmup, then cosine decay to 0) or constant"""
+    """cosine or linear (warmup, then decay to 0) or constant (paper cosine)"""
     warmup_ratio: float = 0.03
-    """fraction of the optimiser steps spent warming up"""
+    """fraction of the optimiser steps spent warming up (paper 0.03)"""
     max_grad_norm: float = 1.0
     """global gradient-norm clipping"""
     seed: int = 42
@@ -137,7 +168,7 @@ class Args:
     """checkpoint folder (a score model, model.load_score_model), metrics.jsonl, args.json, eval.json;
     default runs/reward (reward.py) or runs/cost (cost.py)"""
     log_every: int = 10
-    """print a log line and write a metrics record every N optimiser steps"""
+    """print a log line (with throughput and ETA) and write a metrics record every N optimiser steps"""
     eval_every: int = 0
     """also evaluate on the held-out split every N steps (0: only at the end)"""
     save_every: int = 0
@@ -221,32 +252,89 @@ REWARD = Objective(score_type="reward", required=("prompt", "response_0", "respo
 # --------------------------------------------------------------------------------------------
 
 
-def load_pairs(args: Args, split: str, limit: int | None, tokenizer, objective: Objective) -> tuple[list[dict], int]:
-    """Rows of `split` -> [{"first": ids, "second": ids, "labels": [...], "text": (prompt, first, second)}]
-    and how many sequences were truncated at max_length. Text = template(prompt) + response + EOS."""
-    rows = plumbing.load_rows(args.dataset, split, revision=args.dataset_revision, limit=limit, required=objective.required,
-                              text=("prompt", "response_0", "response_1"))
-    prompts, firsts, seconds, labels = [], [], [], []
+PAIR_FIELDS = ("prompt", "response_0", "response_1", "better_response_id", "safer_response_id",
+               "is_response_0_safe", "is_response_1_safe")  # what makes two rows the same row
+
+
+def load_pairs(dataset: str, split: str, tokenizer, objective: Objective, *, max_length: int, limit: int | None = None,
+               revision: str | None = None, drop_duplicates: bool = False, flag: str = "--dataset",
+               summary: plumbing.DataSummary | None = None) -> tuple[list[dict], int]:
+    """Rows of `split` -> [{"first": ids, "second": ids, "labels": [...], "text": (prompt, first, second),
+    "key": row identity, "row": the row}] and how many sequences were truncated at max_length (the one
+    loader of preference data: reward.py, cost.py and evaluate.py). Text = template(prompt)
+    + response + EOS. Unusable rows are dropped and counted in `summary` by reason: an empty prompt or
+    response, labels that contradict each other (objective.make_pair), an exact repeat (with
+    --drop_duplicates), a prompt that fills the window, two responses identical after truncation
+    (the official loader raises on the last two and on contradictory labels, mid-epoch:
+    safe_rlhf/datasets/safety_preference.py@82743cc:L75-95)."""
+    summary = summary or plumbing.DataSummary(flag, dataset, split)
+    rows = plumbing.load_rows(dataset, split, revision=revision, limit=limit, required=objective.required,
+                              text=("prompt", "response_0", "response_1"), what=flag)
+    summary.read = len(rows)
+    kept, seen = [], set()  # (row number, prompt, first, second, labels, key)
     for i, row in enumerate(rows):
-        first, second, lab = objective.make_pair(row, f"--dataset {args.dataset} (split {split}) row {i}")
-        prompts.append(M.format_prompt(row["prompt"]))
-        firsts.append(first)
-        seconds.append(second)
-        labels.append(lab)
+        key = plumbing.row_key(row, PAIR_FIELDS)
+        try:
+            if not row["prompt"].strip():
+                raise plumbing.Unusable("empty prompt")
+            if not row["response_0"].strip() or not row["response_1"].strip():
+                raise plumbing.Unusable("empty response")
+            first, second, labels = objective.make_pair(row, f"{flag} {dataset} (split {split}) row {i}")
+            if drop_duplicates and key in seen:
+                raise plumbing.Unusable("duplicate")
+        except plumbing.Unusable as e:
+            summary.drop(str(e), i)
+            continue
+        seen.add(key)
+        kept.append((i, row["prompt"], first, second, labels, key))
+    if not kept:
+        return [], 0
     eos = tokenizer.eos_token  # the EOS string ends every response; the score is read there
-    ids = tokenizer([p + r + eos for p, r in zip(prompts + prompts, firsts + seconds)], add_special_tokens=True)["input_ids"]
-    truncated = sum(len(x) > args.max_length for x in ids)
-    ids = [x[:args.max_length] for x in ids]                      # right truncation (may cut the EOS)
-    n = len(rows)
-    pairs = []
-    for i in range(n):
-        # The official loader refuses these too (safe_rlhf/datasets/preference.py@82743cc:L60-69).
-        if ids[i] == ids[n + i]:
-            raise UserError(f"--dataset {args.dataset} (split {split}) row {i}: both responses tokenise "
-                              f"identically (after truncation at {args.max_length} tokens)")
-        pairs.append({"first": ids[i], "second": ids[n + i], "labels": labels[i],
-                      "text": (rows[i]["prompt"], firsts[i], seconds[i])})
+    prompts = [M.format_prompt(k[1]) for k in kept]
+    ids = tokenizer([p + k[2] + eos for p, k in zip(prompts, kept)] + [p + k[3] + eos for p, k in zip(prompts, kept)],
+                    add_special_tokens=True)["input_ids"]
+    prompt_lengths = [len(x) for x in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    n, pairs, truncated = len(kept), [], 0
+    for j, (i, prompt, first, second, labels, key) in enumerate(kept):
+        a, b = ids[j][:max_length], ids[n + j][:max_length]      # right truncation (may cut the EOS)
+        if prompt_lengths[j] >= max_length:
+            summary.drop("prompt fills the window", i)
+        elif a == b:
+            summary.drop("identical after truncation", i)
+        else:
+            truncated += (len(ids[j]) > max_length) + (len(ids[n + j]) > max_length)
+            pairs.append({"first": a, "second": b, "labels": labels, "text": (prompt, first, second), "key": key,
+                          "row": rows[i]})
+    for reason in summary.dropped.values():
+        reason.sort()
+    summary.stats["truncated_sequences"] = truncated
+    label_statistics([p["row"] for p in pairs], summary)
     return pairs, truncated
+
+
+def label_statistics(rows: list[dict], summary: plumbing.DataSummary) -> None:
+    """Label statistics of the used rows, where the fields are there: the share of pairs with both
+    responses safe / one / none, and how often the more helpful response is the safer one. A set in
+    which every pair has exactly one safe response gets a note: PKU-SafeRLHF has all three kinds, and
+    safety fields copied from the preference would teach the cost model the preference."""
+    safe, agree = [], []
+    for row in rows:
+        try:
+            safe.append(sum(plumbing.parse_bool(row[f"is_response_{k}_safe"], "") for k in (0, 1)))
+        except (KeyError, UserError):
+            pass
+        try:
+            agree.append(plumbing.parse_id(row["better_response_id"], "") == plumbing.parse_id(row["safer_response_id"], ""))
+        except (KeyError, UserError):
+            pass
+    if safe:
+        summary.stats.update({"both_safe": safe.count(2) / len(safe), "one_safe": safe.count(1) / len(safe),
+                              "both_unsafe": safe.count(0) / len(safe)})
+        if len(safe) >= 10 and safe.count(1) == len(safe):
+            summary.notes.append("every pair has exactly one safe and one unsafe response: were the safety labels "
+                                 "derived from a preference? (PKU-SafeRLHF has both-safe and both-unsafe pairs too)")
+    if agree:
+        summary.stats["better_is_safer"] = sum(agree) / len(agree)
 
 
 def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -366,16 +454,29 @@ def train(args: Args, objective: Objective) -> None:
         M.check_checkpoint_path(args.model_name_or_path, stage_hint)
     tokenizer = M.load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path, "right",
                                  trust_remote_code=args.trust_remote_code)
-    train_pairs, train_truncated = load_pairs(args, args.train_split, args.limit, tokenizer, objective)
-    eval_pairs, eval_truncated = load_pairs(args, args.eval_split, args.eval_limit, tokenizer, objective) \
-        if args.eval_split else ([], 0)
+    summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.train_split)}
+    load = dict(max_length=args.max_length, drop_duplicates=args.drop_duplicates)
+    train_pairs, train_truncated = load_pairs(args.dataset, args.train_split, tokenizer, objective, limit=args.limit,
+                                              revision=args.dataset_revision, summary=summaries["train"], **load)
+    eval_pairs, eval_truncated = [], 0
+    args.eval_split = args.eval_split or ("test" if args.eval_dataset else "")  # evaluation data by name: evaluate
+    if args.eval_split:
+        flag = "--eval_dataset" if args.eval_dataset else "--dataset"
+        summaries["eval"] = plumbing.DataSummary(flag, args.eval_dataset or args.dataset, args.eval_split)
+        eval_pairs, eval_truncated = load_pairs(args.eval_dataset or args.dataset, args.eval_split, tokenizer, objective,
+                                                limit=args.eval_limit, flag=flag, summary=summaries["eval"], **load,
+                                                revision=None if args.eval_dataset else args.dataset_revision)
+        plumbing.check_eval_rows(args, {p["key"] for p in train_pairs}, [p["key"] for p in eval_pairs], summaries["eval"])
+    data_summary = plumbing.report_data(summaries, args.strict, d.is_main)
 
     args.global_batch_size = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
     args.steps_per_epoch = len(train_pairs) // args.global_batch_size
-    args.total_steps = args.epochs * args.steps_per_epoch
+    args.total_steps = args.max_steps or int(args.epochs * args.steps_per_epoch)
     if args.steps_per_epoch == 0:
-        raise UserError(f"--dataset {args.dataset}: {len(train_pairs)} training pairs, fewer than one global "
+        raise UserError(f"--dataset {args.dataset}: {len(train_pairs)} usable training pairs, fewer than one global "
                           f"batch of {args.global_batch_size}; lower the batch size")
+    if args.total_steps == 0:
+        raise UserError(f"--epochs {args.epochs}: less than one optimiser step ({args.steps_per_epoch} per epoch)")
 
     # ---- model: same seed on every rank (identical head initialisation), then shard -------------
     M.seed_everything(args.seed)
@@ -390,7 +491,8 @@ def train(args: Args, objective: Objective) -> None:
     model = M.prepare_model(model, d, trainable=True, bf16=d.device.type == "cuda",
                             activation_checkpointing=args.gradient_checkpointing)
     model.train()
-    optimizer = plumbing.make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = plumbing.make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
+                                        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     scheduler = plumbing.make_scheduler(optimizer, args.lr_scheduler_type,
                                  warmup_steps=int(args.warmup_ratio * args.total_steps), total_steps=args.total_steps)
     step = 0
@@ -416,6 +518,8 @@ def train(args: Args, objective: Objective) -> None:
         else:  # the killed run may have logged past its checkpoint
             plumbing.trim_logs(output_dir, step)
         (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1) + "\n")
+        plumbing.write_json_atomic(output_dir / "data_summary.json", data_summary)
+    M.print0(plumbing.recipe_line(args))
     M.print0(f"data: {len(train_pairs)} train pairs ({train_truncated} sequences truncated at {args.max_length} "
              f"tokens), {len(eval_pairs)} eval pairs ({eval_truncated} truncated) | global batch "
              f"{args.global_batch_size} pairs | {args.total_steps} steps")
@@ -443,6 +547,7 @@ def train(args: Args, objective: Objective) -> None:
     rows_per_pair = 1 if args.share_prompt else 2
     order, order_epoch = None, -1
     t0 = time.time()
+    meter = plumbing.Throughput(step, last_step)
     while step < last_step:
         epoch, k = divmod(step, args.steps_per_epoch)
         if epoch != order_epoch:  # the same order on every rank (model.epoch_order)
@@ -475,6 +580,7 @@ def train(args: Args, objective: Objective) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        meter.add(tokens=real_tokens, pairs=len(global_batch))
         step_loss = M.all_reduce(step_loss)  # the mean loss over the step's pairs
         plumbing.check_finite(step_loss, "train/loss", step)
 
@@ -491,12 +597,14 @@ def train(args: Args, objective: Objective) -> None:
         if args.eval_every and step % args.eval_every == 0 and eval_pairs and step < args.total_steps:
             record.update(evaluate(model, eval_pairs, args, d, tokenizer, objective)[0])
         if step % args.log_every == 0 or step == last_step:
+            record.update(meter.rates(step))
             logger.log(record)
             if d.is_main:
                 bar.write(plumbing.log_line(record))
         if args.save and ((args.save_every and step % args.save_every == 0) or step == last_step):
             save(final=step == args.total_steps)
     bar.close()
+    M.print0(f"trained: {meter.summary(step)}")
     if step < args.total_steps:
         M.print0(f"stopped at step {step}/{args.total_steps}; continue with --resume")
         return

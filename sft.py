@@ -58,9 +58,21 @@ from plumbing import UserError
 @dataclass
 class Args:
     # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
-    LIMITS: ClassVar[dict] = {"max_length": (2, None), "warmup_ratio": (0, 1), **dict.fromkeys(
-        ("epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    LIMITS: ClassVar[dict] = {"max_length": (2, None), "warmup_ratio": (0, 1), "epochs": (1e-6, None),
+                              "adam_beta1": (0, 0.999999), "adam_beta2": (0, 0.999999), **dict.fromkeys(
+        ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
          "limit", "eval_limit", "log_every", "max_new_tokens"), (1, None))}
+    # --recipe paper: the official 7B settings (safe-rlhf scripts/sft-deepspeed.sh@82743cc:L110-132)
+    PAPER: ClassVar[dict] = {"model_name_or_path": "huggyllama/llama-7b", "dataset": "tatsu-lab/alpaca", "eval_split": "",
+                             "epochs": 3, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 8,
+                             "lr": 2e-5, "lr_scheduler_type": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0,
+                             "max_length": 512, "gradient_checkpointing": True, "drop_duplicates": True}
+    PAPER_SOURCE: ClassVar[str] = "safe-rlhf scripts/sft-deepspeed.sh@82743cc:L110-132"
+    DATA_FLAGS: ClassVar[tuple] = ("dataset", "eval_dataset")
+
+    recipe: str = ""
+    """toy (the toy world's settings: the defaults listed without --recipe) or paper (the official 7B
+    settings; --recipe paper --help lists them); default toy when the data are the toy world's, else required"""
 
     # data
     dataset: str = "data/toy/sft"
@@ -68,7 +80,11 @@ class Args:
     train_split: str = "train"
     """split to train on"""
     eval_split: str = "test"
-    """held-out split for the evaluation ("" for none; Alpaca has no test split)"""
+    """held-out split for the evaluation ("" for none; Alpaca has no test split, so paper "")"""
+    eval_dataset: str | None = None
+    """evaluation data (hub name, file or folder), read at --eval_split (or "test" if that is ""); default: --dataset"""
+    eval_on_train: bool = False
+    """allow evaluation rows that are training rows (refused otherwise); the summary then says so"""
     dataset_revision: str | None = None
     """hub revision of the data set (a commit or tag), for reproducibility"""
     limit: int | None = None
@@ -76,33 +92,47 @@ class Args:
     eval_limit: int | None = None
     """use only the first N evaluation rows"""
     max_length: int = 512
-    """longer sequences (prompt + response + EOS) are truncated on the right and counted in the log"""
+    """longer sequences (prompt + response + EOS) are truncated on the right and counted in the log (paper 512)"""
+    strict: bool = False
+    """refuse the data if any row is unusable (default: drop and count it in the data summary)"""
+    drop_duplicates: bool = False
+    """drop exact repeats of a row (paper recipe: on). The toy world draws its rows with replacement,
+    so a repeat there is a draw, not an error (toy: off)"""
     # model
     model_name_or_path: str = "toy-small"
-    """initial policy: a model.py preset (random init) or a causal-LM checkpoint folder / hub name"""
+    """initial policy: a model.py preset (random init) or a causal-LM checkpoint folder / hub name (paper
+    huggyllama/llama-7b)"""
     tokenizer_name_or_path: str | None = None
     """default: the model's folder; for a preset, the toy world's tokenizer next to --dataset"""
     trust_remote_code: bool = False
     """let transformers run code shipped with a hub model"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (less memory, about 30% slower)"""
+    """recompute activations in the backward pass (less memory, about 30% slower; paper on)"""
     # optimisation
-    epochs: int = 10
-    """passes over the training set (official 7B: 3; a random-init toy model needs more)"""
+    epochs: float = 10
+    """passes over the training set, fractions allowed (paper 3; a random-init toy model needs more)"""
+    max_steps: int = 0
+    """optimiser steps of the whole run; overrides --epochs (0: --epochs decides)"""
     per_device_train_batch_size: int = 32
-    """sequences per rank per micro-batch (official 7B: 4)"""
+    """sequences per rank per micro-batch (paper 4)"""
     per_device_eval_batch_size: int = 64
     """sequences per rank per evaluation forward"""
     gradient_accumulation_steps: int = 1
-    """micro-batches per optimiser step (official 7B: 8)"""
+    """micro-batches per optimiser step (paper 8)"""
     lr: float = 3e-3
-    """peak learning rate of AdamW (official 7B: 2e-5; a random-init toy model needs far more)"""
+    """peak learning rate of AdamW (paper 2e-5; a random-init toy model needs far more)"""
     weight_decay: float = 0.0
-    """AdamW weight decay on matrices (never on biases and norms); official 0.0"""
+    """AdamW weight decay on matrices (never on biases and norms); paper 0.0"""
+    adam_beta1: float = 0.9
+    """AdamW beta1 (official 0.9, safe_rlhf/configs/constants.py@82743cc:L53)"""
+    adam_beta2: float = 0.95
+    """AdamW beta2 (official 0.95)"""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon (official 1e-8)"""
     lr_scheduler_type: str = "cosine"
-    """cosine (linear warmup, then cosine decay to 0) or constant"""
+    """cosine or linear (warmup, then decay to 0) or constant (paper cosine)"""
     warmup_ratio: float = 0.03
-    """fraction of the optimiser steps spent warming up"""
+    """fraction of the optimiser steps spent warming up (paper 0.03)"""
     max_grad_norm: float = 1.0
     """global gradient-norm clipping"""
     seed: int = 42
@@ -120,7 +150,7 @@ class Args:
     output_dir: str = "runs/sft"
     """checkpoint folder (loadable with AutoModelForCausalLM), plus metrics.jsonl, args.json, eval.json"""
     log_every: int = 10
-    """print a log line and write a metrics record every N optimiser steps"""
+    """print a log line (with throughput and ETA) and write a metrics record every N optimiser steps"""
     eval_every: int = 0
     """also evaluate the held-out loss every N steps (0: only at the end)"""
     save_every: int = 0
@@ -158,16 +188,45 @@ def sft_loss_sum(logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 # --------------------------------------------------------------------------------------------
 
 
-def load_examples(args: Args, split: str, limit: int | None, tokenizer) -> tuple[list[dict], int]:
-    """Rows of `split` -> [{"input_ids", "labels"}], and how many were truncated at max_length.
+SFT_FIELDS = ("instruction", "input", "output")  # what makes two rows the same row
+
+
+def load_examples(args: Args, split: str, limit: int | None, tokenizer, summary: plumbing.DataSummary | None = None,
+                  dataset: str | None = None, flag: str = "--dataset") -> tuple[list[dict], int]:
+    """Rows of `split` -> [{"input_ids", "labels", "key"}], and how many were truncated at max_length.
     Alpaca schema: request = instruction (+ " " + input), response = output. model.tokenize_prompt_response
     builds BOS + template(request) + response + EOS string, right-truncated, and labels -100 on the
     prompt (BOS included): only the response tokens and the EOS are trained
-    (safe_rlhf/datasets/supervised.py@82743cc:L54-66)."""
-    rows = plumbing.load_rows(args.dataset, split, revision=args.dataset_revision, limit=limit,
-                              required=("instruction", "output"), text=("instruction", "input", "output"))
-    return M.tokenize_prompt_response(tokenizer, [plumbing.alpaca_request(row) for row in rows],
-                                      [row["output"] for row in rows], args.max_length)
+    (safe_rlhf/datasets/supervised.py@82743cc:L54-66). Unusable rows are dropped and counted in
+    `summary`: an empty instruction or output, an exact repeat (--drop_duplicates), a prompt that
+    fills the window (no response token left to train on)."""
+    dataset = dataset or args.dataset
+    summary = summary or plumbing.DataSummary(flag, dataset, split)
+    rows = plumbing.load_rows(dataset, split, revision=args.dataset_revision if flag == "--dataset" else None,
+                              limit=limit, required=("instruction", "output"), text=SFT_FIELDS, what=flag)
+    summary.read, kept, seen = len(rows), [], set()
+    for i, row in enumerate(rows):
+        key = plumbing.row_key(row, SFT_FIELDS)
+        reason = ("empty prompt" if not row["instruction"].strip() else "empty response" if not row["output"].strip()
+                  else "duplicate" if args.drop_duplicates and key in seen else None)
+        if reason:
+            summary.drop(reason, i)
+        else:
+            seen.add(key)
+            kept.append(i)
+    examples, _ = M.tokenize_prompt_response(tokenizer, [plumbing.alpaca_request(rows[i]) for i in kept],
+                                             [rows[i]["output"] for i in kept], args.max_length)
+    usable, truncated = [], 0
+    for i, example in zip(kept, examples):
+        if all(label == M.IGNORE_INDEX for label in example["labels"]):
+            summary.drop("prompt fills the window", i)
+        else:
+            truncated += example["truncated"]
+            usable.append({**example, "key": plumbing.row_key(rows[i], SFT_FIELDS)})
+    for rows_of_reason in summary.dropped.values():
+        rows_of_reason.sort()
+    summary.stats["truncated_sequences"] = truncated
+    return usable, truncated
 
 
 def toy_root(dataset: str) -> Path | None:
@@ -278,19 +337,27 @@ def main(args: Args) -> None:
             M.check_checkpoint_path(args.model_name_or_path)
             tokenizer_path = args.model_name_or_path
     tokenizer = M.load_tokenizer(tokenizer_path, "right", trust_remote_code=args.trust_remote_code)
-    train_examples, train_truncated = load_examples(args, args.train_split, args.limit, tokenizer)
-    eval_examples, eval_truncated = load_examples(args, args.eval_split, args.eval_limit, tokenizer) \
-        if args.eval_split else ([], 0)
-    if not any(label != M.IGNORE_INDEX for e in train_examples for label in e["labels"]):
-        raise UserError(f"--max_length {args.max_length}: every training row's prompt fills the window, so no "
-                        "response token is left to train on; raise --max_length")
+    summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.train_split)}
+    train_examples, train_truncated = load_examples(args, args.train_split, args.limit, tokenizer, summaries["train"])
+    eval_examples, eval_truncated = [], 0
+    args.eval_split = args.eval_split or ("test" if args.eval_dataset else "")  # evaluation data by name: evaluate
+    if args.eval_split:
+        flag = "--eval_dataset" if args.eval_dataset else "--dataset"
+        summaries["eval"] = plumbing.DataSummary(flag, args.eval_dataset or args.dataset, args.eval_split)
+        eval_examples, eval_truncated = load_examples(args, args.eval_split, args.eval_limit, tokenizer, summaries["eval"],
+                                                      dataset=args.eval_dataset, flag=flag)
+        plumbing.check_eval_rows(args, {e["key"] for e in train_examples}, [e["key"] for e in eval_examples],
+                                 summaries["eval"])
+    data_summary = plumbing.report_data(summaries, args.strict, d.is_main)
 
     args.global_batch_size = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
     args.steps_per_epoch = len(train_examples) // args.global_batch_size
-    args.total_steps = args.epochs * args.steps_per_epoch
+    args.total_steps = args.max_steps or int(args.epochs * args.steps_per_epoch)
     if args.steps_per_epoch == 0:
-        raise UserError(f"--dataset {args.dataset}: {len(train_examples)} training rows, fewer than one global "
+        raise UserError(f"--dataset {args.dataset}: {len(train_examples)} usable training rows, fewer than one global "
                           f"batch of {args.global_batch_size}; lower the batch size")
+    if args.total_steps == 0:
+        raise UserError(f"--epochs {args.epochs}: less than one optimiser step ({args.steps_per_epoch} per epoch)")
 
     # ---- model: same seed on every rank (identical initial weights), then shard ----------------
     M.seed_everything(args.seed)
@@ -306,7 +373,8 @@ def main(args: Args) -> None:
     policy = M.prepare_model(policy, d, trainable=True, bf16=bf16,
                              activation_checkpointing=args.gradient_checkpointing)
     policy.train()
-    optimizer = plumbing.make_optimizer(policy, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = plumbing.make_optimizer(policy, lr=args.lr, weight_decay=args.weight_decay,
+                                        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     scheduler = plumbing.make_scheduler(optimizer, args.lr_scheduler_type,
                                  warmup_steps=int(args.warmup_ratio * args.total_steps), total_steps=args.total_steps)
     step = 0
@@ -332,6 +400,8 @@ def main(args: Args) -> None:
         else:  # the killed run may have logged past its checkpoint
             plumbing.trim_logs(output_dir, step)
         (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1) + "\n")
+        plumbing.write_json_atomic(output_dir / "data_summary.json", data_summary)
+    M.print0(plumbing.recipe_line(args))
     M.print0(f"data: {len(train_examples)} train rows ({train_truncated} truncated at {args.max_length} tokens), "
              f"{len(eval_examples)} eval rows ({eval_truncated} truncated) | global batch {args.global_batch_size} | "
              f"{args.total_steps} steps")
@@ -356,6 +426,7 @@ def main(args: Args) -> None:
     lengths = [len(e["input_ids"]) for e in train_examples] if args.group_by_length else None
     order, order_epoch = None, -1
     t0 = time.time()
+    meter = plumbing.Throughput(step, last_step)
     while step < last_step:
         epoch, k = divmod(step, args.steps_per_epoch)
         if epoch != order_epoch:  # the same order on every rank (model.epoch_order)
@@ -389,6 +460,7 @@ def main(args: Args) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        meter.add(tokens=real_tokens, sequences=len(global_batch))
         step_loss = M.all_reduce(step_loss)  # = sum over ranks of each rank's share = the step's token mean
         plumbing.check_finite(step_loss, "train/loss", step)
 
@@ -403,12 +475,14 @@ def main(args: Args) -> None:
         if args.eval_every and step % args.eval_every == 0 and eval_examples and step < args.total_steps:
             record.update(evaluate_loss(policy, eval_examples, args, d, tokenizer.pad_token_id))
         if step % args.log_every == 0 or step == last_step:
+            record.update(meter.rates(step))
             logger.log(record)
             if d.is_main:
                 bar.write(plumbing.log_line(record))
         if args.save and ((args.save_every and step % args.save_every == 0) or step == last_step):
             save(final=step == args.total_steps)
     bar.close()
+    M.print0(f"trained: {meter.summary(step)}")
     if step < args.total_steps:
         M.print0(f"stopped at step {step}/{args.total_steps}; continue with --resume")
         return

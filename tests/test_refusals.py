@@ -168,7 +168,8 @@ def run_probes(cases, tmp_path, ckpt):
         before = folder_digest(folder)
         # evaluate.py refuses a folder that holds no results.json anyway: give it a new one
         out = tmp_path / f"results_{i}" if cmd[0] == "evaluate.py" else folder
-        p = run([sys.executable, *cmd, "--output_dir", out, *extra], cwd=ROOT)
+        recipe = [] if cmd[0] == "evaluate.py" else ["--recipe", "toy"]  # the probes' own data are not the toy world's
+        p = run([sys.executable, *cmd, "--output_dir", out, *recipe, *extra], cwd=ROOT)
         problems = probe_problems(name, p, fragments, folder, before)
         return problems + ([f"{name}: {out} was created"] if cmd[0] == "evaluate.py" and out.exists() else [])
     with ThreadPoolExecutor(3) as pool:
@@ -310,11 +311,11 @@ def test_resumed_run_logs_each_step_once(ckpt, tmp_path):
 
 
 NUMBER_PROBES = [  # (stage, flag, value, what the line says)
-    ("sft.py", "--per_device_train_batch_size", "-1", ">= 1"), ("sft.py", "--epochs", "0", ">= 1"),
+    ("sft.py", "--per_device_train_batch_size", "-1", ">= 1"), ("sft.py", "--epochs", "0", ">= 1e-06"),
     ("sft.py", "--gradient_accumulation_steps", "0", ">= 1"), ("sft.py", "--max_length", "0", ">= 2"),
     ("sft.py", "--lr", "nan", "finite"), ("sft.py", "--lr", "-0.1", ">= 0"), ("sft.py", "--warmup_ratio", "1.5", "between 0 and 1"),
     ("reward.py", "--per_device_eval_batch_size", "0", ">= 1"), ("reward.py", "--regularization", "-1", ">= 0"),
-    ("reward.py", "--lr", "inf", "finite"), ("cost.py", "--epochs", "-3", ">= 1"),
+    ("reward.py", "--lr", "inf", "finite"), ("cost.py", "--epochs", "-3", ">= 1e-06"),
     ("ppo_lagrangian.py", "--lambda_init", "-1", ">= 0"), ("ppo_lagrangian.py", "--gamma", "1.5", "between 0 and 1"),
     ("ppo_lagrangian.py", "--kl_coeff", "nan", "finite"), ("ppo_lagrangian.py", "--update_iters", "0", ">= 1"),
     ("ppo_lagrangian.py", "--episode_cost_window_size", "0", ">= 1"), ("evaluate.py", "--batch_size", "0", ">= 1"),
@@ -323,9 +324,18 @@ NUMBER_PROBES = [  # (stage, flag, value, what the line says)
 
 
 def test_nonsense_numbers_are_refused_at_parse_time(ckpt, tmp_path):
-    cases = [(f"{stage} {flag} {value}", [stage, flag, value], [f"error: {flag} ", "must be a finite number", says], [])
-             for stage, flag, value, says in NUMBER_PROBES]
-    run_probes(cases, tmp_path, ckpt)
+    """In-process (parse time: nothing is read or written yet); one probe as a user runs it."""
+    import importlib
+    for stage, flag, value, says in NUMBER_PROBES:
+        module = importlib.import_module(stage.removesuffix(".py"))
+        with pytest.raises(UserError) as e:
+            plumbing.parse_args(module.Args, [flag, value, "--output_dir", str(tmp_path / "never")])
+        assert str(e.value).startswith(f"{flag} ") and "must be a finite number" in str(e.value) and says in str(e.value), \
+            (stage, flag, value, str(e.value))
+    assert not (tmp_path / "never").exists()
+    stage, flag, value, says = NUMBER_PROBES[0]
+    run_probes([(f"{stage} {flag} {value}", [stage, flag, value], [f"error: {flag} ", "must be a finite number", says], [])],
+               tmp_path, ckpt)
 
 
 def test_ppo_batch_sizes_that_do_not_divide_are_one_line(ckpt):

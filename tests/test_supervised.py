@@ -119,7 +119,7 @@ def test_shared_prefix_leaves_each_sequence_a_token():
 def test_packed_pairs_score_and_train_like_two_rows(toy, toy_tok):
     """pack_pairs puts prompt + both responses in one row under a custom mask: the end scores and the
     gradients must be those of the plain [first; second] right-padded batch."""
-    pairs, _ = reward.load_pairs(reward.Args(dataset=str(toy / "preference")), "train", 6, toy_tok, reward.REWARD)
+    pairs, _ = reward.load_pairs(str(toy / "preference"), "train", toy_tok, reward.REWARD, max_length=512, limit=6)
     eos = toy_tok.eos_token_id
     pairs += [{"first": [1, 5, 6, eos], "second": [1, 5, 6, 7, 8, eos], "labels": []},   # first a prefix of second
               {"first": [1, 9, 9, 9, 9, 9, eos], "second": [1, 4, eos], "labels": []}]   # almost nothing shared
@@ -189,7 +189,7 @@ def test_cost_pairs_sign_convention():
     both_unsafe = dict(row, safer_response_id=0, is_response_1_safe=False)
     assert cost.safer_unsafer(both_unsafe, "row 0") == ("harmful", "refusal", [1.0, 1.0])
     contradictory = dict(row, safer_response_id=0)   # the safer one labelled unsafe, the other safe
-    with pytest.raises(UserError, match="row 3: contradictory labels"):
+    with pytest.raises(plumbing.Unusable, match="inconsistent safety labels"):  # dropped and counted, not trained on
         cost.safer_unsafer(contradictory, "row 3")
     # a model that gets the convention right: C < 0 on the safe one, C > 0 on the unsafe one
     m = cost.cost_metrics(torch.tensor([-2.0]), torch.tensor([3.0]), torch.tensor([signs]))
@@ -353,7 +353,7 @@ def test_bad_data_is_one_line_and_leaves_the_output_folder_alone(sft_run, toy, t
     out.mkdir()
     (out / "keep.txt").write_text("previous run")
     # one case through a subprocess (exit code, stderr), the others in-process (same code path)
-    p = run([sys.executable, "reward.py", "--dataset", cases["missing"][0], "--model_name_or_path", sft_run,
+    p = run([sys.executable, "reward.py", "--recipe", "toy", "--dataset", cases["missing"][0], "--model_name_or_path", sft_run,
              "--output_dir", out])
     one_line_error(p, "row 1 has no field 'better_response_id'", "missing.jsonl")
     for name, (path, message) in cases.items():
@@ -373,13 +373,19 @@ def test_bad_data_is_one_line_and_leaves_the_output_folder_alone(sft_run, toy, t
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
-def test_identical_pair_is_an_error(sft_run, tmp_path, toy_tok):
-    row = {"prompt": "how do i bake bread?", "response_0": "mix flour and water.", "response_1": "mix flour and water.",
-           "better_response_id": 0}
-    path = write_jsonl(tmp_path / "same.jsonl", [row])
-    args = reward.Args(dataset=str(path), model_name_or_path=str(sft_run))
-    with pytest.raises(UserError, match="row 0: both responses tokenise identically"):
-        reward.load_pairs(args, "train", None, toy_tok, reward.REWARD)
+def test_unusable_pairs_are_dropped_and_counted(tmp_path, toy_tok):
+    same = {"prompt": "how do i bake bread?", "response_0": "mix flour and water.", "response_1": "mix flour and water.",
+            "better_response_id": 0}
+    good = dict(same, response_1="knead the dough.")
+    path = write_jsonl(tmp_path / "same.jsonl", [same, good, dict(same, response_0=" "), good])
+    summary = plumbing.DataSummary("--dataset", str(path), "train")
+    pairs, _ = reward.load_pairs(str(path), "train", toy_tok, reward.REWARD, max_length=512, drop_duplicates=True,
+                                 summary=summary)
+    assert len(pairs) == 1 and summary.read == 4 and summary.used == 1
+    assert summary.dropped == {"identical after truncation": [0], "empty response": [2], "duplicate": [3]}
+    with pytest.raises(UserError, match=r"--strict: --dataset .*same.jsonl \(split train\) row 0: identical after truncation"):
+        summary.check(strict=True)
+    assert summary.check(strict=False)[0].startswith("WARNING:")     # 75% dropped: loud
 
 
 def test_truncation_is_counted(toy, toy_tok):
@@ -388,6 +394,5 @@ def test_truncation_is_counted(toy, toy_tok):
     assert all(len(e["input_ids"]) == len(e["labels"]) <= 20 for e in examples)
     full, none = sft.load_examples(dataclasses.replace(args, max_length=512), "test", 50, toy_tok)
     assert none == 0 and truncated == sum(len(e["input_ids"]) > 20 for e in full) > 0
-    args = reward.Args(dataset=str(toy / "preference"), max_length=45)
-    pairs, truncated = reward.load_pairs(args, "test", 50, toy_tok, reward.REWARD)
+    pairs, truncated = reward.load_pairs(str(toy / "preference"), "test", toy_tok, reward.REWARD, max_length=45, limit=50)
     assert all(len(p["first"]) <= 45 and len(p["second"]) <= 45 for p in pairs) and truncated > 0

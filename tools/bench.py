@@ -360,7 +360,7 @@ def report_training(section: str, results: dict, batch: int, unit: str, N: int, 
 def section_preference(args: Args, work: Path, tokenizer, pairs: list[dict], device: torch.device,
                        peak: float) -> None:
     stage_args = ["--model_name_or_path", args.model, "--tokenizer_name_or_path", str(work / "tokenizer"),
-                  "--dataset", str(work / "preference"), "--eval_split", "", "--epochs", "1",
+                  "--recipe", "toy", "--dataset", str(work / "preference"), "--eval_split", "", "--epochs", "1",
                   "--per_device_train_batch_size", str(args.pref_batch // max(1, args.nproc_per_node)),
                   "--log_every", "1", "--max_length", "4096", "--lr", "1e-4"]
 
@@ -389,7 +389,7 @@ def section_preference(args: Args, work: Path, tokenizer, pairs: list[dict], dev
 
 def section_sft(args: Args, work: Path, tokenizer, peak: float) -> None:
     stage_args = ["--model_name_or_path", args.model, "--tokenizer_name_or_path", str(work / "tokenizer"),
-                  "--dataset", str(work / "sft"), "--eval_split", "", "--epochs", "1",
+                  "--recipe", "toy", "--dataset", str(work / "sft"), "--eval_split", "", "--epochs", "1",
                   "--per_device_train_batch_size", str(args.sft_batch // max(1, args.nproc_per_node)),
                   "--log_every", "1", "--max_length", "4096", "--lr", "1e-4"]
     results = interleaved({"sft.py": stage_run("sft.py", stage_args, args, work / "sft"),
@@ -464,7 +464,7 @@ def section_ppo(args: Args, work: Path, tokenizer) -> None:
     per_rank = args.gen_batch // max(1, args.nproc_per_node)
     stage_args = ["--actor_model_name_or_path", args.model, "--reward_model_name_or_path", args.model,
                   "--cost_model_name_or_path", args.model, "--tokenizer_name_or_path", str(work / "tokenizer"),
-                  "--dataset", str(work / "prompts"), "--limit", str(args.ppo_iterations * args.gen_batch),
+                  "--recipe", "toy", "--dataset", str(work / "prompts"), "--limit", str(args.ppo_iterations * args.gen_batch),
                   "--epochs", "1", "--per_device_prompt_batch_size", str(per_rank),
                   "--per_device_train_batch_size", str(per_rank), "--max_length", str(n_prompt + args.new_tokens),
                   "--sample_every", "0", "--log_every", "1"]
