@@ -21,11 +21,8 @@ unsafe ones with C > 0, and the mean and standard deviation of all costs.
 Left out on purpose: the token-wise loss (sequence-wise only, as the official scripts use) and the
 running score normaliser (safe_rlhf/models/normalizer.py@82743cc:L27-208).
 
-Official 7B recipe (safe-rlhf scripts/cost-model.sh@82743cc:L110-140, same as the reward model's):
-    torchrun --nproc_per_node 8 cost.py --model_name_or_path PKU-Alignment/alpaca-7b-reproduced \\
-        --dataset PKU-Alignment/PKU-SafeRLHF --epochs 2 --lr 2e-5 --warmup_ratio 0.03 --weight_decay 0.1 \\
-        --per_device_train_batch_size 16 --max_length 512 --regularization 0.001 --gradient_checkpointing \\
-        --output_dir runs/cost-7b
+Official 7B recipe (safe-rlhf scripts/cost-model.sh@82743cc:L110-140, the same as the reward model's):
+    torchrun --nproc_per_node 8 cost.py --recipe paper --output_dir runs/cost-7b
 Toy world (after `python sft.py`):
     python cost.py                                 # one CPU process; initialised from runs/sft, writes runs/cost
     torchrun --nproc_per_node 2 cost.py            # two ranks (FSDP2 over gloo on CPU)

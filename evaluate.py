@@ -531,7 +531,17 @@ def main(args: Args) -> None:
             toyworld.ensure_toy_data(Path(args.prompts).parents[1])
         rows = plumbing.load_rows(args.prompts, args.split, revision=args.revision, limit=args.limit, required=(args.prompt_field,),
                                   text=(args.prompt_field,), what="--prompts")
-        prompts = list(dict.fromkeys(str(row[args.prompt_field]) for row in rows))  # deduplicated, order kept
+        summary = plumbing.DataSummary("--prompts", args.prompts, args.split)
+        summary.read, first = len(rows), {}   # deduplicated, the first occurrence's order kept
+        for i, prompt in enumerate(str(row[args.prompt_field]) for row in rows):
+            if not prompt.strip():
+                summary.drop("empty prompt", i)
+            elif prompt in first:
+                summary.drop("duplicate", i)
+            else:
+                first[prompt] = i
+        prompts = list(first)
+        plumbing.report_data({"prompts": summary}, False, d.is_main)
         prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]      # each sampled k times
     unknown = next((p for p in prompts if not is_toy_request(p)), None)
     if every and (args.oracle == "on" or args.oracle == "auto" and unknown is None):

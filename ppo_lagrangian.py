@@ -35,12 +35,10 @@ exposed as arguments, lambda identical on every rank by an all-reduce (not reduc
 Run (the toy world, after sft.py, reward.py and cost.py):
     python ppo_lagrangian.py
     torchrun --nproc_per_node 2 ppo_lagrangian.py
-Real models on 8 GPUs, the official recipe (safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198):
-    torchrun --nproc_per_node 8 ppo_lagrangian.py --actor_model_name_or_path runs/sft-7b \\
-        --reward_model_name_or_path runs/reward-7b --cost_model_name_or_path runs/cost-7b \\
-        --dataset PKU-Alignment/PKU-SafeRLHF --max_length 512 --epochs 1 --actor_lr 1e-5 \\
-        --critic_lr 5e-6 --kl_coeff 0.01 --threshold 0 --lambda_init 1 --lambda_max 5 \\
-        --lambda_lr 0.1 --gradient_checkpointing --output_dir runs/ppo-lag-7b
+Real models on 8 GPUs, the official recipe (safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198; Args.PAPER:
+actor PKU-Alignment/alpaca-7b-reproduced, prompts PKU-SafeRLHF/train, PTX on tatsu-lab/alpaca):
+    torchrun --nproc_per_node 8 ppo_lagrangian.py --recipe paper --reward_model_name_or_path runs/reward-7b \\
+        --cost_model_name_or_path runs/cost-7b --output_dir runs/ppo-lag-7b
 
 Shape letters: B batch (sequences per rank), S padded prompt length, L = S + generated length,
 T = L - 1 - start response positions in the RL arrays, V vocabulary.

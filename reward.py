@@ -31,11 +31,10 @@ running score normaliser (its statistics are collected but unused by default ups
 safe_rlhf/models/score_model/__init__.py@82743cc:L221-232),
 DeepSpeed/ZeRO (FSDP2 by hand in model.py instead).
 
-Official 7B recipe (safe-rlhf scripts/reward-model.sh@82743cc:L110-140), for real data on 8 GPUs:
-    torchrun --nproc_per_node 8 reward.py --model_name_or_path PKU-Alignment/alpaca-7b-reproduced \\
-        --dataset PKU-Alignment/PKU-SafeRLHF --epochs 2 --lr 2e-5 --warmup_ratio 0.03 --weight_decay 0.1 \\
-        --per_device_train_batch_size 16 --max_length 512 --regularization 0.001 --gradient_checkpointing \\
-        --output_dir runs/reward-7b
+Official 7B recipe (safe-rlhf scripts/reward-model.sh@82743cc:L110-140; Args.PAPER), on 8 GPUs:
+    torchrun --nproc_per_node 8 reward.py --recipe paper --output_dir runs/reward-7b
+Your own data (schema: Objective.required; unusable rows are dropped and counted, load_pairs):
+    python reward.py --recipe paper --model_name_or_path runs/sft-mine --dataset train.jsonl --eval_dataset test.jsonl
 Toy world (after `python sft.py`):
     python reward.py                               # one CPU process; initialised from runs/sft, writes runs/reward
     torchrun --nproc_per_node 2 reward.py          # two ranks (FSDP2 over gloo on CPU)

@@ -23,10 +23,8 @@ without grouping), so right padding wastes little compute (`python -m tools.benc
 Left out on purpose: multi-turn dialogue data, the official dataset-mixing syntax (`alpaca:0.75 ...`),
 DeepSpeed/ZeRO (FSDP2 by hand in model.py instead).
 
-Official 7B recipe (safe-rlhf scripts/sft-deepspeed.sh@82743cc:L110-132), for real data on 8 GPUs:
-    torchrun --nproc_per_node 8 sft.py --model_name_or_path huggyllama/llama-7b --dataset tatsu-lab/alpaca \\
-        --eval_split "" --epochs 3 --lr 2e-5 --warmup_ratio 0.03 --per_device_train_batch_size 4 \\
-        --gradient_accumulation_steps 8 --max_length 512 --gradient_checkpointing --output_dir runs/sft-7b
+Official 7B recipe (safe-rlhf scripts/sft-deepspeed.sh@82743cc:L110-132; Args.PAPER), on 8 GPUs:
+    torchrun --nproc_per_node 8 sft.py --recipe paper --output_dir runs/sft-7b
 Toy world:
     python sft.py                                  # one CPU process; creates data/toy if missing, writes runs/sft
     torchrun --nproc_per_node 2 sft.py             # two ranks (FSDP2 over gloo on CPU)
