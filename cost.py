@@ -73,7 +73,10 @@ def cost_metrics(safer_costs: torch.Tensor, unsafer_costs: torch.Tensor, labels:
             "accuracy_sign": safety_sign_accuracy(costs, signs).item(),
             "safe_negative_rate": (costs[safe] < 0).float().mean().item() if safe.any() else None,
             "unsafe_positive_rate": (costs[unsafe] > 0).float().mean().item() if unsafe.any() else None,
-            "cost_mean": costs.mean().item(), "cost_std": costs.std().item() if len(costs) > 1 else 0.0}
+            "cost_mean": costs.mean().item(), "cost_std": costs.std().item() if len(costs) > 1 else 0.0,
+            # the calibration ppo_lagrangian.derived_threshold reads: mean C of responses labelled safe / unsafe
+            "safe_cost_mean": costs[safe].mean().item() if safe.any() else None,
+            "unsafe_cost_mean": costs[unsafe].mean().item() if unsafe.any() else None}
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,8 +58,9 @@ $PY ppo_lagrangian.py "${models[@]}" --output_dir "$runs/ppo_lagrangian" "${ppo[
 stage "4/5 baseline: plain PPO (lambda fixed at 0) -> $runs/ppo"
 $PY ppo_lagrangian.py "${models[@]}" --lambda_init 0 --lambda_lr 0 --output_dir "$runs/ppo" "${ppo[@]}"
 for nu in $nus; do
-  stage "4/5 baseline: reward shaping R - nu*C, nu = $nu -> $runs/ppo_nu$nu"
-  $PY ppo_lagrangian.py "${models[@]}" --lambda_init "$nu" --lambda_lr 0 --output_dir "$runs/ppo_nu$nu" "${ppo[@]}"
+  stage "4/5 baseline: reward shaping R - nu*C (the paper's definition), nu = $nu -> $runs/ppo_nu$nu"
+  $PY ppo_lagrangian.py "${models[@]}" --reward_shaping --lambda_init "$nu" --lambda_lr 0 --output_dir "$runs/ppo_nu$nu" \
+    "${ppo[@]}"
 done
 fi
 
@@ -78,7 +79,7 @@ import re, shutil, sys
 from pathlib import Path
 results = Path(sys.argv[1])
 docs = Path("docs"); docs.mkdir(exist_ok=True)
-for png in ("frontier.png", "training_curves.png", "scatter.png", "histograms.png"):
+for png in ("frontier.png", "training_curves.png", "scatter.png", "histograms.png", "sqrt_kl.png"):
     if (results / png).is_file():
         shutil.copy(results / png, docs / png)
 md = (results / "results.md").read_text().strip()

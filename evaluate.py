@@ -24,8 +24,9 @@ Modes (`--modes`; default `all` = every mode that applies):
               ones (95% intervals), also on the held-out phrasings alone; whether the unsafe rate meets
               --safety_target; which policies dominate it on (helpfulness, unsafe rate). And the
               analytic KL-regularised optimum pi* ~ pi_sft exp((h - nu c) / beta) (toyworld.kl_optimum)
-              for the policy's own trade-off from its args.json: nu = lambda_init when lambda_lr = 0,
-              the final lambda of a PPO-Lagrangian run, beta = kl_coeff; the SFT policy is beta = inf.
+              for the policy's own trade-off from its args.json (policy_tradeoff): nu = lambda_init
+              when lambda_lr = 0, the final lambda of a PPO-Lagrangian run; beta = kl_coeff for the
+              paper's reward shaping, kl_coeff * (1 + nu) for the Lagrangian form; SFT: beta = inf.
               That optimum is on the oracle's (h, c) scale while PPO optimised the learned R and C: a
               qualitative comparison. Plot: unsafe rate against benign helpfulness (figure 6b).
   curves      From ppo_lagrangian.py's metrics.jsonl: lambda and the episode cost with the threshold
@@ -314,19 +315,26 @@ def oracle_summary(prompts: list[str], responses: list[str]) -> dict:
 
 
 def policy_tradeoff(path: str) -> dict:
-    """The (nu, beta) a policy was trained with, from ppo_lagrangian.py's args.json and metrics.jsonl:
-    fixed nu = lambda_init when lambda_lr == 0; PPO-Lagrangian: the final lambda; otherwise the SFT
-    policy (beta = inf: the KL optimum is pi_sft itself)."""
+    """The (nu, beta) a policy was trained with, on the scale of R - nu*C, from ppo_lagrangian.py's
+    args.json and metrics.jsonl: the KL optimum of -beta*k + R - nu*C is pi_sft exp((R - nu C) / beta).
+      --reward_shaping (the paper's baseline): nu = lambda_init, beta = kl_coeff;
+      lambda fixed without it (plain PPO at nu = 0): the actor sees (R - nu C)/(1 + nu) - kl_coeff*k,
+        so beta = kl_coeff * (1 + nu) (ppo_lagrangian.py's module docstring);
+      PPO-Lagrangian: the same at its final lambda;
+      anything else is the SFT policy (beta = inf: the KL optimum is pi_sft itself)."""
     folder = Path(path)
     run_args = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
     if "lambda_init" not in run_args:
         return {"kind": "sft", "nu": 0.0, "beta": math.inf}
-    beta = run_args["kl_coeff"]
+    kl_coeff = run_args["kl_coeff"]
+    if run_args.get("reward_shaping"):
+        return {"kind": "reward_shaping", "nu": run_args["lambda_init"], "beta": kl_coeff}
     if run_args["lambda_lr"] == 0:
-        return {"kind": "fixed_nu", "nu": run_args["lambda_init"], "beta": beta}
+        nu = run_args["lambda_init"]
+        return {"kind": "fixed_nu", "nu": nu, "beta": kl_coeff * (1 + nu)}
     log = read_training_log(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else None
     nu = log["lambda"][-1] if log and log["lambda"] else run_args["lambda_init"]
-    return {"kind": "ppo_lagrangian", "nu": nu, "beta": beta}
+    return {"kind": "ppo_lagrangian", "nu": nu, "beta": kl_coeff * (1 + nu)}
 
 
 def read_training_log(path: Path) -> dict:
@@ -476,6 +484,44 @@ def plot_frontier(out: Path, results: dict, sweep: list[dict] | None) -> list[st
                title=f"helpfulness vs harm ({panel})")
     fig.tight_layout(), fig.savefig(out / "frontier.png", dpi=120), plt.close(fig)
     return ["frontier.png"]
+
+
+def running_mean(xs: list[float], window: int) -> list[float]:
+    return [sum(xs[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(xs))]
+
+
+def sqrt_kl_fit(log: dict, window: int = 10) -> dict:
+    """Bai et al. (2022, figures 4 and 13): over RL training the reward grows roughly linearly in
+    sqrt(KL(pi || pi_0)). Least-squares lines of the mean reward and the mean cost against sqrt(KL),
+    both smoothed by a running mean over `window` rl_steps (the per-step KL estimate is noisy and can
+    dip below 0, read as 0): {reward_slope, reward_r2, cost_slope, cost_r2}; R^2 near 1 is the relation."""
+    x = [math.sqrt(max(0.0, k)) for k in running_mean(log["kl"], window)]
+    out = {}
+    for key in ("reward", "cost"):
+        y = running_mean(log[key], window)
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        sxx, sxy = sum((a - mx) ** 2 for a in x), sum((a - mx) * (b - my) for a, b in zip(x, y))
+        syy = sum((b - my) ** 2 for b in y)
+        out[f"{key}_slope"] = sxy / sxx if sxx > 0 else None
+        out[f"{key}_r2"] = sxy * sxy / (sxx * syy) if sxx > 0 and syy > 0 else None
+    return out
+
+
+def plot_sqrt_kl(out: Path, logs: dict[str, dict]) -> list[str]:
+    """Bai et al.'s relation: mean reward and mean cost against sqrt(KL to the initial policy), each
+    PPO run's training log (running mean over 10 rl_steps), with its least-squares line."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key in zip(axes, ("reward", "cost")):
+        for name, log in logs.items():
+            r2 = sqrt_kl_fit(log)[f"{key}_r2"]
+            ax.plot([math.sqrt(max(0.0, k)) for k in running_mean(log["kl"], 10)], running_mean(log[key], 10), lw=1.0,
+                    label=f"{name} (R^2 {r2:.2f})" if r2 is not None else name)
+        ax.set(xlabel="sqrt(KL(pi || pi_sft)), per sequence", ylabel=f"mean {key} model score")
+        ax.legend(fontsize=7)
+    fig.suptitle("Score against sqrt(KL) over PPO training (Bai et al. 2022, fig. 4/13)")
+    fig.tight_layout(), fig.savefig(out / "sqrt_kl.png", dpi=120), plt.close(fig)
+    return ["sqrt_kl.png"]
 
 
 def plot_curves(out: Path, logs: dict[str, dict]) -> list[str]:
@@ -658,7 +704,7 @@ def write_report(out: Path, results: dict, args: Args, prompts, generations, sco
         if "learned" in results or "oracle" in results:
             files += plot_frontier(tmp, results, results.get("kl_optimum_sweep"))
         if "training" in results:
-            files += plot_curves(tmp, logs)
+            files += plot_curves(tmp, logs) + plot_sqrt_kl(tmp, logs)
         results["files"] = files
         (tmp / "results.json").write_text(json.dumps(finite(results), indent=1, allow_nan=False) + "\n")
         (tmp / "results.md").write_text("# Evaluation\n\n" + "\n\n".join(f"## {t}\n\n{b}" for t, b in tables) + "\n")
@@ -703,14 +749,18 @@ def summarize(args: Args, policies, prompts, generations, scores, preference, lo
         tradeoffs = {n: policy_tradeoff(path) for n, path in policies}
         results["kl_optimum"] = {n: {"kind": t["kind"], **toyworld.kl_optimum(t["nu"], t["beta"], requests)}
                                  for n, t in tradeoffs.items()}
-        beta = next((t["beta"] for t in tradeoffs.values() if math.isfinite(t["beta"])), toyworld.DEFAULT_BETA)
+        # the sweep: shaping's optimum over nu at the policies' kl_coeff (the paper's baseline keeps beta fixed)
+        beta = next((t["beta"] for t in tradeoffs.values() if t["kind"] == "reward_shaping"),
+                    next((t["beta"] / (1 + t["nu"]) for t in tradeoffs.values() if math.isfinite(t["beta"])),
+                         toyworld.DEFAULT_BETA))
         nus = sorted(set(toyworld.NU_TABLE) | {0.1, 0.2, 0.3, 0.7, 1.5, 3, 7.5, 20, 50})
         results["kl_optimum_sweep"] = [toyworld.kl_optimum(nu, beta, requests) for nu in nus]
     if preference:
         results["preference"] = preference
     if "curves" in modes:
         results["training"] = {n: {"steps": len(log["step"]), "threshold": log["threshold"],
-                                   **{f"final_{k}": log[k][-1] for k in ("lambda", "episode_cost", "reward", "cost", "kl")}}
+                                   **{f"final_{k}": log[k][-1] for k in ("lambda", "episode_cost", "reward", "cost", "kl")},
+                                   "sqrt_kl_fit": sqrt_kl_fit(log)}
                                for n, log in logs.items()}
     return results
 
@@ -810,6 +860,11 @@ def render_tables(results: dict, names: list[str], args: Args) -> tuple[tuple[st
             ["run", "steps", "lambda", "episode cost", "threshold", "reward", "KL"],
             [[n, t["steps"], t["final_lambda"], t["final_episode_cost"], t["threshold"], t["final_reward"],
               t["final_kl"]] for n, t in results["training"].items()])))
+        tables.append(("Score against sqrt(KL) over training (Bai et al. 2022: reward roughly linear), least squares "
+                       "on 10-step running means", markdown_table(
+            ["run", "reward slope", "reward R^2", "cost slope", "cost R^2"],
+            [[n, *(t["sqrt_kl_fit"][k] for k in ("reward_slope", "reward_r2", "cost_slope", "cost_r2"))]
+             for n, t in results["training"].items()])))
     return main_table, tables
 
 

@@ -749,10 +749,9 @@ def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     Draws from softmax(logits / temperature) with nothing hidden: no top-k, no top-p (the official
     rollout samples with HF's implicit top_k=50, safe_rlhf/trainers/rl_trainer.py@82743cc:L407-438, and then
-    scores with the full
-    softmax; we sample from the distribution we score). temperature == 0 means greedy.
-    After a row emits EOS it gets PAD. Under torchrun every rank runs the same number of decoding
-    steps (it stops when all rows on all ranks are done), so sharded forwards never hang.
+    scores with the full softmax; we sample from the distribution we score). temperature == 0: greedy.
+    After EOS a row gets PAD; a sampled PAD ends the row too, itself masked out. Under torchrun every
+    rank runs the same number of decoding steps (until all rows on all ranks are done): no hang.
 
     input_ids, attention_mask: (B, S) left-padded.
     Returns sequences (B, S + T) and their attention mask (B, S + T), T <= max_new_tokens;
@@ -779,11 +778,11 @@ def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
         else:
             probs = torch.softmax(logits / temperature, dim=-1)                      # (B, V)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)     # (B,)
-        real = ~finished                                                             # (B,)
-        token = torch.where(real, token, torch.full_like(token, pad_token_id))      # PAD after EOS
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)  # PAD after the end
+        real = ~finished & (token != pad_token_id)  # a sampled PAD ends the row, outside it (official mask: ids != PAD)
         new_tokens.append(token)
         new_mask.append(real.long())
-        finished = finished | (token == eos_token_id)
+        finished = finished | (token == eos_token_id) | (token == pad_token_id)
         # stop only when every row on every rank is done: sharded forwards stay in lockstep
         if all_reduce(torch.tensor([0.0 if finished.all() else 1.0], device=input_ids.device)).item() == 0.0:
             break

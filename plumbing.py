@@ -174,7 +174,9 @@ def check_recipe(args) -> None:
 def recipe_line(args) -> str:
     """The run header's recipe line: which recipe is in force, and every value that differs from the paper's."""
     paper = getattr(type(args), "PAPER", {})
-    differ = [f"--{k} {getattr(args, k)} (paper {v})" for k, v in paper.items() if getattr(args, k) != v]
+    def show(v):
+        return "''" if v == "" else f"{v:.4g}" if isinstance(v, float) else str(v)
+    differ = [f"--{k} {show(getattr(args, k))} (paper {show(v)})" for k, v in paper.items() if getattr(args, k) != v]
     return f"recipe {args.recipe or '(none)'} | " + (f"differs from the paper: {', '.join(differ)}" if differ
                                                       else "every official setting as the paper's")
 
@@ -688,15 +690,15 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
-    """Linear warmup over warmup_steps (the lr of step s is (s+1)/warmup_steps of the peak: the first
-    step already moves; HF's s/warmup_steps gives it lr 0), then
-      'cosine':   cosine decay to 0 (HF get_cosine_schedule_with_warmup),
-      'linear':   linear decay to 0 (HF get_linear_schedule_with_warmup),
+    """Linear warmup over warmup_steps (step s runs at s/warmup_steps of the peak, so the first step
+    has lr 0, as in HF), then, exactly as transformers' schedules:
+      'cosine':   cosine decay to 0 (get_cosine_schedule_with_warmup),
+      'linear':   linear decay to 0 (get_linear_schedule_with_warmup),
       'constant': constant, no warmup (the official critic schedule ignores warmup,
                   safe_rlhf/trainers/rl_trainer.py@82743cc:L266-299)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
+            return step / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress)
 

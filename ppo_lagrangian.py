@@ -8,7 +8,9 @@ The constrained problem (paper eq. 9-10) and its Lagrangian dual (eq. 12):
 solved by alternating (a) a PPO step on the policy with the combined advantage
 (A_R - lambda * A_C) / (1 + lambda), GAE run separately on a reward stream and a cost stream, each
 with its own critic, and (b) a gradient-ascent step on lambda, parameterised as log(lambda) so it
-stays >= 0 (paper eq. 31): log lambda <- log lambda + lr * lambda * (J_C - threshold).
+stays >= 0 (paper eq. 31): log lambda <- log lambda + lr * lambda * J_C, with J_C estimated as the
+mean episode cost minus the threshold (J_C always includes d; the log's `lagrangian/episode_cost` is
+E[C] alone and `lagrangian/constraint_violation` is J_C).
 
 Sign convention of the threshold (stated once): the constraint enforced is E[C] <= threshold,
 i.e. threshold = -d in the paper's notation. With the official threshold 0 (safe-rlhf
@@ -18,12 +20,14 @@ choose a threshold for a real cost model: see the `threshold` field below.
 
 Baselines come from this same file, no second algorithm:
   * plain PPO (RLHF):        --lambda_init 0 --lambda_lr 0   (the cost stream is still logged)
-  * reward shaping R - nu*C: --lambda_init nu --lambda_lr 0. With lambda fixed at nu the actor's
-    advantage (A_R - nu A_C)/(1 + nu) is, by linearity of GAE, the GAE of the per-token reward
-    -beta*k_t + [t = end](R - nu C)/(1 + nu): the official shaping baseline
-    (safe_rlhf/algorithms/ppo_reward_shaping/trainer.py@82743cc:L39-303) up to the
-    1/(1+nu) scale on the score (equivalently its step size and KL weight scaled by 1+nu), and with
-    two critics instead of one. Exact as long as the +-clip_range_score clip is not hit.
+  * reward shaping R - nu*C: --reward_shaping --lambda_init nu --lambda_lr 0, as the paper (section
+    4.2.3) and the official trainer define it (safe_rlhf/algorithms/ppo_reward_shaping/trainer.py@82743cc:L39-303):
+    one stream r_t = clip(-beta*k_t + [t = end](R - nu C)), its critic, plain PPO (`shaped_score`).
+    Its relation to this file's Lagrangian form: lambda fixed at nu without --reward_shaping gives
+    the actor (A_R - nu A_C)/(1 + nu), by linearity of GAE the advantage of -beta*k_t +
+    [t = end](R - nu C)/(1 + nu): the same trade-off between R and C, but a KL weight of beta(1 + nu)
+    relative to R - nu C (101 beta at nu = 100). PPO-Lagrangian is therefore shaping with a moving
+    nu = lambda and a KL weight beta(1 + lambda) (evaluate.py's KL optimum uses exactly these).
 
 Left out, on purpose: the score normaliser (the official RL default is off), a reward/cost model
 with a different tokenizer than the actor (re-tokenisation), num_return_sequences > 1, gradient
@@ -69,7 +73,7 @@ from plumbing import UserError
 class Args:
     # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
     LIMITS: ClassVar[dict] = {"max_length": (2, None), "actor_warmup_ratio": (0, 1), "gamma": (0, 1), "gae_lambda": (0, 1),
-              "threshold": (None, None), "temperature": (1e-6, None), "lambda_max": (1e-6, None), "epochs": (1e-6, None),
+              "threshold": (None, None), "target_unsafe_share": (0, 1), "temperature": (1e-6, None), "lambda_max": (1e-6, None), "epochs": (1e-6, None),
               "adam_beta1": (0, 0.999999), "adam_beta2": (0, 0.999999), **dict.fromkeys(
         ("per_device_prompt_batch_size", "per_device_train_batch_size", "update_iters", "limit",
          "episode_cost_window_size", "log_every"), (1, None))}
@@ -178,20 +182,25 @@ class Args:
     ptx_coeff: float = 16.0
     """weight of the PTX loss when --ptx_dataset is given (paper 16)"""
     # Lagrange multiplier (eq. 12)
-    # The threshold lives on the cost model's scale. For a real cost model, read the SFT policy's mean
-    # cost on the RL prompts (evaluate.py prints it) and pick a value below it; 0 is the official one.
-    # The toy cost model (cost.py's defaults) scores benign answers near -3.7, refusals of harmful
-    # requests near -4.2 and unsafe answers near +4; half the RL prompts are benign. So the SFT policy
-    # sits near -2.4 (a third to a half of its answers to harmful requests unsafe), and a policy with
-    # at most ~5% unsafe answers near -3.8: the default. After retraining the cost model, re-read these.
-    threshold: float = -3.8
-    """the constraint is E[C] <= threshold (= -d in the paper); paper 0.0; toy -3.8 (see above)"""
+    # The threshold lives on the cost model's scale, which moves from one trained cost model to the
+    # next; so by default it is derived from the cost model, not typed in (derived_threshold): a target
+    # share u of unsafe answers on the prompt mix gives E[C] = (1 - u) E[C | safe] + u E[C | unsafe],
+    # both means measured by cost.py on its held-out labelled responses. The toy world's target is 5%
+    # unsafe answers to harmful requests; half its RL prompts are benign: u = 2.5% of all answers.
+    threshold: float | None = None
+    """the constraint is E[C] <= threshold (= -d in the paper); paper 0.0; default: derived from
+    --target_unsafe_share and the cost model's calibration (see above)"""
+    target_unsafe_share: float = 0.025
+    """without --threshold: the share of unsafe answers on the prompt mix the constraint aims at"""
     lambda_init: float = 1.0
     """initial lambda; with --lambda_lr 0 it stays fixed (reward shaping; 0 = plain PPO); paper 1"""
     lambda_lr: float = 0.1
     """SGD learning rate on log(lambda) (paper 0.1)"""
     lambda_max: float | None = 5.0
     """upper bound on lambda (paper 5); none below: lambda = exp(log lambda) > 0"""
+    reward_shaping: bool = False
+    """the paper's reward-shaping baseline: one stream -beta*k_t + [t = end](R - nu*C) with nu = --lambda_init
+    (needs --lambda_lr 0), plain PPO on it (see the module docstring and shaped_score)"""
     lambda_update_delay_steps: int = 0
     """no lambda update before this many rl_steps"""
     episode_cost_window_size: int = 128
@@ -332,6 +341,33 @@ def ptx_loss(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -(logprobs * target_mask).sum() / target_mask.sum().clamp(min=1)  # ()
 
 
+def shaped_score(reward: torch.Tensor, cost: torch.Tensor, nu: float) -> torch.Tensor:
+    """The reward-shaping baseline's end-of-response score R - nu*C (paper section 4.2.3;
+    safe_rlhf/algorithms/ppo_reward_shaping/trainer.py@82743cc:L39-303). It takes R's place in the reward
+    stream, so the per-token reward is clip(-beta*k_t + [t = end](R - nu C)) with the same beta as Safe
+    RLHF, and the actor's advantage is that stream's GAE alone. reward, cost: (B,) -> (B,)"""
+    return reward - nu * cost
+
+
+def derived_threshold(cost_model: str, target_unsafe_share: float) -> tuple[float, str]:
+    """The threshold d' for a target share u of unsafe answers (safe-rlhf#59, #171 ask how to pick it):
+        d' = (1 - u) * E[C | safe] + u * E[C | unsafe],
+    the expected cost of a policy whose answers are unsafe with probability u and otherwise cost what
+    a safe answer costs. The two conditional means are measured by cost.py on its held-out labelled
+    responses (eval.json, `eval/safe_cost_mean` and `eval/unsafe_cost_mean`). Returns (d', how)."""
+    path = Path(cost_model) / "eval.json"
+    try:
+        ev = json.loads(path.read_text())
+        safe, unsafe = float(ev["eval/safe_cost_mean"]), float(ev["eval/unsafe_cost_mean"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--cost_model_name_or_path {cost_model}: no calibration to derive the threshold from ({path} "
+                        "with eval/safe_cost_mean and eval/unsafe_cost_mean, written by cost.py's evaluation on "
+                        "labelled held-out pairs); give --threshold") from None
+    threshold = (1 - target_unsafe_share) * safe + target_unsafe_share * unsafe
+    return threshold, (f"threshold {threshold:+.3f} = (1 - {target_unsafe_share:g}) x {safe:+.3f} (mean C of safe answers) "
+                       f"+ {target_unsafe_share:g} x {unsafe:+.3f} (mean C of unsafe ones), from {path}")
+
+
 def lagrange_multiplier_loss(log_lambda: torch.Tensor, episode_cost: float, threshold: float) -> torch.Tensor:
     """The lambda part of the dual (eq. 12), to be MINIMISED by SGD on log(lambda):
         loss(log lambda) = -(J_C - threshold) * exp(log lambda)
@@ -353,7 +389,7 @@ def step_record(step: int, epoch: int, micro: dict[str, torch.Tensor], losses: d
     """The record of one rl_step, every statistic averaged over ranks (one all-reduce).
     micro: this micro-batch's reward, cost, has_eos (b,) and old_logprobs, ref_logprobs, rewards,
     costs, reward_advantages, cost_advantages, mask (b, T). first_pass_logratio: max |log ratio| on
-    the first pass over a rollout (must be 0), None on later passes."""
+    a rollout's first micro-batch, before any update from it (must be 0), None on every other rl_step."""
     m = micro["mask"]
     per_sequence = lambda x: (x * m).sum(1).mean()  # noqa: E731  summed over the response, mean over sequences
     stats = {
@@ -424,10 +460,15 @@ def main(args: Args) -> None:
     if args.per_device_prompt_batch_size % args.per_device_train_batch_size:
         raise UserError(f"--per_device_prompt_batch_size {args.per_device_prompt_batch_size} must be a multiple of "
                         f"--per_device_train_batch_size {args.per_device_train_batch_size}")
+    if args.reward_shaping and args.lambda_lr != 0:
+        raise UserError(f"--reward_shaping keeps nu = --lambda_init fixed: give --lambda_lr 0 (not {args.lambda_lr})")
     if args.lambda_init == 0 and args.lambda_lr > 0:
         M.print0("warning: --lambda_init 0 stays 0 whatever --lambda_lr is (lambda is updated as log lambda); "
                  "give a small positive --lambda_init for PPO-Lagrangian, or --lambda_lr 0 for plain PPO")
     args.steps_per_rollout = args.update_iters * args.per_device_prompt_batch_size // args.per_device_train_batch_size
+    derivation = None
+    if args.threshold is None:  # read before anything is written, so a resumed run derives the same number
+        args.threshold, derivation = derived_threshold(args.cost_model_name_or_path, args.target_unsafe_share)
     bf16 = d.device.type == "cuda"
     out = Path(args.output_dir)
     # Claim the folder before reading anything: locked for this run, never another run's without
@@ -536,6 +577,7 @@ def main(args: Args) -> None:
         (out / "args.json").write_text(json.dumps(asdict(args), indent=1) + "\n")
         plumbing.write_json_atomic(out / "data_summary.json", data_summary)
     M.print0(plumbing.recipe_line(args))
+    M.print0(derivation or f"threshold {args.threshold:+.3f} (--threshold)")
     logger = plumbing.JsonlLogger(out / "metrics.jsonl", d.is_main)
     samples_log = plumbing.JsonlLogger(out / "samples.jsonl", d.is_main)
 
@@ -574,7 +616,7 @@ def main(args: Args) -> None:
 
             # ======== 1. rollout (no grad, eval mode) ========================================
             t0 = time.perf_counter()
-            actor.eval()
+            actor.eval(), reward_critic.eval(), cost_critic.eval()   # rollout and scoring: no dropout anywhere
             # Template + left padding; prompts keep their last max_length // 2 tokens, and every rank
             # pads to the longest prompt on ANY rank: the same S, so the same generation budget.
             rows = M.encode_prompts(tokenizer, batch_prompts, args.max_length // 2)
@@ -605,8 +647,8 @@ def main(args: Args) -> None:
                 # 2e. critics' values: V_t is read at the token that precedes action t (one-token shift)
                 reward_values = reward_critic(sequences, attention_mask).scores[:, :-1]       # (B, L-1)
                 cost_values = cost_critic(sequences, attention_mask).scores[:, :-1]           # (B, L-1)
-            # 2f. the episode-cost window holds RAW cost-model scores (no KL, no clip)
-            #     (safe_rlhf/algorithms/ppo_lag/trainer.py@82743cc:L197)
+            # 2f. the episode-cost window holds the cost-model scores (no KL, no clip; plus the missing-EOS
+            #     penalty of 2c where --missing_eos_penalty is set) (safe_rlhf/algorithms/ppo_lag/trainer.py@82743cc:L197)
             episode_costs.extend(cost.tolist())
             timer["scoring"] = time.perf_counter() - t0
 
@@ -615,7 +657,8 @@ def main(args: Args) -> None:
             mask = attention_mask[:, 1:][:, start:].float()      # (B, T) keeps real response tokens
             old_logprobs, ref_logprobs = old_logprobs[:, start:], ref_logprobs[:, start:]  # (B, T)
             reward_values, cost_values = reward_values[:, start:], cost_values[:, start:]  # (B, T)
-            rewards, costs = per_token_rewards_and_costs(reward, cost, old_logprobs, ref_logprobs, mask,
+            score = shaped_score(reward, cost, args.lambda_init) if args.reward_shaping else reward  # (B,)
+            rewards, costs = per_token_rewards_and_costs(score, cost, old_logprobs, ref_logprobs, mask,
                                                          args.kl_coeff, args.clip_range_score)  # (B, T)
             reward_advantages, reward_returns = gae(reward_values, rewards, mask, args.gamma, args.gae_lambda)
             cost_advantages, cost_returns = gae(cost_values, costs, mask, args.gamma, args.gae_lambda)
@@ -645,7 +688,8 @@ def main(args: Args) -> None:
                     seq, am, m = sequences[sl], attention_mask[sl], mask[sl]
                     with M.autocast(d):
                         logprobs = M.policy_logprobs(actor, seq, am, args.temperature)[:, start:]  # (b, T)
-                    advantages = combined_advantage(reward_advantages[sl], cost_advantages[sl], lagrange_multiplier)
+                    advantages = (reward_advantages[sl] if args.reward_shaping else  # shaping: one stream, plain PPO
+                                  combined_advantage(reward_advantages[sl], cost_advantages[sl], lagrange_multiplier))
                     loss_actor, clip_fraction = actor_loss(logprobs, old_logprobs[sl], advantages, m,
                                                            args.clip_range_ratio)
                     # On the first pass over a fresh rollout the weights are those that sampled it,
@@ -693,7 +737,7 @@ def main(args: Args) -> None:
                     timer["training"] = time.perf_counter() - t0
                     micro = {k: v[sl] for k, v in rollout.items()}
                     record = step_record(step, epoch, micro, {"actor": loss_actor, **critic_losses}, clip_fraction,
-                                         ratio_deviation if update_iter == 0 else None, lagrange_multiplier,
+                                         ratio_deviation if update_iter == 0 and lo == 0 else None, lagrange_multiplier,
                                          episode_cost, args.threshold)
                     record.update({"lr/actor": actor_sched.get_last_lr()[0],
                                    "lr/critic": critic_scheds["reward_critic"].get_last_lr()[0],

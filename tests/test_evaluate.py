@@ -123,7 +123,7 @@ def toy(tmp_path_factory):
              "--reward_model_name_or_path", root / "reward", "--cost_model_name_or_path", root / "cost",
              "--dataset", data / "prompts", "--limit", 8, "--per_device_prompt_batch_size", 4,
              "--per_device_train_batch_size", 4, "--epochs", 1, "--max_length", 40, "--sample_every", 0,
-             "--output_dir", root / "ppo", "--device", "cpu"], env=ONE_THREAD)
+             "--output_dir", root / "ppo", "--device", "cpu", "--threshold", -1.0], env=ONE_THREAD)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in (data / "eval" / "prompts.jsonl").read_text().splitlines()]
     mixed = [r for harmful in (False, True) for held in (False, True)   # 16 prompts: 4 of each kind
@@ -179,10 +179,12 @@ def test_all_modes_end_to_end(toy, tmp_path):
     assert 0.5 < pref["bayes_ceiling"]["helpfulness"] < 1
     # the KL optimum: which trade-off each policy was trained with
     kinds = {n: (o["kind"], o["nu"], o["beta"]) for n, o in r["kl_optimum"].items()}
-    assert kinds["sft"] == ("sft", 0.0, "inf") and kinds["nu_2"] == ("fixed_nu", 2.0, 0.1)
+    # (the Lagrangian form's actor sees (R - nu C)/(1 + nu) - beta k: beta (1 + nu) on the scale of R - nu C)
+    assert kinds["sft"] == ("sft", 0.0, "inf") and kinds["nu_2"] == ("fixed_nu", 2.0, pytest.approx(0.1 * 3))
     ppo_log = [json.loads(line) for line in (toy / "ppo" / "metrics.jsonl").read_text().splitlines()]
     ppo_args = json.loads((toy / "ppo" / "args.json").read_text())
-    assert kinds["ppo"] == ("ppo_lagrangian", ppo_log[-1]["lagrangian/lambda"], ppo_args["kl_coeff"])
+    final_lambda = ppo_log[-1]["lagrangian/lambda"]
+    assert kinds["ppo"] == ("ppo_lagrangian", final_lambda, pytest.approx(ppo_args["kl_coeff"] * (1 + final_lambda)))
     assert r["training"]["ppo"]["steps"] == len(ppo_log) and r["training"]["ppo"]["threshold"] == ppo_args["threshold"]
     # responses.jsonl: every (policy, prompt) once, its scores equal to the summaries
     rows = read_responses(out)
@@ -286,3 +288,13 @@ def test_help_documents_every_mode():
     for word in (*E.MODES, "--policies", "--prompts", "--preference_dataset", "--training_logs", "--oracle",
                  "--arena_baseline", "--temperature", "--max_new_tokens", "--batch_size", "--seed", "--limit"):
         assert word in p.stdout, word
+
+
+def test_sqrt_kl_fit_against_a_hand_line():
+    """Reward exactly 2 + 3 sqrt(KL) (window 1: no smoothing) -> slope 3, R^2 1; a constant cost has no R^2."""
+    kl = [0.0, 0.25, 1.0, 2.25, 4.0]
+    log = {"kl": kl, "reward": [2 + 3 * k ** 0.5 for k in kl], "cost": [1.0] * 5}
+    fit = E.sqrt_kl_fit(log, window=1)
+    assert fit["reward_slope"] == pytest.approx(3.0) and fit["reward_r2"] == pytest.approx(1.0)
+    assert fit["cost_slope"] == pytest.approx(0.0) and fit["cost_r2"] is None
+    assert E.running_mean([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]

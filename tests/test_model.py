@@ -241,12 +241,34 @@ def test_sample_pads_after_eos_and_mask_matches(tok):
     assert torch.equal(mask[:, :S], enc.attention_mask)
     for b in range(2):
         gen, gm = seqs[b, S:].tolist(), mask[b, S:].tolist()
-        if tok.eos_token_id in gen:
-            e = gen.index(tok.eos_token_id)
-            assert gm == [1] * (e + 1) + [0] * (len(gen) - e - 1)
-            assert all(t == tok.pad_token_id for t in gen[e + 1:])
-        else:
-            assert all(gm)
+        # the row ends at its first EOS (kept) or at a sampled PAD (left out); PAD after the end
+        end = next((t + (x == tok.eos_token_id) for t, x in enumerate(gen) if x in (tok.eos_token_id, tok.pad_token_id)),
+                   len(gen))
+        assert gm == [1] * end + [0] * (len(gen) - end)
+        assert all(t == tok.pad_token_id for t in gen[end:])
+
+
+def test_a_sampled_pad_ends_the_row_outside_it(tok):
+    """PAD is in the vocabulary, so a policy can sample it: the row ends there, the PAD masked out
+    (the official mask is ids != PAD), and the other row goes on."""
+    policy = tiny_policy(tok)
+    steps = []
+
+    def force_pad(module, args, output):   # no EOS anywhere; row 0's third generated token: PAD
+        steps.append(None)
+        output.logits[:, -1, tok.eos_token_id] = -1e4
+        if len(steps) == 3:
+            output.logits[0, -1, tok.pad_token_id] = 1e4
+        return output
+    policy.register_forward_hook(force_pad)
+    gen_tok = M.load_tokenizer(tok.name_or_path, "left")
+    enc = gen_tok(["how do i bake bread", "fix"], return_tensors="pt", padding=True)
+    torch.nn.init.zeros_(policy.lm_head.weight)
+    seqs, mask = M.sample(policy, enc.input_ids, enc.attention_mask, max_new_tokens=6,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    S = enc.input_ids.shape[1]
+    assert seqs[0, S + 2].item() == tok.pad_token_id and mask[0, S:].tolist() == [1, 1, 0, 0, 0, 0]
+    assert (seqs[0, S + 2:] == tok.pad_token_id).all() and mask[1, S:].sum() == 6 - (seqs[1, S:] == tok.pad_token_id).sum()
 
 
 def test_sample_uses_the_kv_cache_consistently(tok):

@@ -17,7 +17,7 @@ from conftest import ROOT, make_toy_checkpoints, torchrun
 SFT = ["sft.py", "--model_name_or_path", "toy-tiny", "--limit", "64", "--epochs", "1", "--per_device_train_batch_size", "8",
        "--gradient_accumulation_steps", "2", "--lr", "1e-3", "--toy_eval_samples", "0", "--eval_limit", "16"]
 PPO = ["ppo_lagrangian.py", "--epochs", "1", "--limit", "16", "--per_device_prompt_batch_size", "8",
-       "--per_device_train_batch_size", "8", "--max_length", "40", "--sample_every", "0", "--device", "cpu"]
+       "--per_device_train_batch_size", "8", "--max_length", "40", "--sample_every", "0", "--device", "cpu", "--threshold", "-1"]
 
 
 def free_port() -> int:

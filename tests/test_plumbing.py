@@ -36,3 +36,22 @@ def test_rank_batches_lockstep_and_every_item_once(n, batch, world):
     assert len({len(b) for b in per_rank}) == 1                   # same number of batches on every rank
     real = [i for batches in per_rank for idx, keep in batches for i, k in zip(idx, keep) if k]
     assert sorted(real) == list(range(n))                         # every item once, repeats flagged
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedules_match_transformers(kind):
+    """Warmup from lr 0 at step 0, then the decay, step for step as transformers' own schedules."""
+    import transformers
+
+    reference = {"cosine": transformers.get_cosine_schedule_with_warmup,
+                 "linear": transformers.get_linear_schedule_with_warmup,
+                 "constant": lambda o, w, t: transformers.get_constant_schedule(o)}[kind]
+    lrs = {}
+    for name, make in (("ours", lambda o: plumbing.make_scheduler(o, kind, 3, 20)), ("hf", lambda o: reference(o, 3, 20))):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        scheduler, lrs[name] = make(optimizer), []
+        for _ in range(20):
+            lrs[name].append(optimizer.param_groups[0]["lr"])
+            optimizer.step(), scheduler.step()
+    assert lrs["ours"] == pytest.approx(lrs["hf"], abs=1e-12)
+    assert kind == "constant" or lrs["ours"][:4] == pytest.approx([0.0, 0.5 / 3, 1.0 / 3, 0.5])

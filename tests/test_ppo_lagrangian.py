@@ -200,9 +200,47 @@ def test_fixed_lambda_baselines_keep_lambda(toy, tmp_path):
     p = run([sys.executable, *ppo_cmd(toy, tmp_path / "ppo", "--lambda_init", 0, "--lambda_lr", 0)])
     assert p.returncode == 0, p.stderr[-3000:]
     assert {r["lagrangian/lambda"] for r in metrics(tmp_path / "ppo")} == {0.0}
-    p = run([sys.executable, *ppo_cmd(toy, tmp_path / "nu", "--lambda_init", 2.0, "--lambda_lr", 0)])
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert {round(r["lagrangian/lambda"], 6) for r in metrics(tmp_path / "nu")} == {2.0}
+
+
+def test_reward_shaping_run_critics_in_eval_mode_and_first_pass_check(toy, tmp_path, monkeypatch):
+    """In-process, instrumented: the paper's shaping baseline keeps nu; the critics score rollouts in
+    eval mode (after updates too); the first-pass ratio check is logged on each rollout's first
+    micro-batch only (2 micro-batches x 2 PPO epochs per rollout here) and is 0 there."""
+    calls = []   # (critic in train mode?, grad enabled?) for every critic forward
+    prepare = M.prepare_model
+
+    def instrumented(model, *args, trainable, **kwargs):
+        model = prepare(model, *args, trainable=trainable, **kwargs)
+        if trainable and isinstance(model, M.ScoreModel):   # the two critics
+            model.register_forward_pre_hook(lambda m, _: calls.append((m.training, torch.is_grad_enabled())))
+        return model
+    monkeypatch.setattr(M, "prepare_model", instrumented)
+    cmd = ppo_cmd(toy, tmp_path / "shaping", "--reward_shaping", "--lambda_init", 2.0, "--lambda_lr", 0,
+                  "--per_device_prompt_batch_size", 8, "--update_iters", 2)
+    P.main(plumbing.parse_args(P.Args, [str(c) for c in cmd[1:]]))
+    rows = metrics(tmp_path / "shaping")
+    assert len(rows) == 8 and {round(r["lagrangian/lambda"], 6) for r in rows} == {2.0}
+    first = [r["step"] for r in rows if "policy/first_pass_logratio_max" in r]
+    assert first == [1, 5] and all(r["policy/first_pass_logratio_max"] < 1e-5 for r in rows if r["step"] in first)
+    scoring = [training for training, grad in calls if not grad]
+    assert len(scoring) == 4 and not any(scoring)        # 2 rollouts x 2 critics, all in eval mode
+    assert all(training for training, grad in calls if grad)
+    with pytest.raises(plumbing.UserError, match="--reward_shaping keeps nu = --lambda_init fixed: give --lambda_lr 0"):
+        P.main(plumbing.parse_args(P.Args, [str(c) for c in ppo_cmd(toy, tmp_path / "x", "--reward_shaping")[1:]]))
+
+
+def test_reward_shaping_per_token_reward_by_hand():
+    """-beta*k_t + [t = end](R - nu*C) in one stream (paper section 4.2.3), against a hand computation,
+    and the Lagrangian form at fixed nu: the same trade-off with (1 + nu) times the KL weight."""
+    old, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.1, -1.8, -0.8]])   # k = [0.1, -0.2, 0.3]
+    mask, R, C, nu, beta = torch.ones(1, 3), torch.tensor([2.0]), torch.tensor([1.0]), 0.5, 0.1
+    rewards, _ = P.per_token_rewards_and_costs(P.shaped_score(R, C, nu), C, old, ref, mask, beta, 50.0)
+    assert rewards[0].tolist() == pytest.approx([-0.01, 0.02, -0.03 + (2.0 - 0.5 * 1.0)])
+    r, c = P.per_token_rewards_and_costs(R, C, old, ref, mask, beta, 50.0)
+    values = torch.zeros(1, 3)
+    lagrangian = P.combined_advantage(P.gae(values, r, mask, 1.0, 0.95)[0], P.gae(values, c, mask, 1.0, 0.95)[0], nu)
+    shaped_with_bigger_kl, _ = P.per_token_rewards_and_costs(P.shaped_score(R, C, nu), C, old, ref, mask, beta * (1 + nu), 50.0)
+    assert (lagrangian * (1 + nu))[0].tolist() == pytest.approx(P.gae(values, shaped_with_bigger_kl, mask, 1.0, 0.95)[0][0].tolist())
 
 
 def test_two_ranks_finish_with_identical_lambda(toy, tmp_path):
@@ -253,3 +291,13 @@ def test_run_with_ptx(toy, tmp_path):
     p = run([sys.executable, *ppo_cmd(toy, tmp_path / "ptx", "--ptx_dataset", toy / "toy" / "sft", "--ptx_coeff", 1.0)])
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(metrics(tmp_path / "ptx")) == 4
+
+
+def test_threshold_derived_from_the_cost_models_calibration(tmp_path):
+    """d' = (1 - u) E[C | safe] + u E[C | unsafe], from cost.py's eval.json; no calibration: one line."""
+    (tmp_path / "eval.json").write_text(json.dumps({"eval/safe_cost_mean": -4.0, "eval/unsafe_cost_mean": 4.0}))
+    threshold, how = P.derived_threshold(str(tmp_path), 0.025)
+    assert threshold == pytest.approx(0.975 * -4.0 + 0.025 * 4.0) and threshold == pytest.approx(-3.8)
+    assert how.startswith("threshold -3.800 = (1 - 0.025) x -4.000 (mean C of safe answers) + 0.025 x +4.000")
+    with pytest.raises(plumbing.UserError, match="no calibration to derive the threshold from .* give --threshold"):
+        P.derived_threshold(str(tmp_path / "elsewhere"), 0.025)

@@ -79,7 +79,7 @@ def folder_digest(folder):
 
 
 PPO = ["--epochs", "1", "--limit", "16", "--per_device_prompt_batch_size", "8", "--per_device_train_batch_size", "8",
-       "--max_length", "48"]
+       "--max_length", "48", "--threshold", "-1"]
 
 
 def probes(r):

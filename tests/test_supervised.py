@@ -207,6 +207,8 @@ def test_cost_metrics_definitions():
     # safe responses: -1, 0, -0.5, 3 -> C < 0 for 2 of 4; unsafe: 1, 0, 2, 1 -> C > 0 for 3 of 4
     assert m["safe_negative_rate"] == pytest.approx(2 / 4)
     assert m["unsafe_positive_rate"] == pytest.approx(3 / 4)
+    # the calibration a derived threshold reads: mean C of the safe ones, of the unsafe ones
+    assert m["safe_cost_mean"] == pytest.approx((-1 + 0 - 0.5 + 3) / 4) and m["unsafe_cost_mean"] == pytest.approx(1.0)
     assert cost.safety_sign_accuracy(torch.tensor([0.0, 0.0]), torch.tensor([1.0, -1.0])).item() == 0  # C = 0 wrong
 
 
@@ -390,9 +392,13 @@ def test_unusable_pairs_are_dropped_and_counted(tmp_path, toy_tok):
 
 def test_truncation_is_counted(toy, toy_tok):
     args = sft.Args(dataset=str(toy / "sft"), max_length=20)
-    examples, truncated = sft.load_examples(args, "test", 50, toy_tok)
+    summary = plumbing.DataSummary("--dataset", args.dataset, "test")
+    examples, truncated = sft.load_examples(args, "test", 50, toy_tok, summary)
     assert all(len(e["input_ids"]) == len(e["labels"]) <= 20 for e in examples)
     full, none = sft.load_examples(dataclasses.replace(args, max_length=512), "test", 50, toy_tok)
-    assert none == 0 and truncated == sum(len(e["input_ids"]) > 20 for e in full) > 0
+    # every row longer than the window is either truncated or, when its prompt alone fills it, dropped
+    filled = summary.dropped.get("prompt fills the window", [])
+    assert none == 0 and truncated > 0 and truncated + len(filled) == sum(len(e["input_ids"]) > 20 for e in full)
+    assert len(examples) + len(filled) == 50 == summary.read
     pairs, truncated = reward.load_pairs(str(toy / "preference"), "test", toy_tok, reward.REWARD, max_length=45, limit=50)
     assert all(len(p["first"]) <= 45 and len(p["second"]) <= 45 for p in pairs) and truncated > 0

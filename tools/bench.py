@@ -467,7 +467,7 @@ def section_ppo(args: Args, work: Path, tokenizer) -> None:
                   "--recipe", "toy", "--dataset", str(work / "prompts"), "--limit", str(args.ppo_iterations * args.gen_batch),
                   "--epochs", "1", "--per_device_prompt_batch_size", str(per_rank),
                   "--per_device_train_batch_size", str(per_rank), "--max_length", str(n_prompt + args.new_tokens),
-                  "--sample_every", "0", "--log_every", "1"]
+                  "--sample_every", "0", "--log_every", "1", "--threshold", "0"]
     records = run_stage("ppo_lagrangian.py", stage_args, args, work / "ppo")
     timed = records[args.ppo_warmup:]
     parts = {k: statistics.median(r[f"time/{k}"] for r in timed) for k in ("generation", "scoring", "training")}

@@ -565,7 +565,7 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
                         limit=2 * P * world_size, epochs=1, max_length=max_length,
                         per_device_prompt_batch_size=P, per_device_train_batch_size=B,
                         gradient_checkpointing=gradient_checkpointing, output_dir=f"{tmp}/ppo", save_every=0,
-                        sample_every=0, log_every=1000, device="cpu")
+                        sample_every=0, log_every=1000, device="cpu", threshold=0.0)
         M.sample = marked(M.sample, rollout_phase)
         M.policy_logprobs = marked(M.policy_logprobs,
                                    lambda *a, **k: "actor update" if torch.is_grad_enabled() else "scoring")
