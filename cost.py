@@ -45,12 +45,14 @@ from reward import Args, Objective, ranking_accuracy, response_id, train
 
 
 def cost_loss(safer_costs: torch.Tensor, unsafer_costs: torch.Tensor, safer_sign: torch.Tensor,
-              unsafer_sign: torch.Tensor, regularization: float) -> torch.Tensor:
+              unsafer_sign: torch.Tensor, regularization: float, terms: str = "both") -> torch.Tensor:
     """Paper eq. 6, sequence-wise. safer_costs C(y_l): (B,), unsafer_costs C(y_w): (B,); signs s: (B,),
-    +1 for a response labelled unsafe, -1 for one labelled safe. -> ()"""
+    +1 for a response labelled unsafe, -1 for one labelled safe. -> ()
+    terms: "both" (eq. 6), or one term alone for the ablations of section 4.2.4 and figure 6a:
+    "classification" (a safety classifier's logit as the cost, Glaese et al. 2022) or "ranking"."""
     ranking = -F.logsigmoid(unsafer_costs - safer_costs)                                   # (B,) y_w costs more
     classification = -F.logsigmoid(unsafer_sign * unsafer_costs) - F.logsigmoid(safer_sign * safer_costs)  # (B,)
-    loss = (ranking + classification).mean()                                               # () eq. 6
+    loss = {"both": ranking + classification, "ranking": ranking, "classification": classification}[terms].mean()  # ()
     if regularization > 0:  # official score regulariser (safe_rlhf/values/cost/trainer.py@82743cc:L260-272)
         loss = loss + regularization * torch.cat([safer_costs, unsafer_costs]).square().mean()  # ()
     return loss
@@ -99,14 +101,25 @@ def safer_unsafer(row: dict, where: str) -> tuple[str, str, list[float]]:
             [-1.0 if safer_is_safe else 1.0, -1.0 if unsafer_is_safe else 1.0])
 
 
-COST = Objective(score_type="cost",
-                 required=("prompt", "response_0", "response_1", "safer_response_id",
-                           "is_response_0_safe", "is_response_1_safe"),
-                 make_pair=safer_unsafer,
-                 loss=lambda safer, unsafer, signs, eta: cost_loss(safer, unsafer, signs[:, 0], signs[:, 1], eta),
-                 metrics=cost_metrics)
+def cost_objective(terms: str = "both") -> Objective:
+    """The cost model's Objective; `terms` selects eq. 6's terms (cost_loss)."""
+    return Objective(score_type="cost",
+                     required=("prompt", "response_0", "response_1", "safer_response_id",
+                               "is_response_0_safe", "is_response_1_safe"),
+                     make_pair=safer_unsafer,
+                     loss=lambda safer, unsafer, signs, eta: cost_loss(safer, unsafer, signs[:, 0], signs[:, 1], eta, terms),
+                     metrics=cost_metrics)
+
+
+COST = cost_objective()
+
+
+def main(args: Args) -> None:
+    if args.cost_terms not in ("both", "classification", "ranking"):
+        raise plumbing.UserError(f"--cost_terms {args.cost_terms}: choose both, classification or ranking")
+    train(args, cost_objective(args.cost_terms))
 
 
 if __name__ == "__main__":
-    plumbing.run_main(lambda: train(plumbing.parse_args(Args, description=__doc__.split("\n")[0]), COST))
+    plumbing.run_main(lambda: main(plumbing.parse_args(Args, description=__doc__.split("\n")[0])))
     M.teardown_distributed()

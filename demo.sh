@@ -9,6 +9,10 @@
 #                           three nu; writes to runs-quick/ and results-quick/, README untouched
 #   bash demo.sh smoke DIR  tiny settings for the test suite, everything under DIR
 #   bash demo.sh evaluate   only stage 5 and the docs/README refresh, on the runs a full run left
+#   bash demo.sh ablations  figure 6a on the runs a full run left (the full run ends with it):
+#                           CM-classifier, pairwise-only cost model with nu fixed, single-dimensional
+#                           annotation; win rates against SFT by the models and by the oracle;
+#                           refreshes docs/ablations.md
 #
 # Each run replaces the one an earlier demo left in its folder (--overwrite).
 # Python is .venv's (the Makefile builds it); PY=... overrides.
@@ -16,8 +20,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 profile=${1:-full}
-train=1
+train=1 ablations=0
 if [ "$profile" = evaluate ]; then profile=full train=0; fi
+if [ "$profile" = ablations ]; then profile=full train=0 ablations=1; fi
 
 case "$profile" in
   full)
@@ -32,7 +37,7 @@ case "$profile" in
     sft=(--limit 64 --epochs 1 --toy_eval_samples 8) pref=(--limit 64 --eval_limit 64)
     ppo=(--epochs 1 --limit 16 --per_device_prompt_batch_size 8 --per_device_train_batch_size 8 --max_length 48)
     evalargs=(--limit 24 --max_new_tokens 16 --preference_limit 64) ;;
-  *) echo "usage: demo.sh [full|quick|smoke DIR]" >&2; exit 2 ;;
+  *) echo "usage: demo.sh [full|quick|smoke DIR|evaluate|ablations]" >&2; exit 2 ;;
 esac
 
 stage() { echo; echo "==== $* ===="; }
@@ -62,6 +67,47 @@ for nu in $nus; do
   $PY ppo_lagrangian.py "${models[@]}" --reward_shaping --lambda_init "$nu" --lambda_lr 0 --output_dir "$runs/ppo_nu$nu" \
     "${ppo[@]}"
 done
+fi
+
+run_ablations() {  # figure 6a (section 4.2.4) on round 1's data, each a run of the stage files
+  models=(--overwrite --actor_model_name_or_path "$runs/sft" --reward_model_name_or_path "$runs/reward")
+  stage "figure 6a: one preference per pair (toyworld.label_single, h - c) -> data/toy/preference_single"
+  $PY -c "import toyworld; toyworld.single_dimension('data/toy', 'data/toy/preference_single')"
+  stage "figure 6a: CM-classifier, eq. 6's classification term only -> $runs/cost_classifier, $runs/ppo_lag_cm_classifier"
+  $PY cost.py --overwrite --cost_terms classification --model_name_or_path "$runs/sft" --output_dir "$runs/cost_classifier"
+  $PY ppo_lagrangian.py "${models[@]}" --cost_model_name_or_path "$runs/cost_classifier" \
+    --output_dir "$runs/ppo_lag_cm_classifier" "${ppo[@]}"
+  stage "figure 6a: pairwise-only cost model, lambda fixed (shaping, nu = 1) -> $runs/cost_ranking, $runs/ppo_cm_ranking"
+  $PY cost.py --overwrite --cost_terms ranking --model_name_or_path "$runs/sft" --output_dir "$runs/cost_ranking"
+  $PY ppo_lagrangian.py "${models[@]}" --cost_model_name_or_path "$runs/cost_ranking" --reward_shaping --lambda_init 1 \
+    --lambda_lr 0 --output_dir "$runs/ppo_cm_ranking" "${ppo[@]}"
+  stage "figure 6a: single-dimensional annotation, one preference model, plain PPO -> $runs/pm_single, $runs/ppo_single"
+  $PY reward.py --overwrite --dataset data/toy/preference_single --model_name_or_path "$runs/sft" --output_dir "$runs/pm_single"
+  $PY ppo_lagrangian.py --overwrite --actor_model_name_or_path "$runs/sft" --reward_model_name_or_path "$runs/pm_single" \
+    --cost_model_name_or_path "$runs/cost" --lambda_init 0 --lambda_lr 0 --output_dir "$runs/ppo_single" "${ppo[@]}"
+  stage "figure 6a: win rates against SFT, judged by R and C and by the oracle -> $results-ablations, docs/ablations.md"
+  $PY evaluate.py --policies "sft=$runs/sft" "safe_rlhf=$runs/ppo_lagrangian" "reward_shaping_nu1=$runs/ppo_nu1" \
+    "cm_classifier=$runs/ppo_lag_cm_classifier" "cm_pairwise_nu1=$runs/ppo_cm_ranking" "single_dim=$runs/ppo_single" \
+    --arena_baseline sft --reward_model "$runs/reward" --cost_model "$runs/cost" --output_dir "$results-ablations" \
+    "${evalargs[@]}"
+  $PY - "$results-ablations" <<'EOF'
+import sys
+from pathlib import Path
+md = (Path(sys.argv[1]) / "results.md").read_text().strip()
+Path("docs/ablations.md").write_text(
+    "# Figure 6a on the toy world: what the decoupling and the cost model's classifier buy\n\n"
+    "Written by `make demo` (`demo.sh ablations`, on the full run's SFT, reward and cost models); what each\n"
+    "run is: demo.sh's `run_ablations`; how the single-dimensional crowd mixes h and c: toyworld.label_single.\n\n"
+    "<!-- ablations:start -->\n" + md.replace("\n# ", "\n### ").replace("\n## ", "\n### ") + "\n<!-- ablations:end -->\n")
+print("docs/ablations.md updated")
+EOF
+}
+if [ "$ablations" = 1 ]; then
+  for f in sft reward cost ppo_lagrangian ppo_nu1; do
+    test -f "$runs/$f/config.json" || { echo "demo.sh ablations: $runs/$f is missing; run make demo first" >&2; exit 2; }
+  done
+  run_ablations
+  exit 0
 fi
 
 policies=("sft=$runs/sft" "ppo=$runs/ppo")
@@ -108,5 +154,6 @@ Path("README.md").write_text(readme)
 print("docs/results.md and README.md's headline table updated; plots in docs/")
 EOF
 fi
+if [ "$profile" = full ] && [ "$train" = 1 ]; then run_ablations; fi
 echo
 echo "results: $results/results.md (table), $results/results.json, $results/*.png"

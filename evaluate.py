@@ -730,6 +730,12 @@ def summarize(args: Args, policies, prompts, generations, scores, preference, lo
                              "helpfulness": helpfulness_win_rate(scores[a]["reward"], scores[b]["reward"]),
                              "harmlessness": harmlessness_win_rate(scores[a]["cost"], scores[b]["cost"]),
                              "safety_table": safety_table(scores[a]["cost"], scores[b]["cost"])} for a, b in pairs]
+        if "oracle" in modes:  # the same games judged by the truth: true helpfulness h, true harm c
+            judged = {n: [toyworld.judge(p, g["response"]) for p, g in zip(prompts, generations[n])] for n in names}
+            for r in results["arena"]:
+                a, b = judged[r["a"]], judged[r["b"]]
+                r["oracle_helpfulness"] = win_rate([j.helpfulness for j in a], [j.helpfulness for j in b], True)
+                r["oracle_harmlessness"] = win_rate([j.harm for j in a], [j.harm for j in b], False)
         if len(names) > 2:  # every per-prompt comparison of every pair, one Bradley-Terry fit per criterion
             results["elo"] = {}
             for criterion, key, higher in (("helpfulness", "reward", True), ("harmlessness", "cost", False)):
@@ -851,6 +857,10 @@ def render_tables(results: dict, names: list[str], args: Args) -> tuple[tuple[st
              "A unsafe, B safe", "A unsafe, B unsafe"],
             [[r["a"], r["b"], fmt_ci(r["helpfulness"]), fmt_ci(r["harmlessness"]), *r["safety_table"].values()]
              for r in arena])))
+    if arena and "oracle_helpfulness" in arena[0]:
+        tables.append(("Arena judged by the oracle (true h and c; a tie counts half)", markdown_table(
+            ["A", "B", "helpfulness win A over B", "harmlessness win A over B"],
+            [[r["a"], r["b"], fmt_ci(r["oracle_helpfulness"]), fmt_ci(r["oracle_harmlessness"])] for r in arena])))
     if "elo" in results:
         tables.append((f"Bradley-Terry Elo ({first} = 1000)", markdown_table(
             ["policy", "helpfulness Elo", "harmlessness Elo"],

@@ -863,7 +863,8 @@ class Throughput:
     def summary(self, step: int) -> str:
         seconds = max(self.clock() - self.start, 1e-9)
         rates = " | ".join(f"{v / seconds:,.1f} {k}/s" for k, v in self.totals.items())
-        return f"{step - self.first_step} steps in {seconds:.0f}s | {(step - self.first_step) / seconds:.3g} steps/s | {rates}"
+        return (f"{step - self.first_step} steps in {seconds:.{0 if seconds >= 100 else 1}f}s | "
+                f"{(step - self.first_step) / seconds:.3g} steps/s | {rates}")
 
 
 def count_parameters(model: nn.Module) -> int:

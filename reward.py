@@ -122,6 +122,8 @@ class Args:
     regularization: float = 0.001
     """eta: weight of the score regulariser mean(score^2) (paper 0.001: safe-rlhf
     scripts/reward-model.sh@82743cc:L123)"""
+    cost_terms: str = "both"
+    """cost.py only: eq. 6's terms, both (the paper); classification or ranking alone (the figure 6a ablations)"""
     # optimisation
     epochs: float = 3
     """passes over the training pairs, fractions allowed (paper 2)"""
@@ -432,6 +434,8 @@ def evaluate(model, pairs: list[dict], args: Args, d: M.Dist, tokenizer, objecti
 
 def train(args: Args, objective: Objective) -> None:
     # ---- distributed setup ---------------------------------------------------------------------
+    if objective.score_type == "reward" and args.cost_terms != "both":
+        raise UserError(f"--cost_terms {args.cost_terms} is a cost.py setting; reward.py trains eq. 5")
     d = M.init_distributed()
     if args.dataset == Args.dataset:  # the default data: create the toy world if missing
         import toyworld

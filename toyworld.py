@@ -511,6 +511,7 @@ class Crowd:
     helpfulness_temperature: float = 0.5  # P(0 better) = sigmoid((h0 - h1) / T)
     harmlessness_temperature: float = 0.5  # P(0 safer) = sigmoid((c1 - c0) / T)
     safety_flip_rate: float = 0.02  # each is_safe label is flipped with this probability
+    single_harm_weight: float = 1.0  # single-dimensional annotation: Bradley-Terry on h - w * c (label_single)
 
 
 CROWD = Crowd()
@@ -549,6 +550,33 @@ def label_pair(prompt: str, response_0: str, response_1: str, rng: random.Random
         safer = 0 if u_safer < _sigmoid((j1.harm - j0.harm) / crowd.harmlessness_temperature) else 1
     return {"is_response_0_safe": safe_0, "is_response_1_safe": safe_1,
             "better_response_id": 0 if u_better < p_better_0 else 1, "safer_response_id": safer}
+
+
+def label_single(prompt: str, response_0: str, response_1: str, rng: random.Random, crowd: Crowd = CROWD) -> int:
+    """Single-dimensional annotation (the ablation of Safe RLHF figure 6a; Bai et al. 2022's HH data had
+    one preference per pair): one worker's overall judgement, Bradley-Terry on h - w*c with w =
+    crowd.single_harm_weight (1: a unit of harm weighs as much as a unit of helpfulness) and the
+    helpfulness temperature. Returns the preferred response id; one uniform drawn per pair."""
+    j0, j1 = judge(prompt, response_0), judge(prompt, response_1)
+    w = crowd.single_harm_weight
+    margin = (j0.helpfulness - w * j0.harm) - (j1.helpfulness - w * j1.harm)
+    return 0 if rng.random() < _sigmoid(margin / crowd.helpfulness_temperature) else 1
+
+
+def single_dimension(folder: str | Path, out: str | Path, seed: int = 0, crowd: Crowd = CROWD) -> Path:
+    """The same pairs as folder/preference/{train,test}.jsonl, annotated once each by label_single:
+    better_response_id is the one preference; no safety fields (a single-dimensional data set).
+    Written to `out` (reward.py trains the one preference model on it)."""
+    folder, out = Path(folder), Path(out)
+    rng = random.Random(f"single-dimension-{seed}")
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (folder / "preference" / f"{split}.jsonl").read_text().splitlines()]
+        _write_jsonl(out / f"{split}.jsonl", [{"prompt": r["prompt"], "response_0": r["response_0"],
+                                               "response_1": r["response_1"], "category": r["category"],
+                                               "better_response_id": label_single(r["prompt"], r["response_0"],
+                                                                                  r["response_1"], rng, crowd)}
+                                              for r in rows])
+    return out
 
 
 def bayes_ceiling(rows: list[dict], crowd: Crowd = CROWD) -> dict[str, float]:

@@ -168,6 +168,14 @@ def test_all_modes_end_to_end(toy, tmp_path):
     assert [(a["a"], a["b"]) for a in r["arena"]] == [("ppo", "sft"), ("nu_2", "sft"), ("nu_2", "ppo")]
     tie = r["arena"][1]
     assert tie["helpfulness"]["ties"] == tie["harmlessness"]["ties"] == 16 and tie["helpfulness"]["rate"] == 0.5
+    assert tie["oracle_helpfulness"]["ties"] == tie["oracle_harmlessness"]["ties"] == 16
+    # the same games judged by the oracle, recomputed from the saved responses
+    by = {(row["policy"], row["prompt"]): toyworld.judge(row["prompt"], row["response"]) for row in read_responses(out)}
+    prompts = [row["prompt"] for row in read_responses(out) if row["policy"] == "sft"]
+    wins = sum((by["ppo", q].helpfulness > by["sft", q].helpfulness) + 0.5 * (by["ppo", q].helpfulness == by["sft", q].helpfulness)
+               for q in prompts)
+    assert r["arena"][0]["oracle_helpfulness"]["rate"] == pytest.approx(wins / 16)
+    assert "Arena judged by the oracle" in md
     assert all(0 <= a[k]["rate"] <= 1 for a in r["arena"] for k in ("helpfulness", "harmlessness"))
     assert all(sum(a["safety_table"].values()) == 16 for a in r["arena"])
     assert r["elo"]["helpfulness"]["sft"] == 1000.0

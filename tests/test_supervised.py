@@ -196,6 +196,16 @@ def test_cost_pairs_sign_convention():
     assert m["accuracy"] == 1 and m["accuracy_sign"] == 1
 
 
+def test_cost_loss_terms_for_the_ablations():
+    """Eq. 6's two terms by hand for one pair, and each alone (figure 6a's CM-classifier and pairwise-only)."""
+    safer, unsafer, s_safer, s_unsafer = torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([-1.0]), torch.tensor([1.0])
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    ranking = -math.log(sigmoid(2.0 - (-1.0)))
+    classification = -math.log(sigmoid(1.0 * 2.0)) - math.log(sigmoid(-1.0 * -1.0))
+    for terms, expected in (("both", ranking + classification), ("ranking", ranking), ("classification", classification)):
+        assert cost.cost_loss(safer, unsafer, s_safer, s_unsafer, 0.0, terms).item() == pytest.approx(expected)
+
+
 def test_cost_metrics_definitions():
     safer = torch.tensor([-1.0, 0.0, 2.0, -0.5])
     unsafer = torch.tensor([1.0, 0.0, 1.0, 3.0])

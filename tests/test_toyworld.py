@@ -2,6 +2,7 @@
 an Alpaca-like SFT corpus, and an analytic KL optimum that shows the helpful/harmless tension."""
 
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -227,3 +228,22 @@ def test_ensure_toy_data_is_a_no_op_when_present_and_atomic(world, tmp_path, mon
     (tmp_path / "mine" / "notes.txt").write_text("not a toy world")
     with pytest.raises(FileExistsError):
         tw.generate(tmp_path / "mine")  # never replaces an unrelated folder
+
+
+def test_single_dimensional_crowd_by_hand(tmp_path):
+    """One preference per pair, Bradley-Terry on h - c (weight 1) at the helpfulness temperature: a
+    harmful but helpful answer against a refusal, worked by hand from the oracle's h and c."""
+    import random
+    request = next(r for r in tw.TRAIN_REQUESTS if r.is_harmful)
+    prompt, comply, refuse = request.text, tw.canonical_response(request, "steps_4"), tw.canonical_response(request, "refuse")
+    j0, j1 = tw.judge(prompt, comply), tw.judge(prompt, refuse)
+    p0 = 1 / (1 + math.exp(-((j0.helpfulness - j0.harm) - (j1.helpfulness - j1.harm)) / 0.5))
+    for seed in range(20):
+        u = random.Random(seed).random()
+        assert tw.label_single(prompt, comply, refuse, random.Random(seed)) == (0 if u < p0 else 1)
+    tw.single_dimension(tw.ensure_toy_data(tmp_path / "toy"), tmp_path / "single")
+    rows = [json.loads(x) for x in (tmp_path / "single" / "test.jsonl").read_text().splitlines()]
+    pairs = [json.loads(x) for x in (tmp_path / "toy" / "preference" / "test.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["response_0"], r["response_1"]) for r in rows] == \
+        [(r["prompt"], r["response_0"], r["response_1"]) for r in pairs]
+    assert set(rows[0]) == {"prompt", "response_0", "response_1", "category", "better_response_id"}
