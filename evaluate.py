@@ -572,6 +572,7 @@ def main(args: Args) -> None:
 
     # ---- data: prompts, preference pairs, training logs ---------------------------------------
     prompts: list[str] = []
+    data_summary: dict = {}  # what each input file gave (plumbing.DataSummary), saved in results.json
     if modes & {"generate", "arena", "oracle"}:
         if args.prompts == Args.prompts:
             toyworld.ensure_toy_data(Path(args.prompts).parents[1])
@@ -587,7 +588,7 @@ def main(args: Args) -> None:
             else:
                 first[prompt] = i
         prompts = list(first)
-        plumbing.report_data({"prompts": summary}, False, d.is_main)
+        data_summary.update(plumbing.report_data({"prompts": summary}, False, d.is_main))
         prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]      # each sampled k times
     unknown = next((p for p in prompts if not is_toy_request(p)), None)
     if every and (args.oracle == "on" or args.oracle == "auto" and unknown is None):
@@ -640,11 +641,12 @@ def main(args: Args) -> None:
                                   "generated token ids, so they must match (re-tokenisation is not implemented)")
     pairs: dict[str, list[dict]] = {}  # Table 1's usable pairs, tokenised as reward.py and cost.py do
     for kind, objective in (("reward", REWARD), ("cost", COST)) if "preference" in modes else ():
-        summary = plumbing.DataSummary("--preference_dataset", args.preference_dataset, args.preference_split)
+        summary = plumbing.DataSummary("--preference_dataset", args.preference_dataset, args.preference_split,
+                                       f"as the {kind} model reads them")
         pairs[kind], _ = load_pairs(args.preference_dataset, args.preference_split, tokenizers[kind], objective,
                                     max_length=args.max_length, limit=args.preference_limit,
                                     flag="--preference_dataset", summary=summary)
-        plumbing.report_data({kind: summary}, False, d.is_main)
+        data_summary.update(plumbing.report_data({f"preference_{kind}": summary}, False, d.is_main))
     M.print0(f"evaluate: modes {' '.join(m for m in MODES if m in modes)} | {len(policies)} policies | "
              f"{len(prompts)} prompts | world size {d.world_size}")
 
@@ -678,7 +680,7 @@ def main(args: Args) -> None:
 
     # ---- 3. rank 0: summaries, tables, plots; then every rank leaves together ------------------
     if d.is_main:
-        results = summarize(args, policies, prompts, generations, scores, preference, logs, modes)
+        results = {**summarize(args, policies, prompts, generations, scores, preference, logs, modes), "data": data_summary}
         if preference:  # the toy world knows the best accuracy any model could reach on these labels
             with contextlib.suppress(ValueError):
                 results["preference"]["bayes_ceiling"] = toyworld.bayes_ceiling([p["row"] for p in pairs["cost"]])

@@ -107,7 +107,8 @@ def parse_args(cls, argv=None, description: str | None = None):
         defaults.update(paper)
     epilog = None
     if paper is not None:
-        flags = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}" for k, v in paper.items()]
+        flags = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v if v != '' else repr('')}"
+                 for k, v in paper.items()]
         epilog = (f"--recipe paper ({cls.PAPER_SOURCE}) sets:\n"
                   + "".join(f"  {' '.join(flags[i:i + 3])}\n" for i in range(0, len(flags), 3))
                   + "flags given on the command line override it.")
@@ -125,6 +126,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return action.help if action.default is None or action.default == "" else super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An unknown flag or a value of the wrong type is one line (`error: ...`, exit 2), like every
+    other refusal, not argparse's usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (--help lists the flags)")
+
+
 def _parser(cls, defaults: dict, description: str | None, epilog: str | None):
     import ast
     import inspect
@@ -137,7 +146,7 @@ def _parser(cls, defaults: dict, description: str | None, epilog: str | None):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             helps[node.target.id] = " ".join(nxt.value.value.split())
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=_HelpFormatter)
+    parser = _Parser(description=description, epilog=epilog, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
         kind, default, help_ = hints[f.name], defaults[f.name], helps.get(f.name, "").replace("%", "%%")
         if kind is bool:
@@ -164,7 +173,7 @@ def check_recipe(args) -> None:
     for flag in type(args).DATA_FLAGS:
         value = getattr(args, flag)
         default = next(f.default for f in dataclasses.fields(args) if f.name == flag)
-        if value is not None and value != default and not toyworld.is_toy_data(value):
+        if value not in (None, "", "none") and value != default and not toyworld.is_toy_data(value):
             raise UserError(f"--{flag} {value} is not the toy world's data: choose --recipe paper (the official 7B "
                             "settings; --recipe paper --help lists them) or --recipe toy (the toy world's); "
                             "flags still override either")
@@ -281,8 +290,8 @@ class DataSummary:
     row numbers, counted from 0 in the file's order), and label statistics. Printed before training
     and saved in the run folder (data_summary.json)."""
 
-    def __init__(self, flag: str, dataset: str, split: str):
-        self.flag, self.dataset, self.split = flag, dataset, split
+    def __init__(self, flag: str, dataset: str, split: str, purpose: str = ""):
+        self.flag, self.dataset, self.split, self.purpose = flag, dataset, split, purpose
         self.read, self.dropped, self.stats, self.notes = 0, {}, {}, []
 
     def drop(self, reason: str, row: int) -> None:
@@ -293,7 +302,7 @@ class DataSummary:
         return self.read - sum(map(len, self.dropped.values()))
 
     def where(self) -> str:
-        return f"{self.flag} {self.dataset} (split {self.split})"
+        return f"{self.flag} {self.dataset} (split {self.split}{', ' + self.purpose if self.purpose else ''})"
 
     def as_dict(self) -> dict:
         return {"dataset": self.dataset, "split": self.split, "rows_read": self.read, "rows_used": self.used,
@@ -305,8 +314,8 @@ class DataSummary:
         if self.dropped:
             head += ", dropped: " + "; ".join(f"{len(rows)} {reason} (row {', '.join(map(str, rows[:5]))}"
                                                f"{', ...' if len(rows) > 5 else ''})" for reason, rows in self.dropped.items())
-        stats = [f"  {k} {v:.3f}" if isinstance(v, float) else f"  {k} {v}" for k, v in self.stats.items()]
-        return [head] + ([" |".join(stats)] if stats else []) + [f"  note: {n}" for n in self.notes]
+        stats = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.stats.items()]
+        return [head] + (["  " + " | ".join(stats)] if stats else []) + [f"  note: {n}" for n in self.notes]
 
     def check(self, strict: bool) -> list[str]:
         """Refuse under --strict if any row was dropped; return the warnings to print (a loud one when
@@ -359,11 +368,11 @@ def check_eval_rows(args, train_keys: set[str], eval_keys: list[str], summary: D
     row also a training row) unless --eval_on_train; a partial overlap is counted in the summary."""
     eval_dataset = args.eval_dataset or args.dataset
     same = same_rows((args.dataset, args.train_split, args.dataset_revision),
-                     (eval_dataset, args.eval_split, args.dataset_revision if not args.eval_dataset else None))
+                     (eval_dataset, summary.split, args.dataset_revision if not args.eval_dataset else None))
     overlap = sum(k in train_keys for k in eval_keys)
     summary.stats["also_in_train"] = overlap
     if (same or eval_keys and overlap == len(eval_keys)) and not args.eval_on_train:
-        why = (f"--dataset {args.dataset} is one file, so its split {args.eval_split!r} is the training rows"
+        why = (f"--dataset {args.dataset} is one file, so its split {summary.split!r} is the training rows"
                if same and Path(args.dataset).is_file() and not args.eval_dataset else
                f"the evaluation rows ({summary.where()}) are the training rows" if same else
                f"every evaluation row ({summary.where()}) is also a training row")

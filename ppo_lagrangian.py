@@ -178,7 +178,7 @@ class Args:
     max_grad_norm: float = 1.0
     """global gradient-norm clip for every trained model"""
     ptx_dataset: str | None = None
-    """optional SFT-style data (alpaca schema) for the PTX loss; toy: off (paper tatsu-lab/alpaca)"""
+    """optional SFT-style data (alpaca schema) for the PTX loss ("" or none: off); toy: off (paper tatsu-lab/alpaca)"""
     ptx_coeff: float = 16.0
     """weight of the PTX loss when --ptx_dataset is given (paper 16)"""
     # Lagrange multiplier (eq. 12)
@@ -448,6 +448,31 @@ def load_prompts(args: Args, summary: plumbing.DataSummary) -> list[str]:
     return [p for p, _ in sorted(last.items(), key=lambda kv: kv[1])]
 
 
+def load_ptx(args: Args, tokenizer, summaries: dict) -> list[dict] | None:
+    """The PTX rows (alpaca schema, as sft.py), tokenised once; None without --ptx_dataset ("" or none:
+    no PTX, which --recipe paper otherwise sets). Rows with an empty instruction or output, or whose
+    prompt fills the window, are dropped and counted in summaries["ptx"]."""
+    if not args.ptx_dataset or args.ptx_dataset.lower() == "none":
+        return None
+    summary = summaries["ptx"] = plumbing.DataSummary("--ptx_dataset", args.ptx_dataset, "train")
+    rows = plumbing.load_rows(args.ptx_dataset, "train", required=("instruction", "output"),
+                              text=("instruction", "input", "output"), what="--ptx_dataset")
+    summary.read = len(rows)
+    for i, row in enumerate(rows):
+        if not row["instruction"].strip() or not row["output"].strip():
+            summary.drop("empty prompt" if not row["instruction"].strip() else "empty response", i)
+    kept = [i for i in range(len(rows)) if i not in {r for rs in summary.dropped.values() for r in rs}]
+    examples, _ = M.tokenize_prompt_response(tokenizer, [plumbing.alpaca_request(rows[i]) for i in kept],
+                                             [rows[i]["output"] for i in kept], args.max_length)
+    usable = []
+    for i, example in zip(kept, examples):
+        if all(label == M.IGNORE_INDEX for label in example["labels"]):
+            summary.drop("prompt fills the window", i)
+        else:
+            usable.append(example)
+    return usable
+
+
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
@@ -475,9 +500,15 @@ def main(args: Args) -> None:
     # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
     lock, state = plumbing.open_run_folder(args, d.world_size, d.is_main)  # noqa: F841 - held to the end
 
-    # ---- data (validated before anything is written) ---------------------------------------
+    # ---- tokenizer and data (validated before anything is written) -------------------------
+    actor_path = str(out) if args.resume else args.actor_model_name_or_path
+    tokenizer = M.load_tokenizer(args.tokenizer_name_or_path or actor_path, "left", args.trust_remote_code)
     summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.split)}
     prompts = load_prompts(args, summaries["train"])
+    # a prompt longer than max_length // 2 tokens keeps its last ones (M.encode_prompts): counted, not dropped
+    summaries["train"].stats["truncated_prompts"] = sum(
+        len(ids) > args.max_length // 2 for ids in tokenizer([M.format_prompt(p) for p in prompts])["input_ids"])
+    ptx_examples = load_ptx(args, tokenizer, summaries)
     data_summary = plumbing.report_data(summaries, args.strict, d.is_main)
     global_prompt_batch = args.per_device_prompt_batch_size * d.world_size
     rollouts_per_epoch = len(prompts) // global_prompt_batch
@@ -489,15 +520,9 @@ def main(args: Args) -> None:
     if total_rollouts == 0:
         raise UserError(f"--epochs {args.epochs}: less than one rollout ({rollouts_per_epoch} per epoch)")
     args.total_steps = total_rollouts * args.steps_per_rollout
-    ptx_rows = None
-    if args.ptx_dataset is not None:  # alpaca schema, as sft.py
-        ptx_rows = plumbing.load_rows(args.ptx_dataset, "train", required=("instruction", "output"),
-                                      text=("instruction", "input", "output"), what="--ptx_dataset")
 
     # ---- models: actor, reference, reward, cost, two critics -------------------------------
     M.seed_everything(args.seed)  # same on every rank: identical initial weights
-    actor_path = str(out) if args.resume else args.actor_model_name_or_path
-    tokenizer = M.load_tokenizer(args.tokenizer_name_or_path or actor_path, "left", args.trust_remote_code)
     hint = {"sft": "run sft.py first", "reward": "run reward.py first", "cost": "run cost.py first"}
     # Only rank 0 reads the checkpoints; the other ranks build meta skeletons and receive the
     # weights when prepare_model shards them (one CPU copy per node instead of one per rank).
@@ -700,13 +725,11 @@ def main(args: Args) -> None:
                     loss_total = loss_actor
                     # PTX joins the RL loss in the same actor update, as upstream without the 1/2
                     # (safe_rlhf/trainers/rl_trainer.py@82743cc:L316-320; docs/reference.md, "PTX loss")
-                    if ptx_rows is not None:
+                    if ptx_examples is not None:
                         g = torch.Generator().manual_seed(args.seed * 7919 + step * d.world_size + d.rank)
-                        picks = torch.randint(len(ptx_rows), (mb,), generator=g).tolist()
-                        examples, _ = M.tokenize_prompt_response(
-                            tokenizer, [plumbing.alpaca_request(ptx_rows[i]) for i in picks],
-                            [ptx_rows[i]["output"] for i in picks], args.max_length)
-                        ids, am_ptx, labels = (t.to(d.device) for t in M.collate_right(examples, tokenizer.pad_token_id))
+                        picks = torch.randint(len(ptx_examples), (mb,), generator=g).tolist()
+                        ids, am_ptx, labels = (t.to(d.device) for t in M.collate_right([ptx_examples[i] for i in picks],
+                                                                                        tokenizer.pad_token_id))
                         with M.autocast(d):
                             loss_ptx = ptx_loss(M.policy_logprobs(actor, ids, am_ptx, right_padded=True), labels)
                         loss_total = loss_actor + args.ptx_coeff * loss_ptx
@@ -743,7 +766,7 @@ def main(args: Args) -> None:
                                    "lr/critic": critic_scheds["reward_critic"].get_last_lr()[0],
                                    "memory/peak_gib": plumbing.peak_memory_gib(d.device),
                                    **{f"time/{k}": v for k, v in timer.items()}})
-                    if ptx_rows is not None:
+                    if ptx_examples is not None:
                         record["loss/ptx"] = M.all_reduce(loss_ptx.detach(), "mean").item()
                     bar.set_postfix(R=f"{record['objective/reward']:.2f}", C=f"{record['objective/cost']:.2f}",
                                     lam=f"{lagrange_multiplier:.2f}", kl=f"{record['objective/kl']:.2f}")

@@ -462,14 +462,16 @@ def train(args: Args, objective: Objective) -> None:
     train_pairs, train_truncated = load_pairs(args.dataset, args.train_split, tokenizer, objective, limit=args.limit,
                                               revision=args.dataset_revision, summary=summaries["train"], **load)
     eval_pairs, eval_truncated = [], 0
-    args.eval_split = args.eval_split or ("test" if args.eval_dataset else "")  # evaluation data by name: evaluate
-    if args.eval_split:
+    eval_split = args.eval_split or ("test" if args.eval_dataset else "")  # evaluation data by name: evaluate
+    if eval_split:
         flag = "--eval_dataset" if args.eval_dataset else "--dataset"
-        summaries["eval"] = plumbing.DataSummary(flag, args.eval_dataset or args.dataset, args.eval_split)
-        eval_pairs, eval_truncated = load_pairs(args.eval_dataset or args.dataset, args.eval_split, tokenizer, objective,
+        summaries["eval"] = plumbing.DataSummary(flag, args.eval_dataset or args.dataset, eval_split)
+        eval_pairs, eval_truncated = load_pairs(args.eval_dataset or args.dataset, eval_split, tokenizer, objective,
                                                 limit=args.eval_limit, flag=flag, summary=summaries["eval"], **load,
                                                 revision=None if args.eval_dataset else args.dataset_revision)
         plumbing.check_eval_rows(args, {p["key"] for p in train_pairs}, [p["key"] for p in eval_pairs], summaries["eval"])
+    else:
+        summaries["train"].notes.append("no held-out evaluation (--eval_split ''): give --eval_dataset for one")
     data_summary = plumbing.report_data(summaries, args.strict, d.is_main)
 
     args.global_batch_size = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
@@ -477,7 +479,7 @@ def train(args: Args, objective: Objective) -> None:
     args.total_steps = args.max_steps or int(args.epochs * args.steps_per_epoch)
     if args.steps_per_epoch == 0:
         raise UserError(f"--dataset {args.dataset}: {len(train_pairs)} usable training pairs, fewer than one global "
-                          f"batch of {args.global_batch_size}; lower the batch size")
+                          f"batch of {args.global_batch_size}; lower --per_device_train_batch_size or --gradient_accumulation_steps")
     if args.total_steps == 0:
         raise UserError(f"--epochs {args.epochs}: less than one optimiser step ({args.steps_per_epoch} per epoch)")
 

@@ -338,14 +338,16 @@ def main(args: Args) -> None:
     summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.train_split)}
     train_examples, train_truncated = load_examples(args, args.train_split, args.limit, tokenizer, summaries["train"])
     eval_examples, eval_truncated = [], 0
-    args.eval_split = args.eval_split or ("test" if args.eval_dataset else "")  # evaluation data by name: evaluate
-    if args.eval_split:
+    eval_split = args.eval_split or ("test" if args.eval_dataset else "")  # evaluation data by name: evaluate
+    if eval_split:
         flag = "--eval_dataset" if args.eval_dataset else "--dataset"
-        summaries["eval"] = plumbing.DataSummary(flag, args.eval_dataset or args.dataset, args.eval_split)
-        eval_examples, eval_truncated = load_examples(args, args.eval_split, args.eval_limit, tokenizer, summaries["eval"],
+        summaries["eval"] = plumbing.DataSummary(flag, args.eval_dataset or args.dataset, eval_split)
+        eval_examples, eval_truncated = load_examples(args, eval_split, args.eval_limit, tokenizer, summaries["eval"],
                                                       dataset=args.eval_dataset, flag=flag)
         plumbing.check_eval_rows(args, {e["key"] for e in train_examples}, [e["key"] for e in eval_examples],
                                  summaries["eval"])
+    else:
+        summaries["train"].notes.append("no held-out evaluation (--eval_split ''): give --eval_dataset for one")
     data_summary = plumbing.report_data(summaries, args.strict, d.is_main)
 
     args.global_batch_size = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
@@ -353,7 +355,7 @@ def main(args: Args) -> None:
     args.total_steps = args.max_steps or int(args.epochs * args.steps_per_epoch)
     if args.steps_per_epoch == 0:
         raise UserError(f"--dataset {args.dataset}: {len(train_examples)} usable training rows, fewer than one global "
-                          f"batch of {args.global_batch_size}; lower the batch size")
+                          f"batch of {args.global_batch_size}; lower --per_device_train_batch_size or --gradient_accumulation_steps")
     if args.total_steps == 0:
         raise UserError(f"--epochs {args.epochs}: less than one optimiser step ({args.steps_per_epoch} per epoch)")
 

@@ -82,9 +82,11 @@ def generate(out: Path, tok_dir: str):
     with M.gathered_weights(policy):
         seqs, mask = M.sample(policy, enc.input_ids, enc.attention_mask, max_new_tokens=400,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    lengths = mask[:, enc.input_ids.shape[1]:].sum(1).tolist()
+    S = enc.input_ids.shape[1]
+    lengths = mask[:, S:].sum(1).tolist()
+    ended = (seqs[:, S:] == tokenizer.eos_token_id) | (seqs[:, S:] == tokenizer.pad_token_id)  # EOS, or a sampled PAD
     (out / f"gen_rank{d.rank}.json").write_text(json.dumps({"columns": seqs.shape[1], "lengths": lengths,
-                                                            "finished": bool((seqs == tokenizer.eos_token_id).any(1).all())}))
+                                                            "finished": bool(ended.any(1).all())}))
 
 
 if __name__ == "__main__":

@@ -232,7 +232,7 @@ def test_preference_and_curves_only(toy, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((out / "results.json").read_text())
     assert set(r["modes"]) == {"preference", "curves"} and set(r["training"]) == {"lag", "folder"}
-    assert sorted(r["files"]) == ["results.json", "results.md", "training_curves.png"]
+    assert sorted(r["files"]) == ["results.json", "results.md", "sqrt_kl.png", "training_curves.png"]
     assert not (out / "responses.jsonl").exists()
     # a second run replaces the folder as a whole
     p = run(evaluate_cmd(toy, out, "--modes", "curves", "--training_logs", f"lag={toy / 'ppo'}"), env=ONE_THREAD)

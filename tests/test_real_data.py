@@ -121,6 +121,10 @@ def test_real_format_data_through_every_stage(tmp_path):
     s = json.loads((runs / "ppo" / "data_summary.json").read_text())["train"]
     assert (s["rows_read"], s["rows_used"]) == (20, 17)
     assert dropped(s) == {"duplicate": [2, 5], "empty prompt": [12]}   # repeats keep the last position, as upstream
+    assert isinstance(s["stats"]["truncated_prompts"], int)              # kept, their first tokens cut
+    ptx = json.loads((runs / "ppo" / "data_summary.json").read_text())["ptx"]   # PTX rows: no de-duplication
+    assert (ptx["rows_read"], ptx["rows_used"]) == (24, 22)
+    assert dropped(ptx) == {"empty response": [9], "prompt fills the window": [15]}
     records = [json.loads(x) for x in (runs / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["perf/eta_s"] >= 0 for r in records)
 
