@@ -93,13 +93,16 @@ run_ablations() {  # figure 6a (section 4.2.4) on round 1's data, each a run of 
   $PY - "$results-ablations" <<'EOF'
 import sys
 from pathlib import Path
+import re
 md = (Path(sys.argv[1]) / "results.md").read_text().strip()
-Path("docs/ablations.md").write_text(
+block = "<!-- ablations:start -->\n" + re.sub(r"^#{1,2} ", "### ", md, flags=re.M) + "\n<!-- ablations:end -->"
+doc = Path("docs/ablations.md")
+text = doc.read_text() if doc.is_file() else (
     "# Figure 6a on the toy world: what the decoupling and the cost model's classifier buy\n\n"
-    "Written by `make demo` (`demo.sh ablations`, on the full run's SFT, reward and cost models); what each\n"
-    "run is: demo.sh's `run_ablations`; how the single-dimensional crowd mixes h and c: toyworld.label_single.\n\n"
-    "<!-- ablations:start -->\n" + md.replace("\n# ", "\n### ").replace("\n## ", "\n### ") + "\n<!-- ablations:end -->\n")
-print("docs/ablations.md updated")
+    "Written by `make demo` (`demo.sh ablations`, on the full run's SFT, reward and cost models).\n\n"
+    "<!-- ablations:start -->\n<!-- ablations:end -->\n")
+doc.write_text(re.sub(r"<!-- ablations:start -->.*?<!-- ablations:end -->", lambda m: block, text, flags=re.S))
+print("docs/ablations.md: the tables between its markers updated")
 EOF
 }
 if [ "$ablations" = 1 ]; then
