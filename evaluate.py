@@ -639,6 +639,14 @@ def main(args: Args) -> None:
             if tokenizers[name].get_vocab() != tokenizers[kind].get_vocab():
                 raise UserError(f"the {kind} model's tokenizer differs from policy {name}'s: scoring reads the "
                                   "generated token ids, so they must match (re-tokenisation is not implemented)")
+    if generating and "prompts" in data_summary:  # prompts over --max_prompt_length keep their last tokens: counted
+        unique = list(dict.fromkeys(prompts))
+        long = sum(len(ids) > args.max_prompt_length
+                   for ids in tokenizers[names[0]]([M.format_prompt(p) for p in unique])["input_ids"])
+        data_summary["prompts"]["stats"]["truncated_prompts"] = long
+        if long:
+            M.print0(f"  note: {long} of {len(unique)} prompts are longer than --max_prompt_length {args.max_prompt_length} "
+                     "tokens; they keep their last ones")
     pairs: dict[str, list[dict]] = {}  # Table 1's usable pairs, tokenised as reward.py and cost.py do
     for kind, objective in (("reward", REWARD), ("cost", COST)) if "preference" in modes else ():
         summary = plumbing.DataSummary("--preference_dataset", args.preference_dataset, args.preference_split,

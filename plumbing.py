@@ -157,9 +157,18 @@ def _parser(cls, defaults: dict, description: str | None, epilog: str | None):
             base = next(a for a in typing.get_args(kind) if a is not type(None))
         if typing.get_origin(base) is list:
             parser.add_argument(f"--{f.name}", type=typing.get_args(base)[0], nargs="+", default=default, help=help_)
+        elif base is not kind and base is not str:  # an optional number: "none" gives None (e.g. --lambda_max none)
+            parser.add_argument(f"--{f.name}", type=_or_none(base), default=default, help=help_)
         else:
             parser.add_argument(f"--{f.name}", type=base, default=default, help=help_)
     return parser
+
+
+def _or_none(base):
+    def parse(text: str):
+        return None if text.strip().lower() == "none" else base(text)
+    parse.__name__ = base.__name__  # argparse names the type in its error: "invalid float value"
+    return parse
 
 
 def check_recipe(args) -> None:

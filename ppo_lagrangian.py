@@ -191,7 +191,7 @@ class Args:
     """the constraint is E[C] <= threshold (= -d in the paper); paper 0.0; default: derived from
     --target_unsafe_share and the cost model's calibration (see above)"""
     target_unsafe_share: float = 0.025
-    """without --threshold: the share of unsafe answers on the prompt mix the constraint aims at"""
+    """with --threshold none (the toy default): the share of unsafe answers on the prompt mix the constraint aims at"""
     lambda_init: float = 1.0
     """initial lambda; with --lambda_lr 0 it stays fixed (reward shaping; 0 = plain PPO); paper 1"""
     lambda_lr: float = 0.1

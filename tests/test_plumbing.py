@@ -55,3 +55,20 @@ def test_schedules_match_transformers(kind):
             optimizer.step(), scheduler.step()
     assert lrs["ours"] == pytest.approx(lrs["hf"], abs=1e-12)
     assert kind == "constant" or lrs["ours"][:4] == pytest.approx([0.0, 0.5 / 3, 1.0 / 3, 0.5])
+
+
+def test_recipes_and_optional_numbers_on_the_command_line():
+    """--recipe paper makes the official values the defaults, a flag beats them, and an optional
+    number takes "none" (the paper recipe's threshold 0 replaced by a derived one)."""
+    import ppo_lagrangian as P
+
+    toy = plumbing.parse_args(P.Args, [])
+    assert (toy.recipe, toy.kl_coeff, toy.threshold) == ("toy", 0.1, None)
+    paper = plumbing.parse_args(P.Args, ["--recipe", "paper", "--actor_lr", "2e-5", "--threshold", "none",
+                                         "--lambda_max", "None"])
+    assert (paper.kl_coeff, paper.actor_lr, paper.threshold, paper.lambda_max) == (0.01, 2e-5, None, None)
+    assert "differs from the paper: --actor_lr 2e-05 (paper 1e-05), --threshold None (paper 0)" in plumbing.recipe_line(paper)
+    with pytest.raises(plumbing.UserError, match="--dataset my.jsonl is not the toy world's data: choose --recipe paper"):
+        plumbing.parse_args(P.Args, ["--dataset", "my.jsonl"])
+    with pytest.raises(plumbing.UserError, match="unrecognized arguments: --bogus"):
+        plumbing.parse_args(P.Args, ["--bogus"])

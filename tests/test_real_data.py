@@ -134,6 +134,10 @@ def test_real_format_data_through_every_stage(tmp_path):
           "--preference_dataset", pref_test, "--max_new_tokens", 8, "--max_length", 256, "--output_dir", runs / "eval")
     results = json.loads((runs / "eval" / "results.json").read_text())
     assert results["preference"]["reward"]["n_pairs"] == 15 and results["preference"]["cost"]["n_pairs"] == 14
+    data = results["data"]   # evaluate.py's summaries: its prompts (first copy kept) and the pairs each model reads
+    assert dropped(data["prompts"]) == {"duplicate": [9, 16], "empty prompt": [12]}
+    assert isinstance(data["prompts"]["stats"]["truncated_prompts"], int)
+    assert data["preference_reward"]["rows_used"] == 15 and data["preference_cost"]["rows_used"] == 14
 
 
 @pytest.mark.parametrize("module", [sft, reward, cost, ppo_lagrangian, evaluate])
