@@ -32,4 +32,4 @@ bench: $(STAMP)
 	$(PY) -m tools.bench --doc docs/bench.md
 
 clean:
-	rm -rf runs runs-quick results results-quick data
+	rm -rf runs runs-quick results results-quick results-ablations data
