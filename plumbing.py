@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import bisect
 import contextlib
 import dataclasses
 import json
@@ -304,7 +305,7 @@ class DataSummary:
         self.read, self.dropped, self.stats, self.notes = 0, {}, {}, []
 
     def drop(self, reason: str, row: int) -> None:
-        self.dropped.setdefault(reason, []).append(row)
+        bisect.insort(self.dropped.setdefault(reason, []), row)  # row numbers kept in order
 
     @property
     def used(self) -> int:

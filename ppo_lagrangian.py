@@ -458,10 +458,12 @@ def load_ptx(args: Args, tokenizer, summaries: dict) -> list[dict] | None:
     rows = plumbing.load_rows(args.ptx_dataset, "train", required=("instruction", "output"),
                               text=("instruction", "input", "output"), what="--ptx_dataset")
     summary.read = len(rows)
+    kept = []
     for i, row in enumerate(rows):
         if not row["instruction"].strip() or not row["output"].strip():
             summary.drop("empty prompt" if not row["instruction"].strip() else "empty response", i)
-    kept = [i for i in range(len(rows)) if i not in {r for rs in summary.dropped.values() for r in rs}]
+        else:
+            kept.append(i)
     examples, _ = M.tokenize_prompt_response(tokenizer, [plumbing.alpaca_request(rows[i]) for i in kept],
                                              [rows[i]["output"] for i in kept], args.max_length)
     usable = []

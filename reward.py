@@ -306,8 +306,6 @@ def load_pairs(dataset: str, split: str, tokenizer, objective: Objective, *, max
             truncated += (len(ids[j]) > max_length) + (len(ids[n + j]) > max_length)
             pairs.append({"first": a, "second": b, "labels": labels, "text": (prompt, first, second), "key": key,
                           "row": rows[i]})
-    for reason in summary.dropped.values():
-        reason.sort()
     summary.stats["truncated_sequences"] = truncated
     label_statistics([p["row"] for p in pairs], summary)
     return pairs, truncated

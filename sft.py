@@ -221,8 +221,6 @@ def load_examples(args: Args, split: str, limit: int | None, tokenizer, summary:
         else:
             truncated += example["truncated"]
             usable.append({**example, "key": plumbing.row_key(rows[i], SFT_FIELDS)})
-    for rows_of_reason in summary.dropped.values():
-        rows_of_reason.sort()
     summary.stats["truncated_sequences"] = truncated
     return usable, truncated
 
