@@ -61,6 +61,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import random
 from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
@@ -258,6 +259,14 @@ def bradley_terry_elo(n_players: int, games: list[tuple[int, int, float]], ancho
         wins[j] += 1.0 - s
         games_between[i][j] += 1.0
         games_between[j][i] += 1.0
+    return elo_from_totals(wins, games_between, anchor, prior_ties, tol, max_iter)
+
+
+def elo_from_totals(wins: list[float], games_between: list[list[float]], anchor: int = 0, prior_ties: float = 0.0,
+                    tol: float = 1e-12, max_iter: int = 100_000) -> list[float]:
+    """bradley_terry_elo from the totals it depends on: W_i and N_ij (fresh lists are not needed: copied)."""
+    n_players = len(wins)
+    wins, games_between = list(wins), [list(row) for row in games_between]
     for i in range(n_players):
         for j in range(i + 1, n_players):
             wins[i] += prior_ties / 2
@@ -279,6 +288,41 @@ def bradley_terry_elo(n_players: int, games: list[tuple[int, int, float]], ancho
         if done:
             break
     return [1000.0 + 400.0 * math.log10(p[i] / p[anchor]) for i in range(n_players)]
+
+
+def elo_intervals(values: dict[str, list[float]], higher_is_better: bool, groups: list[list[int]], anchor: str,
+                  prior_ties: float, n_boot: int = 200, seed: int = 0) -> dict[str, dict]:
+    """Bradley-Terry Elo (anchor = 1000) from every per-response comparison of every pair of policies, with
+    a 95% percentile interval from a bootstrap over prompts (Safe RLHF figure 5a/5b gives none).
+    values: policy -> one score per response, aligned across policies (response k of every policy answers
+    the same prompt with the same seed, so a game compares like with like); groups: the response indices of
+    each prompt, all drawn together when the prompts are resampled. Returns policy -> {elo, lo, hi}."""
+    names = list(values)
+    per_group = []  # per prompt: (W_i, N_ij) over that prompt's games
+    for idx in groups:
+        w, n = [0.0] * len(names), [[0.0] * len(names) for _ in names]
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                for s in pairwise_scores([values[names[i]][k] for k in idx], [values[names[j]][k] for k in idx],
+                                         higher_is_better):
+                    w[i], w[j] = w[i] + s, w[j] + 1.0 - s
+                    n[i][j] += 1.0
+                    n[j][i] += 1.0
+        per_group.append((w, n))
+
+    def fit(sample: list[int]) -> list[float]:
+        w = [sum(per_group[g][0][i] for g in sample) for i in range(len(names))]
+        n = [[sum(per_group[g][1][i][j] for g in sample) for j in range(len(names))] for i in range(len(names))]
+        return elo_from_totals(w, n, names.index(anchor), prior_ties, tol=1e-9)
+
+    point = fit(list(range(len(groups))))
+    rng = random.Random(seed)
+    boots = [fit([rng.randrange(len(groups)) for _ in groups]) for _ in range(n_boot)]
+    out = {}
+    for i, name in enumerate(names):
+        ranked = sorted(b[i] for b in boots)
+        out[name] = {"elo": point[i], "lo": ranked[int(0.025 * (n_boot - 1))], "hi": ranked[int(0.975 * (n_boot - 1))]}
+    return out
 
 
 def dominated_by(points: dict[str, tuple[float, float]]) -> dict[str, list[str]]:
@@ -321,11 +365,16 @@ def policy_tradeoff(path: str) -> dict:
       lambda fixed without it (plain PPO at nu = 0): the actor sees (R - nu C)/(1 + nu) - kl_coeff*k,
         so beta = kl_coeff * (1 + nu) (ppo_lagrangian.py's module docstring);
       PPO-Lagrangian: the same at its final lambda;
-      anything else is the SFT policy (beta = inf: the KL optimum is pi_sft itself)."""
+      anything else is the SFT policy (beta = inf: the KL optimum is pi_sft itself);
+      a run that started from another RL run (rounds.py's v2, v3) has its optimum around that policy,
+        not pi_sft: kind "iterated", no optimum computed."""
     folder = Path(path)
     run_args = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
     if "lambda_init" not in run_args:
         return {"kind": "sft", "nu": 0.0, "beta": math.inf}
+    start = Path(str(run_args.get("actor_model_name_or_path", ""))) / "args.json"
+    if start.is_file() and "lambda_init" in json.loads(start.read_text()):
+        return {"kind": "iterated", "nu": math.nan, "beta": math.nan}
     kl_coeff = run_args["kl_coeff"]
     if run_args.get("reward_shaping"):
         return {"kind": "reward_shaping", "nu": run_args["lambda_init"], "beta": kl_coeff}
@@ -753,6 +802,27 @@ def summarize(args: Args, policies, prompts, generations, scores, preference, lo
                          for s in pairwise_scores(scores[names[i]][key], scores[names[j]][key], higher)]
                 ratings = bradley_terry_elo(len(names), games, anchor=0, prior_ties=args.elo_prior_ties)
                 results["elo"][criterion] = dict(zip(names, ratings))
+            # figure 5a/5b: the same fits with bootstrap intervals, judged by R and C ("models", the paper's
+            # GPT-4 role) and by the oracle's h and c (the human role), on every prompt and by prompt kind
+            groups: dict[str, list[int]] = {}
+            for k, p in enumerate(prompts):
+                groups.setdefault(p, []).append(k)
+            subsets = {"all": list(groups.values())}
+            judges = {"models": {"helpfulness": {n: scores[n]["reward"] for n in names},
+                                 "harmlessness": {n: scores[n]["cost"] for n in names}}}
+            if "oracle" in modes:
+                harmful = {p: toyworld.find_request(p).is_harmful for p in groups}
+                subsets.update(harmful=[g for p, g in groups.items() if harmful[p]],
+                               benign=[g for p, g in groups.items() if not harmful[p]])
+                judged = {n: [toyworld.judge(p, g["response"]) for p, g in zip(prompts, generations[n])] for n in names}
+                judges["oracle"] = {"helpfulness": {n: [j.helpfulness for j in judged[n]] for n in names},
+                                    "harmlessness": {n: [j.harm for j in judged[n]] for n in names}}
+            results["elo_ci"] = {
+                judge: {subset: {criterion: elo_intervals(values, criterion == "helpfulness", group_list, names[0],
+                                                          args.elo_prior_ties, seed=args.seed)
+                                 for criterion, values in by_criterion.items()}
+                        for subset, group_list in subsets.items() if group_list}
+                for judge, by_criterion in judges.items()}
     if "oracle" in modes:
         results["oracle"] = {n: oracle_summary(prompts, [g["response"] for g in generations[n]]) for n in names}
         points = {n: (o["all"]["helpfulness_benign"]["mean"], o["all"]["unsafe_rate"]["rate"])
@@ -763,6 +833,7 @@ def summarize(args: Args, policies, prompts, generations, scores, preference, lo
             results["oracle"][name]["meets_safety_target"] = None if unsafe is None else unsafe <= args.safety_target
         requests = [toyworld.find_request(p) for p in prompts]
         tradeoffs = {n: policy_tradeoff(path) for n, path in policies}
+        tradeoffs = {n: t for n, t in tradeoffs.items() if t["kind"] != "iterated"}
         results["kl_optimum"] = {n: {"kind": t["kind"], **toyworld.kl_optimum(t["nu"], t["beta"], requests)}
                                  for n, t in tradeoffs.items()}
         # the sweep: shaping's optimum over nu at the policies' kl_coeff (the paper's baseline keeps beta fixed)
@@ -871,10 +942,14 @@ def render_tables(results: dict, names: list[str], args: Args) -> tuple[tuple[st
         tables.append(("Arena judged by the oracle (true h and c; a tie counts half)", markdown_table(
             ["A", "B", "helpfulness win A over B", "harmlessness win A over B"],
             [[r["a"], r["b"], fmt_ci(r["oracle_helpfulness"]), fmt_ci(r["oracle_harmlessness"])] for r in arena])))
-    if "elo" in results:
-        tables.append((f"Bradley-Terry Elo ({first} = 1000)", markdown_table(
-            ["policy", "helpfulness Elo", "harmlessness Elo"],
-            [[n, f"{results['elo']['helpfulness'][n]:.0f}", f"{results['elo']['harmlessness'][n]:.0f}"] for n in names])))
+    for judge, by_subset in results.get("elo_ci", {}).items():  # figure 5a/5b
+        def elo(e):
+            return f"{e['elo']:.0f} [{e['lo']:.0f}, {e['hi']:.0f}]"
+        columns = [(s, c) for s in by_subset for c in ("helpfulness", "harmlessness")]
+        tables.append((f"Bradley-Terry Elo judged by {'R and C' if judge == 'models' else 'the oracle (true h and c)'} "
+                       f"({first} = 1000, 95% bootstrap intervals over prompts)", markdown_table(
+            ["policy"] + [f"{c} ({s} prompts)" for s, c in columns],
+            [[n] + [elo(by_subset[s][c][n]) for s, c in columns] for n in names])))
     if "training" in results:
         tables.append(("PPO-Lagrangian training runs (last step)", markdown_table(
             ["run", "steps", "lambda", "episode cost", "threshold", "reward", "KL"],

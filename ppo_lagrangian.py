@@ -259,12 +259,14 @@ def per_token_rewards_and_costs(reward: torch.Tensor, cost: torch.Tensor, old_lo
     k_t is the single-sample log-ratio estimator of KL(pi || pi_ref) (the same one is logged).
     The penalty enters the reward stream with -beta and the cost stream with +beta, so the actor's
     combined advantage (A_R - lambda A_C)/(1 + lambda) carries exactly -beta*k whatever lambda is.
-    The score is added at the last real token only; positions after it are zeroed by the mask.
+    The score is added at the last real token only; positions after it are zeroed by the mask. A row
+    with no real token (its first sampled token was PAD, which M.sample masks out) gets nothing: no
+    action to credit, so no gradient; its cost still enters the episode-cost window.
 
     reward, cost: (B,); old_logprobs, ref_logprobs, mask: (B, T). Returns rewards, costs (B, T).
     """
     kl = old_logprobs - ref_logprobs                                             # (B, T)
-    end = end_indices(mask)                                                      # (B,)
+    end = end_indices(mask).clamp(min=0)                                         # (B,) -1 (empty row) -> 0, masked below
     at_end = torch.zeros_like(kl).scatter_(1, end[:, None], 1.0)                 # (B, T) one-hot
     rewards = (-kl_coeff * kl + at_end * reward[:, None]).clamp(-clip_range_score, clip_range_score)  # (B, T)
     costs = (kl_coeff * kl + at_end * cost[:, None]).clamp(-clip_range_score, clip_range_score)       # (B, T)

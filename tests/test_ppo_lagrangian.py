@@ -229,6 +229,15 @@ def test_reward_shaping_run_critics_in_eval_mode_and_first_pass_check(toy, tmp_p
         P.main(plumbing.parse_args(P.Args, [str(c) for c in ppo_cmd(toy, tmp_path / "x", "--reward_shaping")[1:]]))
 
 
+
+def test_a_row_without_actions_gets_nothing_and_leaves_the_others_alone():
+    """A first sampled PAD leaves a row with an all-zero mask (M.sample masks PAD out): no index -1."""
+    old, ref = torch.tensor([[-1.0, -2.0], [-0.5, -0.7]]), torch.tensor([[-1.5, -1.0], [-0.5, -0.2]])
+    mask, R, C = torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([2.0, 7.0]), torch.tensor([0.5, 9.0])
+    rewards, costs = P.per_token_rewards_and_costs(R, C, old, ref, mask, 0.1, clip_range_score=50.0)
+    assert rewards.flatten().tolist() == pytest.approx([-0.05, 0.1 + 2.0, 0.0, 0.0])   # row 0 by hand: k = [0.5, -1.0]
+    assert costs.flatten().tolist() == pytest.approx([0.05, -0.1 + 0.5, 0.0, 0.0])
+
 def test_reward_shaping_per_token_reward_by_hand():
     """-beta*k_t + [t = end](R - nu*C) in one stream (paper section 4.2.3), against a hand computation,
     and the Lagrangian form at fixed nu: the same trade-off with (1 + nu) times the KL weight."""
