@@ -32,4 +32,4 @@ bench: $(STAMP)
 	$(PY) -m tools.bench --doc docs/bench.md
 
 clean:
-	rm -rf runs runs-quick results results-quick results-ablations data
+	rm -rf runs runs-quick results results-quick results-ablations results-rounds results-quick-rounds data

@@ -13,6 +13,8 @@
 #                           CM-classifier, pairwise-only cost model with nu fixed, single-dimensional
 #                           annotation; win rates against SFT by the models and by the oracle;
 #                           refreshes docs/ablations.md
+#   bash demo.sh rounds     the paper's three rounds (rounds.py) on the runs a full run left (the full
+#                           run ends with it; quick and smoke run two shorter ones); refreshes docs/rounds.md
 #
 # Each run replaces the one an earlier demo left in its folder (--overwrite).
 # Python is .venv's (the Makefile builds it); PY=... overrides.
@@ -20,24 +22,30 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 profile=${1:-full}
-train=1 ablations=0
+train=1 ablations=0 only_rounds=0
 if [ "$profile" = evaluate ]; then profile=full train=0; fi
 if [ "$profile" = ablations ]; then profile=full train=0 ablations=1; fi
+if [ "$profile" = rounds ]; then profile=full train=0 only_rounds=1; fi
 
 case "$profile" in
   full)
     runs=runs results=results nus="0.01 0.5 1 2 5 10 100"
-    sft=() pref=() ppo=() evalargs=(--samples_per_prompt 8) ;;
+    sft=() pref=() ppo=() evalargs=(--samples_per_prompt 8) roundargs=() ;;
   quick)
     runs=runs-quick results=results-quick nus="0.01 1 100"
-    sft=(--epochs 3) pref=(--limit 2000) ppo=(--epochs 15) evalargs=(--samples_per_prompt 4) ;;
+    sft=(--epochs 3) pref=(--limit 2000) ppo=(--epochs 15) evalargs=(--samples_per_prompt 4)
+    roundargs=(--rounds 2 --draws 2 --preference_steps 150 --unified_pairs 500 --ppo_steps 40 --eval_samples 2) ;;
   smoke)
     root=${2:?usage: demo.sh smoke DIR}
     runs=$root/runs results=$root/results nus="1"
     sft=(--limit 64 --epochs 1 --toy_eval_samples 8) pref=(--limit 64 --eval_limit 64)
     ppo=(--epochs 1 --limit 16 --per_device_prompt_batch_size 8 --per_device_train_batch_size 8 --max_length 48)
-    evalargs=(--limit 24 --max_new_tokens 16 --preference_limit 64) ;;
-  *) echo "usage: demo.sh [full|quick|smoke DIR|evaluate|ablations]" >&2; exit 2 ;;
+    evalargs=(--limit 24 --max_new_tokens 16 --preference_limit 64)
+    roundargs=(--rounds 2 --answers_per_prompt 2 --draws 2 --red_team_tries 8 --red_team_samples 2 --preference_steps 2
+               --ppo_steps 1 --eval_samples 1 --max_new_tokens 16 "--preference_args=--limit 64 --eval_limit 64"
+               "--ppo_args=--per_device_prompt_batch_size 16 --per_device_train_batch_size 16 --max_length 48"
+               "--evaluate_args=--limit 24 --preference_limit 64") ;;
+  *) echo "usage: demo.sh [full|quick|smoke DIR|evaluate|ablations|rounds]" >&2; exit 2 ;;
 esac
 
 stage() { echo; echo "==== $* ===="; }
@@ -105,6 +113,32 @@ doc.write_text(re.sub(r"<!-- ablations:start -->.*?<!-- ablations:end -->", lamb
 print("docs/ablations.md: the tables between its markers updated")
 EOF
 }
+run_rounds() {  # the paper's iterated Safe RLHF (section 4.1, figures 3-5) from this profile's round 1
+  stage "rounds: iterated Safe RLHF from $runs (rounds.py) -> $runs/rounds, $results-rounds"
+  $PY rounds.py --overwrite --runs "$runs" --output_dir "$runs/rounds" --results_dir "$results-rounds" "${roundargs[@]}"
+  if [ "$profile" = full ]; then
+    $PY - "$results-rounds" <<'EOF'
+import re, shutil, sys
+from pathlib import Path
+results = Path(sys.argv[1])
+for png in ("rounds.png", "rounds_scatter.png"):
+    shutil.copy(results / png, Path("docs") / png)
+md = (results / "rounds.md").read_text().split("\n", 1)[1].strip()  # without its title
+doc = Path("docs/rounds.md")
+text = doc.read_text() if doc.is_file() else "# Iterated Safe RLHF\n\n<!-- rounds:start -->\n<!-- rounds:end -->\n"
+doc.write_text(re.sub(r"<!-- rounds:start -->.*?<!-- rounds:end -->",
+                      lambda m: "<!-- rounds:start -->\n" + md + "\n<!-- rounds:end -->", text, flags=re.S))
+print("docs/rounds.md: the tables between its markers updated; docs/rounds.png, docs/rounds_scatter.png")
+EOF
+  fi
+}
+if [ "$only_rounds" = 1 ]; then
+  for f in sft reward cost ppo_lagrangian; do
+    test -f "$runs/$f/config.json" || { echo "demo.sh rounds: $runs/$f is missing; run make demo first" >&2; exit 2; }
+  done
+  run_rounds
+  exit 0
+fi
 if [ "$ablations" = 1 ]; then
   for f in sft reward cost ppo_lagrangian ppo_nu1; do
     test -f "$runs/$f/config.json" || { echo "demo.sh ablations: $runs/$f is missing; run make demo first" >&2; exit 2; }
@@ -158,5 +192,6 @@ print("docs/results.md and README.md's headline table updated; plots in docs/")
 EOF
 fi
 if [ "$profile" = full ] && [ "$train" = 1 ]; then run_ablations; fi
+if [ "$train" = 1 ]; then run_rounds; fi
 echo
-echo "results: $results/results.md (table), $results/results.json, $results/*.png"
+echo "results: $results/results.md (table), $results/results.json, $results/*.png; rounds: $results-rounds/rounds.md"

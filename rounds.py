@@ -58,7 +58,7 @@ from plumbing import UserError
 class Args:
     LIMITS: ClassVar[dict] = {"rounds": (2, None), "red_team_eval_share": (0, 1), **dict.fromkeys(
         ("answers_per_prompt", "draws"), (2, None)), **dict.fromkeys(
-        ("red_team_samples", "preference_steps", "ppo_steps", "eval_samples", "max_new_tokens"), (1, None))}
+        ("red_team_samples", "preference_steps", "ppo_steps", "eval_samples", "red_team_eval_samples", "max_new_tokens"), (1, None))}
 
     runs: str = "runs"
     """round 1: the folder holding sft/, reward/, cost/ and ppo_lagrangian/ (make demo's runs)"""
@@ -84,6 +84,8 @@ class Args:
     """rl_steps of each round's PPO-Lagrangian (round 1's)"""
     eval_samples: int = 8
     """sampled answers per evaluation prompt and policy (figure 5); figure 4 is greedy, one answer"""
+    red_team_eval_samples: int = 32
+    """sampled answers per prompt and policy on the red-team evaluation set (a few prompts: more samples)"""
     max_new_tokens: int = 64
     """longest answer in tokens, for every evaluate.py run (sampling and evaluation)"""
     preference_args: str = ""
@@ -154,8 +156,15 @@ def red_team(pool: list[str], policy: str, args: Args, k: int, rdir: Path) -> di
         return {"tried": [], "succeeded": [], "train": [], "eval": []}
     answers = sample(policy, tries, args.red_team_samples, rdir / "red_team", args.seed + 100 * k, args,
                      f"round {k}: red team tries {len(tries)} phrasings on {policy}")
+    return red_team_outcome(answers, args.red_team_eval_share, rng)
+
+
+def red_team_outcome(answers: dict[str, list[dict]], eval_share: float, rng: random.Random) -> dict:
+    """A tried phrasing succeeds when the oracle calls one of its answers unsafe; ceil(eval_share x
+    successes) of them, drawn by rng, go to the red-team evaluation set, the rest to the round's prompts."""
+    tries = list(answers)
     succeeded = [p for p in tries if any(not a["is_safe"] for a in answers[p])]
-    held = set(rng.sample(succeeded, math.ceil(args.red_team_eval_share * len(succeeded))))
+    held = set(rng.sample(succeeded, math.ceil(eval_share * len(succeeded))))
     return {"tried": tries, "succeeded": succeeded, "train": [p for p in succeeded if p not in held],
             "eval": sorted(held)}
 
@@ -220,6 +229,9 @@ def balanced(rows_by_round: list[list[dict]], n: int, rng: random.Random) -> lis
 
 def check_inputs(args: Args) -> None:
     """Everything the rounds read, before anything is written."""
+    if args.red_team_tries * (args.rounds - 1) > len(toyworld.RED_TEAM_REQUESTS):
+        raise UserError(f"--red_team_tries {args.red_team_tries} x {args.rounds - 1} rounds exceeds the pool of "
+                        f"{len(toyworld.RED_TEAM_REQUESTS)} phrasings (each is tried once)")
     for name, kind in (("sft", "config.json"), ("reward", "config.json"), ("cost", "eval.json"),
                        ("ppo_lagrangian", "config.json")):
         if not (Path(args.runs) / name / kind).is_file():
@@ -227,9 +239,6 @@ def check_inputs(args: Args) -> None:
     for path in (Path(args.data) / "preference" / "train.jsonl", Path(args.data) / "eval" / "prompts.jsonl"):
         if not path.is_file():
             raise UserError(f"--data {args.data}: {path} is missing; python toyworld.py --out {args.data} writes it")
-    if args.red_team_tries * (args.rounds - 1) > len(toyworld.RED_TEAM_REQUESTS):
-        raise UserError(f"--red_team_tries {args.red_team_tries} x {args.rounds - 1} rounds exceeds the pool of "
-                        f"{len(toyworld.RED_TEAM_REQUESTS)} phrasings (each is tried once)")
     for flag, folder in (("--output_dir", Path(args.output_dir)), ("--results_dir", Path(args.results_dir))):
         if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
             if not (folder / "rounds_state.json").is_file():
@@ -318,7 +327,7 @@ def main(args: Args) -> None:
     if red_team_eval:
         write_jsonl(out / "red_team_eval.jsonl", red_team_eval)
         run([sys.executable, "evaluate.py", "--policies", *policies, "--modes", "oracle", "--prompts",
-             str(out / "red_team_eval.jsonl"), "--samples_per_prompt", str(args.eval_samples), "--output_dir",
+             str(out / "red_team_eval.jsonl"), "--samples_per_prompt", str(args.red_team_eval_samples), "--output_dir",
              str(results / "red_team"), *extra], "figure 5c: the red-team evaluation set, judged by the oracle")
     summary = summarize(report, versions, results, args, time.time() - started)
     write_report(results, summary)
@@ -354,7 +363,7 @@ def summarize(report: list[dict], versions: list[str], results: Path, args: Args
             "elo": sampled.get("elo_ci"), "unsafe": unsafe,
             "helpfulness_benign": {v: sampled["oracle"][v]["all"]["helpfulness_benign"] for v in versions},
             "over_refusal": {v: sampled["oracle"][v]["all"]["over_refusal_rate"] for v in versions},
-            "red_team_eval_prompts": red["n_prompts"] // args.eval_samples if red else 0,
+            "red_team_eval_prompts": red["n_prompts"] // args.red_team_eval_samples if red else 0,
             "evaluation_prompts": sampled["n_prompts"] // args.eval_samples}
 
 
@@ -373,7 +382,8 @@ def render(s: dict) -> str:
     """rounds.md: the tables, in the paper's order (figure 3, Table 1, figure 5)."""
     versions = list(s["unsafe"])
     md = [f"Rounds: {len(s['rounds'])}; wall time {s['seconds'] / 60:.1f} min; {s['evaluation_prompts']} evaluation "
-          f"prompts x {s['args']['eval_samples']} samples per policy.", ""]
+          f"prompts x {s['args']['eval_samples']} samples per policy; red-team evaluation set: {s['red_team_eval_prompts']} "
+          f"prompts x {s['args']['red_team_eval_samples']} samples.", ""]
     md += ["### Figure 3a: the prompts of each round (typed by the oracle on the round's starting policy)", "",
            "| round | from | safety-unrelated | solved | unsolved | red-team | red team: tried | succeeded | success rate "
            "| to the red-team eval set |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -95,6 +95,35 @@ def test_elo_perfect_record_needs_the_prior():
     assert ratings[0] - ratings[1] == pytest.approx(400 * math.log10(11), abs=1e-6)
 
 
+
+def test_elo_intervals_by_hand():
+    """Point estimate = the MLE of every game; the bootstrap resamples whole prompts, so prompts that
+    all say the same thing give an interval of zero width, and mixed prompts a wider one around it."""
+    groups = [[4 * g + i for i in range(4)] for g in range(5)]              # 5 prompts x 4 samples
+    a, b = [1.0, 1.0, 1.0, -1.0] * 5, [0.0] * 20                          # a beats b 3 times of 4 on every prompt
+    out = E.elo_intervals({"b": b, "a": a}, True, groups, "b", prior_ties=0.0, n_boot=50)
+    assert out["b"] == {"elo": 1000.0, "lo": 1000.0, "hi": 1000.0}
+    assert out["a"]["elo"] == out["a"]["lo"] == pytest.approx(out["a"]["hi"]) == pytest.approx(1000 + 400 * math.log10(3))
+    # lower is better (harmlessness): the same games with the sign flipped
+    assert E.elo_intervals({"b": b, "a": [-x for x in a]}, False, groups, "b", 0.0, n_boot=10)["a"]["elo"] == \
+        pytest.approx(1000 + 400 * math.log10(3))
+    # mixed prompts: a wins every game on 3 prompts and loses every game on 2 -> 12:8, 400 log10(1.5)
+    a = [1.0] * 12 + [-1.0] * 8
+    out = E.elo_intervals({"b": b, "a": a}, True, groups, "b", prior_ties=1.0, n_boot=200)
+    flat = E.bradley_terry_elo(2, [(0, 1, s) for s in E.pairwise_scores(b, a, True)], prior_ties=1.0)
+    assert out["a"]["elo"] == pytest.approx(flat[1]) == pytest.approx(1000 + 400 * math.log10(12.5 / 8.5))
+    assert out["a"]["lo"] < out["a"]["elo"] < out["a"]["hi"]
+
+
+def test_policy_tradeoff_of_a_run_started_from_a_run_is_iterated(tmp_path):
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    base = {"kl_coeff": 0.1, "lambda_init": 1.0, "lambda_lr": 0.1}
+    (tmp_path / "v1" / "args.json").write_text(json.dumps({**base, "actor_model_name_or_path": str(tmp_path / "sft")}))
+    (tmp_path / "v2" / "args.json").write_text(json.dumps({**base, "actor_model_name_or_path": str(tmp_path / "v1")}))
+    assert E.policy_tradeoff(str(tmp_path / "v1"))["kind"] == "ppo_lagrangian"
+    assert E.policy_tradeoff(str(tmp_path / "v2"))["kind"] == "iterated"     # its optimum is around v1, not pi_sft
+
 # ---- small helpers -------------------------------------------------------------------------------
 
 
@@ -180,6 +209,16 @@ def test_all_modes_end_to_end(toy, tmp_path):
     assert all(sum(a["safety_table"].values()) == 16 for a in r["arena"])
     assert r["elo"]["helpfulness"]["sft"] == 1000.0
     assert r["elo"]["helpfulness"]["nu_2"] == pytest.approx(1000.0, abs=1e-6)
+    # figure 5a/5b with intervals, by both judges: nu_2 ties the SFT on every prompt, so 1000 with no width
+    for judge in ("models", "oracle"):
+        e = r["elo_ci"][judge]["all"]["harmlessness"]["nu_2"]
+        assert e["elo"] == pytest.approx(1000.0, abs=1e-6) and e["hi"] - e["lo"] == pytest.approx(0.0, abs=1e-6)
+    h = {n: [by[n, q].helpfulness for q in prompts] for n in ("sft", "ppo", "nu_2")}   # recomputed from responses.jsonl
+    games = [(i, j, x) for i, a in enumerate(h) for j, b in enumerate(h) if i < j
+             for x in E.pairwise_scores(h[a], h[b], True)]
+    assert r["elo_ci"]["oracle"]["all"]["helpfulness"]["ppo"]["elo"] == pytest.approx(
+        E.bradley_terry_elo(3, games, prior_ties=1.0)[1], abs=1e-4)
+    assert set(r["elo_ci"]["oracle"]) <= {"all", "harmful", "benign"} and "Elo judged by the oracle" in md
     # preference metrics (Table 1)
     pref = r["preference"]
     assert pref["reward"]["n_pairs"] == pref["cost"]["n_pairs"] == 24

@@ -4,7 +4,9 @@ through the same scripts `make demo` uses, and the evaluation covers every polic
 import json
 import sys
 
-from conftest import run
+import toyworld
+
+from conftest import ROOT, run
 
 
 def test_demo_pipeline_smoke(tmp_path):
@@ -16,6 +18,23 @@ def test_demo_pipeline_smoke(tmp_path):
     assert list(results["policies"]) == ["sft", "ppo", "nu_1", "ppo_lagrangian"]
     for png in ("frontier.png", "training_curves.png", "scatter.png", "histograms.png"):
         assert (tmp_path / "results" / png).stat().st_size > 0
+    # the rounds (rounds.py, two tiny ones): every figure, and the red team only ever draws from its pool
+    rounds = json.loads((tmp_path / "results-rounds" / "rounds.json").read_text())
+    assert [r["round"] for r in rounds["rounds"]] == [1, 2] and list(rounds["unsafe"]) == ["sft", "v1", "v2"]
+    for png in ("rounds.png", "rounds_scatter.png"):
+        assert (tmp_path / "results-rounds" / png).stat().st_size > 1000
+    assert set(rounds["elo"]) == {"models", "oracle"} and "Figure 5a/5b" in (tmp_path / "results-rounds" / "rounds.md").read_text()
+    pool = {r.text for r in toyworld.RED_TEAM_REQUESTS}
+    tried = [json.loads(line)["prompt"] for line in
+             (tmp_path / "runs" / "rounds" / "round2" / "red_team" / "prompts.jsonl").read_text().splitlines()]
+    assert len(tried) == 8 and set(tried) <= pool
+    red = rounds["rounds"][1]["red_team"]
+    round_prompts = [json.loads(line)["prompt"] for line in
+                     (tmp_path / "runs" / "rounds" / "round2" / "data" / "prompts" / "train.jsonl").read_text().splitlines()]
+    assert set(round_prompts) - {r.text for r in toyworld.TRAIN_REQUESTS} == set(red["to_prompts"]) <= set(tried)
+    assert not set(red["to_eval"]) & set(round_prompts)                  # the red-team evaluation set is never trained on
+    evaluation = (ROOT / "data" / "toy" / "eval" / "prompts.jsonl").read_text().splitlines()
+    assert not pool & {json.loads(line)["prompt"] for line in evaluation}   # nor in the evaluation prompts
 
 
 def test_demo_pipeline_stops_at_the_first_failing_stage(tmp_path):

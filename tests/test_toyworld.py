@@ -247,3 +247,44 @@ def test_single_dimensional_crowd_by_hand(tmp_path):
     assert [(r["prompt"], r["response_0"], r["response_1"]) for r in rows] == \
         [(r["prompt"], r["response_0"], r["response_1"]) for r in pairs]
     assert set(rows[0]) == {"prompt", "response_0", "response_1", "category", "better_response_id"}
+
+
+def test_red_team_pool_uses_known_words_and_no_file_of_the_world_holds_it(world):
+    texts = [r.text for r in tw.RED_TEAM_REQUESTS]
+    assert len(set(texts)) == len(texts) == 48
+    assert {r.topic for r in tw.RED_TEAM_REQUESTS} == {t.name for t in tw.TOPICS if t.category}   # 3 per harmful topic
+    vocab = set(tw.vocabulary())
+    assert all(w in vocab for t in texts for w in tw.WORD_RE.findall(t))    # the tokenizer has every word: no <unk>
+    assert not set(texts) & {r.text for r in tw.REQUESTS}
+    written = "".join((world / name).read_text() for name in FILES[:6])
+    assert not [t for t in texts if f'"{t}"' in written]                  # in no training, test or evaluation row
+    for r in tw.RED_TEAM_REQUESTS:                                       # the oracle judges them with the topic's steps
+        assert tw.find_request(tw.format_prompt(r.text)) == r and r.red_team and r.is_harmful
+        steps = tw.TOPIC_BY_NAME[r.topic].steps
+        assert not tw.judge(r.text, f"{steps[0]}. {steps[1]}.").is_safe and tw.judge(r.text, tw.REFUSALS[0] + ".").is_safe
+    v = tw.oracle_verdicts([texts[0], tw.REQUESTS[0].text], [tw.TOPIC_BY_NAME[tw.RED_TEAM_REQUESTS[0].topic].steps[0],
+                                                             "x"], "red_team")
+    assert v["unsafe"] == [True] and v["helpfulness_benign"] == []
+
+
+def test_decoupled_crowd_by_hand():
+    """label_pair (PKU-SafeRLHF's scheme): better by Bradley-Terry on h, each safety label flipped with
+    2%, safer = the one labelled safe when the labels differ, else Bradley-Terry on c; worked by hand
+    from the four uniforms for pairs where flips happen and where they do not."""
+    request = next(r for r in tw.TRAIN_REQUESTS if r.is_harmful)
+    prompt = request.text
+    for first, second in (("steps_4", "refuse"), ("steps_1", "steps_4_warn"), ("refuse", "refuse_alt_2")):
+        y0, y1 = tw.canonical_response(request, first), tw.canonical_response(request, second)
+        j0, j1 = tw.judge(prompt, y0), tw.judge(prompt, y1)
+        p_better = 1 / (1 + math.exp(-(j0.helpfulness - j1.helpfulness) / 0.5))
+        p_bt_safer = 1 / (1 + math.exp(-(j1.harm - j0.harm) / 0.5))
+        flipped = 0
+        for seed in range(400):
+            u_better, u_f0, u_f1, u_safer = (lambda g: [g.random() for _ in range(4)])(random.Random(seed))
+            safe_0, safe_1 = j0.is_safe != (u_f0 < 0.02), j1.is_safe != (u_f1 < 0.02)
+            flipped += (u_f0 < 0.02) or (u_f1 < 0.02)
+            safer = (0 if safe_0 else 1) if safe_0 != safe_1 else (0 if u_safer < p_bt_safer else 1)
+            assert tw.label_pair(prompt, y0, y1, random.Random(seed)) == {
+                "is_response_0_safe": safe_0, "is_response_1_safe": safe_1,
+                "better_response_id": 0 if u_better < p_better else 1, "safer_response_id": safer}
+        assert flipped > 0
