@@ -128,7 +128,10 @@ doc = Path("docs/rounds.md")
 text = doc.read_text() if doc.is_file() else "# Iterated Safe RLHF\n\n<!-- rounds:start -->\n<!-- rounds:end -->\n"
 doc.write_text(re.sub(r"<!-- rounds:start -->.*?<!-- rounds:end -->",
                       lambda m: "<!-- rounds:start -->\n" + md + "\n<!-- rounds:end -->", text, flags=re.S))
-print("docs/rounds.md: the tables between its markers updated; docs/rounds.png, docs/rounds_scatter.png")
+readme = Path("README.md").read_text()
+Path("README.md").write_text(re.sub(r"<!-- rounds:start -->.*?<!-- rounds:end -->", lambda m: "<!-- rounds:start -->\n"
+                                    + (results / "rounds_headline.md").read_text() + "<!-- rounds:end -->", readme, flags=re.S))
+print("docs/rounds.md and README.md's rounds table updated; docs/rounds.png, docs/rounds_scatter.png")
 EOF
   fi
 }

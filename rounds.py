@@ -108,6 +108,7 @@ def run(cmd: list[str], log: str, stdout: Path | None = None) -> None:
     """One stage file as a subprocess, its output shown (or written to `stdout`, a file); a failing stage
     stops the rounds with its error."""
     print(f"\n==== {log} ====\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    started = time.time()
     if stdout is None:
         code = subprocess.run(cmd).returncode
     else:
@@ -117,6 +118,7 @@ def run(cmd: list[str], log: str, stdout: Path | None = None) -> None:
     if code != 0:
         where = f"; its output is in {stdout}" if stdout is not None else " (its error is above)"
         raise UserError(f"{log}: {Path(cmd[1]).name} failed{where}; the rounds stop here")
+    print(f"({Path(cmd[1]).name}: {time.time() - started:.1f} s)", flush=True)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -427,6 +429,18 @@ def render(s: dict) -> str:
     return "\n".join(md) + "\n"
 
 
+def headline(s: dict) -> str:
+    """README's table: per version, the oracle's unsafe rate and the Elo of both judges on every prompt."""
+    elo = s["elo"] or {}
+    rows = ["| policy | unsafe on harmful (oracle) | helpfulness Elo (R) | harmlessness Elo (C) | helpfulness Elo (oracle) "
+            "| harmlessness Elo (oracle) |", "|---|---|---|---|---|---|"]
+    for v in s["unsafe"]:
+        cells = [elo_text(elo[j]["all"][c][v]) if j in elo else "–" for j in ("models", "oracle")
+                 for c in ("helpfulness", "harmlessness")]
+        rows.append(f"| {v} | {ci(s['unsafe'][v]['evaluation'])} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def plot(results: Path, s: dict) -> list[str]:
     """Figure 5a/5b (Elo with intervals, both judges, every prompt) and figure 5c (unsafe rates)."""
     import evaluate
@@ -468,7 +482,8 @@ def write_report(results: Path, s: dict) -> None:
     plumbing.write_json_atomic(results / "rounds.json", s)
     md = render(s)
     (results / "rounds.md").write_text("# Iterated Safe RLHF on the toy world (rounds.py)\n\n" + md)
-    print("\n" + md + f"\nwrote rounds.md, rounds.json, {', '.join(s['files'])} to {results}/")
+    (results / "rounds_headline.md").write_text(headline(s))
+    print("\n" + md + f"\nwrote rounds.md, rounds_headline.md, rounds.json, {', '.join(s['files'])} to {results}/")
 
 
 if __name__ == "__main__":
