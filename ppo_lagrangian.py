@@ -451,30 +451,16 @@ def load_prompts(args: Args, summary: plumbing.DataSummary) -> list[str]:
 
 
 def load_ptx(args: Args, tokenizer, summaries: dict) -> list[dict] | None:
-    """The PTX rows (alpaca schema, as sft.py), tokenised once; None without --ptx_dataset ("" or none:
-    no PTX, which --recipe paper otherwise sets). Rows with an empty instruction or output, or whose
-    prompt fills the window, are dropped and counted in summaries["ptx"]."""
+    """The PTX rows (alpaca schema), read and tokenised once as sft.py reads its data (sft.load_examples,
+    no de-duplication); None without --ptx_dataset ("" or none: no PTX, which --recipe paper otherwise
+    sets). Unusable rows are dropped and counted in summaries["ptx"]."""
     if not args.ptx_dataset or args.ptx_dataset.lower() == "none":
         return None
-    summary = summaries["ptx"] = plumbing.DataSummary("--ptx_dataset", args.ptx_dataset, "train")
-    rows = plumbing.load_rows(args.ptx_dataset, "train", required=("instruction", "output"),
-                              text=("instruction", "input", "output"), what="--ptx_dataset")
-    summary.read = len(rows)
-    kept = []
-    for i, row in enumerate(rows):
-        if not row["instruction"].strip() or not row["output"].strip():
-            summary.drop("empty prompt" if not row["instruction"].strip() else "empty response", i)
-        else:
-            kept.append(i)
-    examples, _ = M.tokenize_prompt_response(tokenizer, [plumbing.alpaca_request(rows[i]) for i in kept],
-                                             [rows[i]["output"] for i in kept], args.max_length)
-    usable = []
-    for i, example in zip(kept, examples):
-        if all(label == M.IGNORE_INDEX for label in example["labels"]):
-            summary.drop("prompt fills the window", i)
-        else:
-            usable.append(example)
-    return usable
+    import sft  # the SFT data loader (only needed with PTX)
+    summaries["ptx"] = plumbing.DataSummary("--ptx_dataset", args.ptx_dataset, "train")
+    examples, _ = sft.load_examples(args.ptx_dataset, "train", tokenizer, max_length=args.max_length,
+                                    flag="--ptx_dataset", summary=summaries["ptx"])
+    return examples
 
 
 # --------------------------------------------------------------------------------------------

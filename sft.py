@@ -189,31 +189,31 @@ def sft_loss_sum(logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 SFT_FIELDS = ("instruction", "input", "output")  # what makes two rows the same row
 
 
-def load_examples(args: Args, split: str, limit: int | None, tokenizer, summary: plumbing.DataSummary | None = None,
-                  dataset: str | None = None, flag: str = "--dataset") -> tuple[list[dict], int]:
+def load_examples(dataset: str, split: str, tokenizer, *, max_length: int, limit: int | None = None,
+                  revision: str | None = None, drop_duplicates: bool = False, flag: str = "--dataset",
+                  summary: plumbing.DataSummary | None = None) -> tuple[list[dict], int]:
     """Rows of `split` -> [{"input_ids", "labels", "key"}], and how many were truncated at max_length.
     Alpaca schema: request = instruction (+ " " + input), response = output. model.tokenize_prompt_response
     builds BOS + template(request) + response + EOS string, right-truncated, and labels -100 on the
     prompt (BOS included): only the response tokens and the EOS are trained
     (safe_rlhf/datasets/supervised.py@82743cc:L54-66). Unusable rows are dropped and counted in
-    `summary`: an empty instruction or output, an exact repeat (--drop_duplicates), a prompt that
-    fills the window (no response token left to train on)."""
-    dataset = dataset or args.dataset
+    `summary`: an empty instruction or output, an exact repeat (drop_duplicates), a prompt that
+    fills the window (no response token left to train on). ppo_lagrangian.py reads its PTX rows here too."""
     summary = summary or plumbing.DataSummary(flag, dataset, split)
-    rows = plumbing.load_rows(dataset, split, revision=args.dataset_revision if flag == "--dataset" else None,
-                              limit=limit, required=("instruction", "output"), text=SFT_FIELDS, what=flag)
+    rows = plumbing.load_rows(dataset, split, revision=revision, limit=limit, required=("instruction", "output"),
+                              text=SFT_FIELDS, what=flag)
     summary.read, kept, seen = len(rows), [], set()
     for i, row in enumerate(rows):
         key = plumbing.row_key(row, SFT_FIELDS)
         reason = ("empty prompt" if not row["instruction"].strip() else "empty response" if not row["output"].strip()
-                  else "duplicate" if args.drop_duplicates and key in seen else None)
+                  else "duplicate" if drop_duplicates and key in seen else None)
         if reason:
             summary.drop(reason, i)
         else:
             seen.add(key)
             kept.append(i)
     examples, _ = M.tokenize_prompt_response(tokenizer, [plumbing.alpaca_request(rows[i]) for i in kept],
-                                             [rows[i]["output"] for i in kept], args.max_length)
+                                             [rows[i]["output"] for i in kept], max_length)
     usable, truncated = [], 0
     for i, example in zip(kept, examples):
         if all(label == M.IGNORE_INDEX for label in example["labels"]):
@@ -334,14 +334,17 @@ def main(args: Args) -> None:
             tokenizer_path = args.model_name_or_path
     tokenizer = M.load_tokenizer(tokenizer_path, "right", trust_remote_code=args.trust_remote_code)
     summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.train_split)}
-    train_examples, train_truncated = load_examples(args, args.train_split, args.limit, tokenizer, summaries["train"])
+    load = dict(max_length=args.max_length, drop_duplicates=args.drop_duplicates)
+    train_examples, train_truncated = load_examples(args.dataset, args.train_split, tokenizer, limit=args.limit,
+                                                    revision=args.dataset_revision, summary=summaries["train"], **load)
     eval_examples, eval_truncated = [], 0
     eval_split = args.eval_split or ("test" if args.eval_dataset else "")  # evaluation data by name: evaluate
     if eval_split:
         flag = "--eval_dataset" if args.eval_dataset else "--dataset"
         summaries["eval"] = plumbing.DataSummary(flag, args.eval_dataset or args.dataset, eval_split)
-        eval_examples, eval_truncated = load_examples(args, eval_split, args.eval_limit, tokenizer, summaries["eval"],
-                                                      dataset=args.eval_dataset, flag=flag)
+        eval_examples, eval_truncated = load_examples(args.eval_dataset or args.dataset, eval_split, tokenizer,
+                                                      limit=args.eval_limit, flag=flag, summary=summaries["eval"],
+                                                      revision=None if args.eval_dataset else args.dataset_revision, **load)
         plumbing.check_eval_rows(args, {e["key"] for e in train_examples}, [e["key"] for e in eval_examples],
                                  summaries["eval"])
     else:

@@ -403,9 +403,9 @@ def test_unusable_pairs_are_dropped_and_counted(tmp_path, toy_tok):
 def test_truncation_is_counted(toy, toy_tok):
     args = sft.Args(dataset=str(toy / "sft"), max_length=20)
     summary = plumbing.DataSummary("--dataset", args.dataset, "test")
-    examples, truncated = sft.load_examples(args, "test", 50, toy_tok, summary)
+    examples, truncated = sft.load_examples(args.dataset, "test", toy_tok, max_length=20, limit=50, summary=summary)
     assert all(len(e["input_ids"]) == len(e["labels"]) <= 20 for e in examples)
-    full, none = sft.load_examples(dataclasses.replace(args, max_length=512), "test", 50, toy_tok)
+    full, none = sft.load_examples(args.dataset, "test", toy_tok, max_length=512, limit=50)
     # every row longer than the window is either truncated or, when its prompt alone fills it, dropped
     filled = summary.dropped.get("prompt fills the window", [])
     assert none == 0 and truncated > 0 and truncated + len(filled) == sum(len(e["input_ids"]) > 20 for e in full)
