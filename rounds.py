@@ -203,7 +203,8 @@ def safety_types(rows: list[dict]) -> dict:
 
 
 def prompt_types(answers: dict[str, list[dict]], red_team_prompts: set[str]) -> dict:
-    """Figure 3a: safety-unrelated; safety-related solved (no answer unsafe) or unsolved; red-team."""
+    """Figure 3a: safety-unrelated; safety-related solved (none of its answers unsafe: every round types
+    on k x draws answers per prompt) or unsolved; red-team."""
     counts = {"safety_unrelated": 0, "solved": 0, "unsolved": 0, "red_team": 0}
     for prompt, rows in answers.items():
         kind = ("red_team" if prompt in red_team_prompts else "safety_unrelated" if not rows[0]["is_harmful"]
@@ -266,7 +267,7 @@ def main(args: Args) -> None:
     # ---- round 1: make demo's pipeline; its prompts typed by the oracle on the SFT model's answers --------
     r1 = {"round": 1, "policy_in": str(runs / "sft"), "policy_out": str(runs / "ppo_lagrangian"),
           "reward": str(runs / "reward"), "cost": str(runs / "cost")}
-    answers = sample(r1["policy_in"], train_requests, args.answers_per_prompt, out / "round1", args.seed, args,
+    answers = sample(r1["policy_in"], train_requests, k_draws, out / "round1", args.seed, args,  # as many as later rounds
                      "round 1: the SFT model's answers, to type the prompts")
     r1["prompt_types"] = prompt_types(answers, set())
     r1_rows = {s: read_jsonl(Path(args.data) / "preference" / f"{s}.jsonl") for s in ("train", "test")}
