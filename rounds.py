@@ -26,7 +26,7 @@ with pi = v(k-1):
      same compute every round.
   5. Policy: ppo_lagrangian.py from pi with the round's models, on the round's prompts, threshold derived
      from the round's cost model. The KL reference is pi, the actor's starting point, as in the official
-     code (safe_rlhf/trainers/rl_trainer.py@82743cc: the reference model loads the actor's path): each
+     code (safe_rlhf/trainers/rl_trainer.py@82743cc:L121-193: the reference model loads the actor's path): each
      round is a trust region around the last policy, not around SFT.
 Then "unified" reward and cost models (section 4.2.1) learn the same number of pairs from every round,
 and evaluate.py compares SFT, v1, ..., vR on the evaluation prompts: judged by the unified models (the
