@@ -34,7 +34,7 @@ case "$profile" in
   quick)
     runs=runs-quick results=results-quick nus="0.01 1 100"
     sft=(--epochs 3) pref=(--limit 2000) ppo=(--epochs 15) evalargs=(--samples_per_prompt 4)
-    roundargs=(--rounds 2 --draws 2 --preference_steps 150 --unified_pairs 500 --ppo_steps 40 --eval_samples 2) ;;
+    roundargs=(--rounds 2 --draws 2 --preference_steps 60 --unified_pairs 500 --ppo_steps 40 --eval_samples 2) ;;
   smoke)
     root=${2:?usage: demo.sh smoke DIR}
     runs=$root/runs results=$root/results nus="1"
