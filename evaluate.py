@@ -476,6 +476,11 @@ def fmt_ci(stat: dict, key: str = "mean", digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"
 
 
+def fmt_elo(e: dict) -> str:
+    """An elo_intervals entry as 'elo [lo, hi]'."""
+    return f"{e['elo']:.0f} [{e['lo']:.0f}, {e['hi']:.0f}]"
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows])
@@ -943,13 +948,11 @@ def render_tables(results: dict, names: list[str], args: Args) -> tuple[tuple[st
             ["A", "B", "helpfulness win A over B", "harmlessness win A over B"],
             [[r["a"], r["b"], fmt_ci(r["oracle_helpfulness"]), fmt_ci(r["oracle_harmlessness"])] for r in arena])))
     for judge, by_subset in results.get("elo_ci", {}).items():  # figure 5a/5b
-        def elo(e):
-            return f"{e['elo']:.0f} [{e['lo']:.0f}, {e['hi']:.0f}]"
         columns = [(s, c) for s in by_subset for c in ("helpfulness", "harmlessness")]
         tables.append((f"Bradley-Terry Elo judged by {'R and C' if judge == 'models' else 'the oracle (true h and c)'} "
                        f"({first} = 1000, 95% bootstrap intervals over prompts)", markdown_table(
             ["policy"] + [f"{c} ({s} prompts)" for s, c in columns],
-            [[n] + [elo(by_subset[s][c][n]) for s, c in columns] for n in names])))
+            [[n] + [fmt_elo(by_subset[s][c][n]) for s, c in columns] for n in names])))
     if "training" in results:
         tables.append(("PPO-Lagrangian training runs (last step)", markdown_table(
             ["run", "steps", "lambda", "episode cost", "threshold", "reward", "KL"],

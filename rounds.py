@@ -51,6 +51,7 @@ from typing import ClassVar
 
 import plumbing
 import toyworld
+from evaluate import fmt_elo
 from plumbing import UserError
 
 
@@ -282,8 +283,7 @@ def main(args: Args) -> None:
     for k in range(2, args.rounds + 1):
         rdir = out / f"round{k}"
         rec = {"round": k, "policy_in": policy}
-        rt = red_team(pool, policy, args, k, rdir) if args.red_team_tries else \
-            {"tried": [], "succeeded": [], "train": [], "eval": []}
+        rt = red_team(pool, policy, args, k, rdir)  # --red_team_tries 0: no tries
         pool = [p for p in pool if p not in rt["tried"]]  # each phrasing is tried once
         red_team_eval += [{"prompt": p, "round": k} for p in rt["eval"]]
         rec["red_team"] = {"tried": len(rt["tried"]), "succeeded": len(rt["succeeded"]),
@@ -377,10 +377,6 @@ def ci(stat: dict | None, key: str = "rate", pct: bool = True) -> str:
     return f"{f(stat[key])} [{f(stat['lo'])}, {f(stat['hi'])}]"
 
 
-def elo_text(e: dict) -> str:
-    return f"{e['elo']:.0f} [{e['lo']:.0f}, {e['hi']:.0f}]"
-
-
 def render(s: dict) -> str:
     """rounds.md: the tables, in the paper's order (figure 3, Table 1, figure 5)."""
     versions = list(s["unsafe"])
@@ -425,7 +421,7 @@ def render(s: dict) -> str:
                "| policy | " + " | ".join(f"{c} ({sub} prompts)" for sub in by_subset for c in ("helpfulness", "harmlessness"))
                + " |", "|---" * (1 + 2 * len(by_subset)) + "|"]
         for v in versions:
-            md.append(f"| {v} | " + " | ".join(elo_text(by_subset[sub][c][v]) for sub in by_subset
+            md.append(f"| {v} | " + " | ".join(fmt_elo(by_subset[sub][c][v]) for sub in by_subset
                                                 for c in ("helpfulness", "harmlessness")) + " |")
     return "\n".join(md) + "\n"
 
@@ -436,7 +432,7 @@ def headline(s: dict) -> str:
     rows = ["| policy | unsafe on harmful (oracle) | helpfulness Elo (R) | harmlessness Elo (C) | helpfulness Elo (oracle) "
             "| harmlessness Elo (oracle) |", "|---|---|---|---|---|---|"]
     for v in s["unsafe"]:
-        cells = [elo_text(elo[j]["all"][c][v]) if j in elo else "–" for j in ("models", "oracle")
+        cells = [fmt_elo(elo[j]["all"][c][v]) if j in elo else "–" for j in ("models", "oracle")
                  for c in ("helpfulness", "harmlessness")]
         rows.append(f"| {v} | {ci(s['unsafe'][v]['evaluation'])} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
