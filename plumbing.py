@@ -142,10 +142,11 @@ def _parser(cls, defaults: dict, description: str | None, epilog: str | None):
     import typing
 
     helps = {}
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            helps[node.target.id] = " ".join(nxt.value.value.split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's Args too
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                helps[node.target.id] = " ".join(nxt.value.value.split())
     hints = typing.get_type_hints(cls)
     parser = _Parser(description=description, epilog=epilog, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
@@ -471,7 +472,7 @@ RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "save", "log_every", "
 RUN_FILES = ("args.json", "config.json", "metrics.jsonl", "train_state.json")  # a folder with one holds a run
 
 
-def open_run_folder(args, world_size: int, is_main: bool):
+def open_run_folder(args, world_size: int, is_main: bool, stage: str | None = None):
     """Claim --output_dir for this run, before anything is read or written. Returns (lock, resume_state):
     keep the lock for the whole run; resume_state is the saved train state with --resume, else None.
       - an exclusive lock (<output_dir>.lock, flock: the kernel drops it when the process dies, even
@@ -480,7 +481,8 @@ def open_run_folder(args, world_size: int, is_main: bool):
         nothing in it is deleted before the new run has validated its inputs);
       - a save killed half-way is undone (recover_checkpoint);
       - --resume: every argument that changes the result must equal the saved args.json, and the
-        number of ranks the saved RNG states were written by."""
+        number of ranks the saved RNG states were written by; a policy stage (stage: its name) continues
+        only its own checkpoints (the train state names the stage that wrote it)."""
     folder = Path(args.output_dir)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--output_dir {folder} exists and is not a folder")
@@ -498,6 +500,10 @@ def open_run_folder(args, world_size: int, is_main: bool):
         return lock, None
     try:  # every rank reads the same files, so every rank refuses alike
         state = load_train_state(folder)
+        saved_by = state["json"].get("stage", "ppo_lagrangian")  # policy checkpoints older than this key: PPO's
+        if stage is not None and saved_by != stage:
+            raise UserError(f"--resume: the checkpoint in --output_dir {folder} was written by {saved_by}.py, not "
+                            f"{stage}.py; resume it with that stage, or start this one in another folder")
         saved_ranks = len([k for k in state["json"] if k.startswith("rank") and k.endswith(".rng.python")])
         if saved_ranks != world_size:
             raise UserError(f"--resume: {folder} was saved by a run on {saved_ranks} rank(s), this one has "

@@ -70,21 +70,22 @@ from plumbing import UserError
 
 
 @dataclass
-class Args:
+class PolicyArgs:
+    """The flags of a policy stage with a Lagrange multiplier: everything but the critics, shared with
+    rloo_lagrangian.py (which adds its group size). ppo_lagrangian.py's own Args, below, adds the critics."""
     # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
-    LIMITS: ClassVar[dict] = {"max_length": (2, None), "actor_warmup_ratio": (0, 1), "gamma": (0, 1), "gae_lambda": (0, 1),
-              "threshold": (None, None), "target_unsafe_share": (0, 1), "temperature": (1e-6, None), "lambda_max": (1e-6, None), "epochs": (1e-6, None),
+    LIMITS: ClassVar[dict] = {"max_length": (2, None), "actor_warmup_ratio": (0, 1), "threshold": (None, None),
+              "target_unsafe_share": (0, 1), "temperature": (1e-6, None), "lambda_max": (1e-6, None), "epochs": (1e-6, None),
               "adam_beta1": (0, 0.999999), "adam_beta2": (0, 0.999999), **dict.fromkeys(
         ("per_device_prompt_batch_size", "per_device_train_batch_size", "update_iters", "limit",
          "episode_cost_window_size", "log_every"), (1, None))}
-    # --recipe paper: the official 7B settings (safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198)
+    # --recipe paper: the official 7B settings (safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198), critics' aside
     PAPER: ClassVar[dict] = {
         "actor_model_name_or_path": "PKU-Alignment/alpaca-7b-reproduced", "dataset": "PKU-Alignment/PKU-SafeRLHF",
         "split": "train", "max_length": 512, "temperature": 1.0, "epochs": 1, "per_device_prompt_batch_size": 16,
         "per_device_train_batch_size": 16, "update_iters": 1, "actor_lr": 1e-5, "actor_weight_decay": 0.01,
-        "actor_lr_scheduler": "cosine", "actor_warmup_ratio": 0.03, "critic_lr": 5e-6, "critic_weight_decay": 0.0,
-        "critic_lr_scheduler": "constant", "kl_coeff": 0.01, "clip_range_ratio": 0.2, "clip_range_score": 50.0,
-        "clip_range_value": 5.0, "ptx_dataset": "tatsu-lab/alpaca", "ptx_coeff": 16.0, "threshold": 0.0,
+        "actor_lr_scheduler": "cosine", "actor_warmup_ratio": 0.03, "kl_coeff": 0.01, "clip_range_ratio": 0.2,
+        "clip_range_score": 50.0, "ptx_dataset": "tatsu-lab/alpaca", "ptx_coeff": 16.0, "threshold": 0.0,
         "lambda_init": 1.0, "lambda_lr": 0.1, "lambda_max": 5.0, "lambda_update_delay_steps": 0,
         "episode_cost_window_size": 128, "gradient_checkpointing": True}
     PAPER_SOURCE: ClassVar[str] = "safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198"
@@ -101,13 +102,8 @@ class Args:
     """the trained reward model (reward.py), frozen"""
     cost_model_name_or_path: str = "runs/cost"
     """the trained cost model (cost.py), frozen"""
-    reward_critic_model_name_or_path: str | None = None
-    """reward critic init; default: the reward model (head included,
-    safe_rlhf/trainers/rl_trainer.py@82743cc:L162-175)"""
     tokenizer_name_or_path: str | None = None
     """default: the actor's folder (needed when the models are model.py presets, e.g. in tools/bench.py)"""
-    cost_critic_model_name_or_path: str | None = None
-    """cost critic init; default: the cost model"""
     trust_remote_code: bool = False
     """allow model code from the hub (off: only transformers' own architectures)"""
     # data
@@ -150,12 +146,6 @@ class Args:
     """cosine, linear or constant (paper cosine)"""
     actor_warmup_ratio: float = 0.03
     """fraction of steps with linear warmup (paper 0.03)"""
-    critic_lr: float = 5e-4
-    """critics' learning rate (paper 5e-6)"""
-    critic_weight_decay: float = 0.0
-    """critics' AdamW weight decay (paper 0.0)"""
-    critic_lr_scheduler: str = "constant"
-    """cosine, linear or constant (paper constant, which ignores warmup)"""
     adam_beta1: float = 0.9
     """AdamW beta1 of every trained model (official 0.9, safe_rlhf/configs/constants.py@82743cc:L53)"""
     adam_beta2: float = 0.95
@@ -169,12 +159,6 @@ class Args:
     """PPO ratio clip epsilon"""
     clip_range_score: float = 50.0
     """clip of every per-token reward / cost entry"""
-    clip_range_value: float = 5.0
-    """critic value clip around the old values"""
-    gamma: float = 1.0
-    """discount (hard-coded 1.0 in the official code)"""
-    gae_lambda: float = 0.95
-    """GAE lambda (hard-coded 0.95 in the official code)"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip for every trained model"""
     ptx_dataset: str | None = None
@@ -235,6 +219,33 @@ class Args:
     """(derived) rl_steps per rollout batch = update_iters * prompt batch / train batch"""
     total_steps: int = 0
     """(derived) rl_steps in the whole run"""
+
+
+
+@dataclass
+class Args(PolicyArgs):
+    LIMITS: ClassVar[dict] = {**PolicyArgs.LIMITS, "gamma": (0, 1), "gae_lambda": (0, 1)}
+    PAPER: ClassVar[dict] = {**PolicyArgs.PAPER, "critic_lr": 5e-6, "critic_weight_decay": 0.0,
+                             "critic_lr_scheduler": "constant", "clip_range_value": 5.0}
+
+    # critics: a value model per signal, initialised from its score model (what rloo_lagrangian.py drops)
+    reward_critic_model_name_or_path: str | None = None
+    """reward critic init; default: the reward model (head included,
+    safe_rlhf/trainers/rl_trainer.py@82743cc:L162-175)"""
+    cost_critic_model_name_or_path: str | None = None
+    """cost critic init; default: the cost model"""
+    critic_lr: float = 5e-4
+    """critics' learning rate (paper 5e-6)"""
+    critic_weight_decay: float = 0.0
+    """critics' AdamW weight decay (paper 0.0)"""
+    critic_lr_scheduler: str = "constant"
+    """cosine, linear or constant (paper constant, which ignores warmup)"""
+    clip_range_value: float = 5.0
+    """critic value clip around the old values"""
+    gamma: float = 1.0
+    """discount (hard-coded 1.0 in the official code)"""
+    gae_lambda: float = 0.95
+    """GAE lambda (hard-coded 0.95 in the official code)"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,12 +397,13 @@ def lagrange_multiplier_loss(log_lambda: torch.Tensor, episode_cost: float, thre
 
 @torch.no_grad()
 def step_record(step: int, epoch: int, micro: dict[str, torch.Tensor], losses: dict[str, torch.Tensor],
-                clip_fraction: torch.Tensor, first_pass_logratio: torch.Tensor | None, lagrange_multiplier: float,
-                episode_cost: float, threshold: float) -> dict:
+                first_pass: bool, lagrange_multiplier: float, episode_cost: float, threshold: float) -> dict:
     """The record of one rl_step, every statistic averaged over ranks (one all-reduce).
     micro: this micro-batch's reward, cost, has_eos (b,) and old_logprobs, ref_logprobs, rewards,
-    costs, reward_advantages, cost_advantages, mask (b, T). first_pass_logratio: max |log ratio| on
-    a rollout's first micro-batch, before any update from it (must be 0), None on every other rl_step."""
+    costs, reward_advantages, cost_advantages, mask (b, T). losses: actor_step's output (the actor's
+    loss, its clip fraction and max |log ratio|, PTX's loss) plus the critics' losses, each logged as
+    loss/<name>. first_pass: the rollout's first micro-batch, before any update from it, where the max
+    |log ratio| must be 0 (logged as policy/first_pass_logratio_max on those rl_steps only)."""
     m = micro["mask"]
     per_sequence = lambda x: (x * m).sum(1).mean()  # noqa: E731  summed over the response, mean over sequences
     stats = {
@@ -401,13 +413,13 @@ def step_record(step: int, epoch: int, micro: dict[str, torch.Tensor], losses: d
         "objective/cost_with_kl_penalty": per_sequence(micro["costs"]),
         "policy/reward_advantage_mean": M.masked_mean(micro["reward_advantages"], m),
         "policy/cost_advantage_mean": M.masked_mean(micro["cost_advantages"], m),
-        "loss/actor": losses["actor"].detach(), "loss/reward_critic": losses["reward_critic"],
-        "loss/cost_critic": losses["cost_critic"], "policy/clip_fraction": clip_fraction,
+        **{f"loss/{k}": v.detach() for k, v in losses.items() if k not in ("clip_fraction", "logratio_max")},
+        "policy/clip_fraction": losses["clip_fraction"],
         "policy/response_length": m.sum(1).mean(), "policy/missing_eos_rate": (~micro["has_eos"]).float().mean(),
-        "policy/first_pass_logratio_max": first_pass_logratio if first_pass_logratio is not None else m.new_zeros(()),
+        "policy/first_pass_logratio_max": losses["logratio_max"],
     }
     record = dict(zip(stats, M.all_reduce(torch.stack(list(stats.values())), "mean").tolist()))
-    if first_pass_logratio is None:
+    if not first_pass:
         del record["policy/first_pass_logratio_max"]
     record.update({"step": step, "epoch": epoch, "lagrangian/lambda": lagrange_multiplier,
                    "lagrangian/episode_cost": episode_cost, "lagrangian/constraint_violation": episode_cost - threshold})
@@ -464,34 +476,38 @@ def load_ptx(args: Args, tokenizer, summaries: dict) -> list[dict] | None:
 
 
 # --------------------------------------------------------------------------------------------
-# main
+# The loop's phases, one function each (rloo_lagrangian.py, the critic-free variant, calls the same ones)
 # --------------------------------------------------------------------------------------------
 
 
-def main(args: Args) -> None:
-    # ---- distributed set-up (model.py) ----------------------------------------------------
-    d = M.init_distributed(args.device)
+def check_args(args: PolicyArgs, d: M.Dist, sequences_per_prompt: int = 1) -> str | None:
+    """The checks and derived sizes of a policy stage, before anything is read or written; the
+    derived threshold is read here too, so a resumed run derives the same number. Returns how the
+    threshold was derived (None when --threshold was given)."""
     args.world_size = d.world_size
-    if args.per_device_prompt_batch_size % args.per_device_train_batch_size:
-        raise UserError(f"--per_device_prompt_batch_size {args.per_device_prompt_batch_size} must be a multiple of "
-                        f"--per_device_train_batch_size {args.per_device_train_batch_size}")
+    sequences = args.per_device_prompt_batch_size * sequences_per_prompt    # sequences per rank per rollout
+    if sequences % args.per_device_train_batch_size:
+        raise UserError(f"--per_device_prompt_batch_size {args.per_device_prompt_batch_size}"
+                        + (f" x --samples_per_prompt {sequences_per_prompt} = {sequences} sequences"
+                           if sequences_per_prompt > 1 else "")
+                        + f" must be a multiple of --per_device_train_batch_size {args.per_device_train_batch_size}")
     if args.reward_shaping and args.lambda_lr != 0:
         raise UserError(f"--reward_shaping keeps nu = --lambda_init fixed: give --lambda_lr 0 (not {args.lambda_lr})")
     if args.lambda_init == 0 and args.lambda_lr > 0:
         M.print0("warning: --lambda_init 0 stays 0 whatever --lambda_lr is (lambda is updated as log lambda); "
-                 "give a small positive --lambda_init for PPO-Lagrangian, or --lambda_lr 0 for plain PPO")
-    args.steps_per_rollout = args.update_iters * args.per_device_prompt_batch_size // args.per_device_train_batch_size
-    derivation = None
-    if args.threshold is None:  # read before anything is written, so a resumed run derives the same number
+                 "give a small positive --lambda_init for the Lagrangian, or --lambda_lr 0 for the unconstrained baseline")
+    args.steps_per_rollout = args.update_iters * sequences // args.per_device_train_batch_size
+    if args.threshold is None:
         args.threshold, derivation = derived_threshold(args.cost_model_name_or_path, args.target_unsafe_share)
-    bf16 = d.device.type == "cuda"
-    out = Path(args.output_dir)
-    # Claim the folder before reading anything: locked for this run, never another run's without
-    # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
-    lock, state = plumbing.open_run_folder(args, d.world_size, d.is_main)  # noqa: F841 - held to the end
+        return derivation
+    return None
 
-    # ---- tokenizer and data (validated before anything is written) -------------------------
-    actor_path = str(out) if args.resume else args.actor_model_name_or_path
+
+def load_data(args: PolicyArgs, d: M.Dist) -> tuple:
+    """Tokenizer, unique prompts and PTX rows, validated before anything is written; the run's size.
+    Returns tokenizer, prompts, ptx_examples (or None), the data summary, rollouts per epoch and in all;
+    sets args.total_steps."""
+    actor_path = args.output_dir if args.resume else args.actor_model_name_or_path
     tokenizer = M.load_tokenizer(args.tokenizer_name_or_path or actor_path, "left", args.trust_remote_code)
     summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.split)}
     prompts = load_prompts(args, summaries["train"])
@@ -504,44 +520,238 @@ def main(args: Args) -> None:
     rollouts_per_epoch = len(prompts) // global_prompt_batch
     if rollouts_per_epoch == 0:
         raise UserError(f"--dataset {args.dataset}: {len(prompts)} unique prompts, fewer than one global "
-                          f"prompt batch ({global_prompt_batch}); lower --per_device_prompt_batch_size")
+                        f"prompt batch ({global_prompt_batch}); lower --per_device_prompt_batch_size")
     total_rollouts = (math.ceil(args.max_steps / args.steps_per_rollout) if args.max_steps
                       else int(args.epochs * rollouts_per_epoch))
     if total_rollouts == 0:
         raise UserError(f"--epochs {args.epochs}: less than one rollout ({rollouts_per_epoch} per epoch)")
     args.total_steps = total_rollouts * args.steps_per_rollout
+    return tokenizer, prompts, ptx_examples, data_summary, rollouts_per_epoch, total_rollouts
 
-    # ---- models: actor, reference, reward, cost, two critics -------------------------------
+
+HINT = {"sft": "run sft.py first", "reward": "run reward.py first", "cost": "run cost.py first"}
+
+
+def load_models(args: PolicyArgs, d: M.Dist, tokenizer, **load) -> tuple:
+    """The four models every policy stage holds, unprepared: the actor (from --output_dir on resume),
+    the frozen reference (the SFT policy) and the frozen reward and cost models. Each model must be the
+    kind its slot takes (a cost model as the reward model is refused, not trained on), and the frozen
+    scorers must share the actor's tokenizer. load: model.py's loading options (dtype, meta, ...)."""
     M.seed_everything(args.seed)  # same on every rank: identical initial weights
-    hint = {"sft": "run sft.py first", "reward": "run reward.py first", "cost": "run cost.py first"}
-    # Only rank 0 reads the checkpoints; the other ranks build meta skeletons and receive the
-    # weights when prepare_model shards them (one CPU copy per node instead of one per rank).
-    load = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code, meta=d.enabled and not d.is_main)
-    # Each model must be the kind its slot takes (a cost model as the reward model is refused, not
-    # trained on), and the frozen scorers must share the actor's tokenizer.
-    actor = M.load_causal_lm(actor_path, tokenizer, stage_hint=hint["sft"],
-                             flag="--output_dir" if args.resume else "--actor_model_name_or_path", **load)
+    actor = M.load_causal_lm(args.output_dir if args.resume else args.actor_model_name_or_path, tokenizer,
+                             stage_hint=HINT["sft"], flag="--output_dir" if args.resume else "--actor_model_name_or_path",
+                             **load)
     M.seed_everything(args.seed)  # a preset (random-init) actor and its reference are then the same model
-    reference = M.load_causal_lm(args.actor_model_name_or_path, tokenizer, stage_hint=hint["sft"],
+    reference = M.load_causal_lm(args.actor_model_name_or_path, tokenizer, stage_hint=HINT["sft"],
                                  flag="--actor_model_name_or_path", **load)
     for flag, path in (("--reward_model_name_or_path", args.reward_model_name_or_path),
                        ("--cost_model_name_or_path", args.cost_model_name_or_path)):
         M.check_same_vocabulary(tokenizer, path, flag, args.trust_remote_code)
-    reward_model = M.load_score_model(args.reward_model_name_or_path, tokenizer, "reward", stage_hint=hint["reward"],
+    reward_model = M.load_score_model(args.reward_model_name_or_path, tokenizer, "reward", stage_hint=HINT["reward"],
                                       accept=("reward",), flag="--reward_model_name_or_path", **load)
-    cost_model = M.load_score_model(args.cost_model_name_or_path, tokenizer, "cost", stage_hint=hint["cost"],
+    cost_model = M.load_score_model(args.cost_model_name_or_path, tokenizer, "cost", stage_hint=HINT["cost"],
                                     accept=("cost",), flag="--cost_model_name_or_path", **load)
-    reward_critic = M.load_score_model(str(out / "reward_critic") if args.resume else
-                                       args.reward_critic_model_name_or_path or args.reward_model_name_or_path,
-                                       tokenizer, "critic", stage_hint=hint["reward"], accept=("policy", "reward", "critic"),
-                                       flag="--reward_critic_model_name_or_path", **load)
-    cost_critic = M.load_score_model(str(out / "cost_critic") if args.resume else
-                                     args.cost_critic_model_name_or_path or args.cost_model_name_or_path,
-                                     tokenizer, "critic", stage_hint=hint["cost"], accept=("policy", "cost", "critic"),
-                                     flag="--cost_critic_model_name_or_path", **load)
     if reward_model.config.vocab_size != actor.config.vocab_size or cost_model.config.vocab_size != actor.config.vocab_size:
         raise UserError("the reward/cost models' vocabulary differs from the actor's: they must share its tokenizer "
                         "(re-tokenisation for a different tokenizer is not implemented)")
+    return actor, reference, reward_model, cost_model
+
+
+def make_lambda(args: PolicyArgs, d: M.Dist) -> tuple:
+    """log(lambda) as a parameter, its SGD optimiser, and this rank's window of raw episode costs."""
+    log_lambda = torch.nn.Parameter(torch.tensor(math.log(args.lambda_init) if args.lambda_init > 0 else -math.inf,
+                                                 device=d.device))
+    return (log_lambda, torch.optim.SGD([log_lambda], lr=args.lambda_lr),
+            collections.deque(maxlen=args.episode_cost_window_size))
+
+
+def open_logs(args: PolicyArgs, d: M.Dist, step: int, data_summary: dict) -> tuple:
+    """The run folder's logs: a fresh run (--overwrite) replaces an older one's, a resumed run drops what
+    the killed run logged past its checkpoint; args.json and data_summary.json. Returns the two loggers."""
+    out = Path(args.output_dir)
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        else:
+            plumbing.trim_logs(out, step)
+        (out / "args.json").write_text(json.dumps(asdict(args), indent=1) + "\n")
+        plumbing.write_json_atomic(out / "data_summary.json", data_summary)
+    return plumbing.JsonlLogger(out / "metrics.jsonl", d.is_main), plumbing.JsonlLogger(out / "samples.jsonl", d.is_main)
+
+
+def save_run(args: PolicyArgs, d: M.Dist, tokenizer, trained: dict, log_lambda: torch.Tensor,
+             episode_costs: collections.deque, position: dict, stage: str) -> None:
+    """A resumable checkpoint: every trained model (trained: {name: (model, optimizer, scheduler)}; the
+    actor at the folder's root, the others in subfolders), their optimiser and scheduler states, every
+    rank's RNG and episode-cost window, log(lambda), the loop position, and which stage wrote it.
+    The per-rank lambdas are gathered too (they must all be equal: checked by the tests)."""
+    per_rank = [(list(episode_costs), log_lambda.item())] * d.world_size
+    if d.enabled:
+        torch.distributed.all_gather_object(per_rank, (list(episode_costs), log_lambda.item()))
+    state = plumbing.merge_states(
+        *(plumbing.optimizer_state(model, opt, name) for name, (model, opt, _) in trained.items()),
+        plumbing.gather_rng_states(d),
+        {"tensors": {"log_lambda": log_lambda.detach().cpu().reshape(())},
+         "json": {**{f"{name}.scheduler": sched.state_dict() for name, (_, _, sched) in trained.items()},
+                  "episode_costs": [c for c, _ in per_rank], **position, "stage": stage,
+                  "log_lambda_per_rank": [l for _, l in per_rank]}})
+    M.save_checkpoint(args.output_dir, d, tokenizer,
+                      {"" if name == "actor" else name: model for name, (model, _, _) in trained.items()},
+                      train_state=state)
+
+
+def restore_run(state: dict, d: M.Dist, trained: dict, log_lambda: torch.Tensor,
+                episode_costs: collections.deque) -> tuple[int, int, int]:
+    """The inverse of save_run on this rank (plumbing.open_run_folder has checked that this stage wrote
+    the checkpoint). Returns the loop position (step, epoch, rollout_in_epoch)."""
+    for name, (model, opt, sched) in trained.items():
+        plumbing.load_optimizer_state(model, opt, name, state)
+        sched.load_state_dict(state["json"][f"{name}.scheduler"])
+    with torch.no_grad():
+        log_lambda.copy_(state["tensors"]["log_lambda"])
+    episode_costs.extend(state["json"]["episode_costs"][d.rank])
+    plumbing.restore_rng_states(state, d)
+    return state["json"]["step"], state["json"]["epoch"], state["json"]["rollout_in_epoch"]
+
+
+def generate(args: PolicyArgs, d: M.Dist, tokenizer, actor, batch_prompts: list[str],
+             samples_per_prompt: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rollout: sample a response to each prompt (each prompt samples_per_prompt times, the copies next
+    to each other) from the actor, exactly: temperature only, no top-k. Template + left padding; prompts
+    keep their last max_length // 2 tokens, and every rank pads to the longest prompt on ANY rank: the
+    same S, so the same generation budget. Returns sequences, attention_mask (B, L) and S."""
+    rows = M.encode_prompts(tokenizer, batch_prompts, args.max_length // 2)
+    rows = [row for row in rows for _ in range(samples_per_prompt)]          # prompt i at rows i*K ... i*K+K-1
+    S = int(M.all_reduce(torch.tensor(max(map(len, rows)), device=d.device), "max").item())  # NCCL: on the GPU
+    prompt_ids, prompt_mask = (t.to(d.device) for t in M.left_pad(rows, tokenizer.pad_token_id, length=S))
+    # all-gather the actor once for the whole generation; bf16 compute on a single GPU (M.autocast)
+    with M.gathered_weights(actor), M.autocast(d):
+        sequences, attention_mask = M.sample(
+            actor, prompt_ids, prompt_mask, max_new_tokens=max(1, args.max_length - S),
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            temperature=args.temperature)  # (B, L), (B, L): masks built once, here
+    return sequences, attention_mask, S
+
+
+@torch.no_grad()
+def score(args: PolicyArgs, d: M.Dist, tokenizer, sequences: torch.Tensor, attention_mask: torch.Tensor, S: int,
+          actor, reference, reward_model, cost_model) -> dict[str, torch.Tensor]:
+    """Score the rollout and record the old policy (no grad), response positions only (T = L - S):
+    reward, cost, has_eos (B,); old_logprobs, ref_logprobs, mask (B, T)."""
+    with M.autocast(d):
+        # a. EOS truncation happened in sampling (PAD after EOS, mask 0 there).
+        has_eos = (sequences[:, S:] == tokenizer.eos_token_id).any(dim=1)            # (B,)
+        # b. reward and cost read at the last real token (the EOS, or the last token at max_length)
+        reward = reward_model(sequences, attention_mask).end_scores                   # (B,)
+        cost = cost_model(sequences, attention_mask).end_scores                       # (B,)
+        # c. optional penalty for a missing EOS (0 by default, as the official code)
+        reward = reward - args.missing_eos_penalty * (~has_eos).float()
+        cost = cost + args.missing_eos_penalty * (~has_eos).float()
+        # d. log-probs of the rollout policy and of the reference (temperature included)
+        old_logprobs = M.policy_logprobs(actor, sequences, attention_mask, args.temperature)      # (B, L-1)
+        ref_logprobs = M.policy_logprobs(reference, sequences, attention_mask, args.temperature)  # (B, L-1)
+    start = S - 1                                        # logp[:, start] is the first generated token
+    return dict(reward=reward, cost=cost, has_eos=has_eos, old_logprobs=old_logprobs[:, start:],
+                ref_logprobs=ref_logprobs[:, start:], mask=attention_mask[:, 1:][:, start:].float())  # (B, T)
+
+
+def dual_step(args: PolicyArgs, d: M.Dist, log_lambda: torch.Tensor, lambda_opt, episode_costs, step: int) -> tuple:
+    """The dual step (eq. 12), before each actor update: J_C from the episode-cost window, averaged over
+    ranks (the same lambda on every rank), one SGD step on log(lambda) (after the delay), the cap.
+    Returns lambda (a constant in the actor loss) and the episode cost."""
+    episode_cost = M.all_reduce(torch.tensor(sum(episode_costs) / len(episode_costs), device=d.device), "mean").item()
+    if args.lambda_lr > 0 and step >= args.lambda_update_delay_steps:
+        lambda_opt.zero_grad()
+        lagrange_multiplier_loss(log_lambda, episode_cost, args.threshold).backward()
+        lambda_opt.step()
+        if args.lambda_max is not None:
+            with torch.no_grad():
+                log_lambda.clamp_(max=math.log(args.lambda_max))
+    return log_lambda.exp().item(), episode_cost
+
+
+def actor_step(args: PolicyArgs, d: M.Dist, tokenizer, actor, actor_opt, actor_sched, seq: torch.Tensor, am: torch.Tensor,
+               start: int, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               ptx_examples: list | None, step: int) -> dict[str, torch.Tensor]:
+    """One actor update on a micro-batch: the clipped surrogate on its per-token ratios (plus the PTX
+    loss when --ptx_dataset is set), gradient clip, AdamW and scheduler steps. seq, am: (b, L);
+    old_logprobs, advantages, mask: (b, T). Returns the losses, the clip fraction and the largest |log
+    ratio| (exactly 0 on a rollout's first pass, when the weights are those that sampled it)."""
+    with M.autocast(d):
+        logprobs = M.policy_logprobs(actor, seq, am, args.temperature)[:, start:]  # (b, T)
+    loss_actor, clip_fraction = actor_loss(logprobs, old_logprobs, advantages, mask, args.clip_range_ratio)
+    plumbing.check_finite(loss_actor, "actor loss", step)
+    out = {"actor": loss_actor, "clip_fraction": clip_fraction,
+           "logratio_max": ((logprobs.detach() - old_logprobs).abs() * mask).max()}
+    actor_opt.zero_grad(set_to_none=True)
+    loss_total = loss_actor
+    # PTX joins the RL loss in the same actor update, as upstream without the 1/2
+    # (safe_rlhf/trainers/rl_trainer.py@82743cc:L316-320; docs/reference.md, "PTX loss")
+    if ptx_examples is not None:
+        g = torch.Generator().manual_seed(args.seed * 7919 + step * d.world_size + d.rank)
+        picks = torch.randint(len(ptx_examples), (seq.shape[0],), generator=g).tolist()
+        ids, am_ptx, labels = (t.to(d.device) for t in M.collate_right([ptx_examples[i] for i in picks],
+                                                                        tokenizer.pad_token_id))
+        with M.autocast(d):
+            out["ptx"] = ptx_loss(M.policy_logprobs(actor, ids, am_ptx, right_padded=True), labels)
+        loss_total = loss_actor + args.ptx_coeff * out["ptx"]
+    loss_total.backward()
+    plumbing.clip_grad_norm(actor, args.max_grad_norm)
+    actor_opt.step()
+    actor_sched.step()
+    return out
+
+
+def log_step(args: PolicyArgs, record: dict, bar, meter, logger, samples_log, tokenizer, step: int,
+             prompts: list[str], sequences: torch.Tensor, S: int, reward: torch.Tensor, cost: torch.Tensor) -> None:
+    """The progress bar, a log line every --log_every rl_steps (with throughput and ETA), the metrics
+    record, and every --sample_every rl_steps the micro-batch's first four answers."""
+    bar.set_postfix(R=f"{record['objective/reward']:.2f}", C=f"{record['objective/cost']:.2f}",
+                    lam=f"{record['lagrangian/lambda']:.2f}", kl=f"{record['objective/kl']:.2f}")
+    if step % args.log_every == 0 or step == args.total_steps:
+        record.update(meter.rates(step))
+        M.print0(step_line(record))
+    logger.log(record)
+    if args.sample_every and step % args.sample_every == 0:
+        texts = tokenizer.batch_decode(sequences[:4, S:], skip_special_tokens=True)
+        for p, r, rw, c in zip(prompts[:4], texts, reward.tolist(), cost.tolist()):
+            samples_log.log({"step": step, "prompt": p, "response": r, "reward": rw, "cost": c})
+            M.print0(f"  [{rw:+.2f} R | {c:+.2f} C] {p} -> {r[:100]}")
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> None:
+    # ---- distributed set-up (model.py), checks ---------------------------------------------
+    d = M.init_distributed(args.device)
+    derivation = check_args(args, d)
+    bf16 = d.device.type == "cuda"
+    # Claim the folder before reading anything: locked for this run, never another run's without
+    # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
+    lock, state = plumbing.open_run_folder(args, d.world_size, d.is_main, "ppo_lagrangian")  # noqa: F841 - held
+
+    # ---- tokenizer and data (validated before anything is written) -------------------------
+    tokenizer, prompts, ptx_examples, data_summary, rollouts_per_epoch, total_rollouts = load_data(args, d)
+
+    # ---- models: actor, reference, reward, cost, two critics -------------------------------
+    # Only rank 0 reads the checkpoints; the other ranks build meta skeletons and receive the
+    # weights when prepare_model shards them (one CPU copy per node instead of one per rank).
+    load = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code, meta=d.enabled and not d.is_main)
+    actor, reference, reward_model, cost_model = load_models(args, d, tokenizer, **load)
+    out = Path(args.output_dir)
+    reward_critic = M.load_score_model(str(out / "reward_critic") if args.resume else
+                                       args.reward_critic_model_name_or_path or args.reward_model_name_or_path,
+                                       tokenizer, "critic", stage_hint=HINT["reward"], accept=("policy", "reward", "critic"),
+                                       flag="--reward_critic_model_name_or_path", **load)
+    cost_critic = M.load_score_model(str(out / "cost_critic") if args.resume else
+                                     args.cost_critic_model_name_or_path or args.cost_model_name_or_path,
+                                     tokenizer, "critic", stage_hint=HINT["cost"], accept=("policy", "cost", "critic"),
+                                     flag="--cost_critic_model_name_or_path", **load)
     prep = dict(bf16=bf16, activation_checkpointing=args.gradient_checkpointing)
     actor = M.prepare_model(actor, d, trainable=True, **prep)
     reward_critic = M.prepare_model(reward_critic, d, trainable=True, **prep)
@@ -557,69 +767,27 @@ def main(args: Args) -> None:
     adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     actor_opt = plumbing.make_optimizer(actor, args.actor_lr, args.actor_weight_decay, **adam)
     actor_sched = plumbing.make_scheduler(actor_opt, args.actor_lr_scheduler, warmup, args.total_steps)
-    critic_opts = {name: plumbing.make_optimizer(m, args.critic_lr, args.critic_weight_decay, **adam)
-                   for name, m in (("reward_critic", reward_critic), ("cost_critic", cost_critic))}
-    critic_scheds = {name: plumbing.make_scheduler(o, args.critic_lr_scheduler, warmup, args.total_steps)
-                     for name, o in critic_opts.items()}
-    log_lambda = torch.nn.Parameter(torch.tensor(math.log(args.lambda_init) if args.lambda_init > 0 else -math.inf,
-                                                 device=d.device))
-    lambda_opt = torch.optim.SGD([log_lambda], lr=args.lambda_lr)
-    episode_costs: collections.deque = collections.deque(maxlen=args.episode_cost_window_size)
+    trained = {"actor": (actor, actor_opt, actor_sched)}
+    for name, critic in (("reward_critic", reward_critic), ("cost_critic", cost_critic)):
+        opt = plumbing.make_optimizer(critic, args.critic_lr, args.critic_weight_decay, **adam)
+        trained[name] = (critic, opt, plumbing.make_scheduler(opt, args.critic_lr_scheduler, warmup, args.total_steps))
+    log_lambda, lambda_opt, episode_costs = make_lambda(args, d)
 
     step, epoch, rollout_in_epoch = 0, 0, 0
     if args.resume:
-        plumbing.load_optimizer_state(actor, actor_opt, "actor", state)
-        for name, m in (("reward_critic", reward_critic), ("cost_critic", cost_critic)):
-            plumbing.load_optimizer_state(m, critic_opts[name], name, state)
-            critic_scheds[name].load_state_dict(state["json"][f"{name}.scheduler"])
-        actor_sched.load_state_dict(state["json"]["actor.scheduler"])
-        with torch.no_grad():
-            log_lambda.copy_(state["tensors"]["log_lambda"])
-        episode_costs.extend(state["json"]["episode_costs"][d.rank])
-        step, epoch, rollout_in_epoch = state["json"]["step"], state["json"]["epoch"], state["json"]["rollout_in_epoch"]
-        plumbing.restore_rng_states(state, d)
+        step, epoch, rollout_in_epoch = restore_run(state, d, trained, log_lambda, episode_costs)
         M.print0(f"resumed from {out} at rl_step {step}")
     else:
         M.seed_everything(args.seed + d.rank)  # per rank: different samples on every rank
-
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:  # a fresh run (--overwrite) replaces the logs of an older one
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                (out / name).unlink(missing_ok=True)
-        else:  # the killed run may have logged past its checkpoint
-            plumbing.trim_logs(out, step)
-        (out / "args.json").write_text(json.dumps(asdict(args), indent=1) + "\n")
-        plumbing.write_json_atomic(out / "data_summary.json", data_summary)
+    logger, samples_log = open_logs(args, d, step, data_summary)
     M.print0(plumbing.recipe_line(args))
     M.print0(derivation or f"threshold {args.threshold:+.3f} (--threshold)")
-    logger = plumbing.JsonlLogger(out / "metrics.jsonl", d.is_main)
-    samples_log = plumbing.JsonlLogger(out / "samples.jsonl", d.is_main)
-
-    def save() -> None:
-        # per-rank windows and lambdas, gathered (the lambdas must all be equal: checked by the tests)
-        per_rank = [(list(episode_costs), log_lambda.item())] * d.world_size
-        if d.enabled:
-            torch.distributed.all_gather_object(per_rank, (list(episode_costs), log_lambda.item()))
-        costs_all = [c for c, _ in per_rank]
-        state = plumbing.merge_states(
-            plumbing.optimizer_state(actor, actor_opt, "actor"),
-            plumbing.optimizer_state(reward_critic, critic_opts["reward_critic"], "reward_critic"),
-            plumbing.optimizer_state(cost_critic, critic_opts["cost_critic"], "cost_critic"),
-            plumbing.gather_rng_states(d),
-            {"tensors": {"log_lambda": log_lambda.detach().cpu().reshape(())},
-             "json": {"actor.scheduler": actor_sched.state_dict(),
-                      "reward_critic.scheduler": critic_scheds["reward_critic"].state_dict(),
-                      "cost_critic.scheduler": critic_scheds["cost_critic"].state_dict(),
-                      "episode_costs": costs_all, "step": step, "epoch": epoch,
-                      "rollout_in_epoch": rollout_in_epoch, "log_lambda_per_rank": [l for _, l in per_rank]}})
-        M.save_checkpoint(out, d, tokenizer, {"": actor, "reward_critic": reward_critic, "cost_critic": cost_critic},
-                          train_state=state)
 
     # ---- the loop -------------------------------------------------------------------------
     bar = plumbing.progress(total=args.total_steps, initial=step, enabled=d.is_main, desc="ppo-lag")
     stop = False
     meter = plumbing.Throughput(step, args.total_steps)
+    global_prompt_batch = args.per_device_prompt_batch_size * d.world_size
     while epoch * rollouts_per_epoch + rollout_in_epoch < total_rollouts and not stop:
         # Same shuffled order on every rank (seeded by epoch); each rank takes its slice of a batch.
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
@@ -632,54 +800,32 @@ def main(args: Args) -> None:
             # ======== 1. rollout (no grad, eval mode) ========================================
             t0 = time.perf_counter()
             actor.eval(), reward_critic.eval(), cost_critic.eval()   # rollout and scoring: no dropout anywhere
-            # Template + left padding; prompts keep their last max_length // 2 tokens, and every rank
-            # pads to the longest prompt on ANY rank: the same S, so the same generation budget.
-            rows = M.encode_prompts(tokenizer, batch_prompts, args.max_length // 2)
-            S = int(M.all_reduce(torch.tensor(max(map(len, rows)), device=d.device), "max").item())  # NCCL: on the GPU
-            prompt_ids, prompt_mask = (t.to(d.device) for t in M.left_pad(rows, tokenizer.pad_token_id, length=S))
-            # all-gather the actor once for the whole generation; bf16 compute on a single GPU (M.autocast)
-            with M.gathered_weights(actor), M.autocast(d):
-                sequences, attention_mask = M.sample(
-                    actor, prompt_ids, prompt_mask, max_new_tokens=max(1, args.max_length - S),
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                    temperature=args.temperature)  # (B, L), (B, L): masks built once, here
+            sequences, attention_mask, S = generate(args, d, tokenizer, actor, batch_prompts)   # (B, L)
             timer["generation"] = time.perf_counter() - t0
 
             # ======== 2. score and record the old policy (no grad) ===========================
             t0 = time.perf_counter()
+            # 2a-2d: EOS, reward and cost, missing-EOS penalty, old and reference log-probs (score())
+            rollout = score(args, d, tokenizer, sequences, attention_mask, S, actor, reference, reward_model, cost_model)
+            reward, cost, old_logprobs, mask = rollout["reward"], rollout["cost"], rollout["old_logprobs"], rollout["mask"]
+            # 2e. critics' values: V_t is read at the token that precedes action t (one-token shift)
+            start = S - 1                                        # logp[:, start] is the first generated token
             with torch.no_grad(), M.autocast(d):
-                # 2a. EOS truncation happened in sampling (PAD after EOS, mask 0 there).
-                has_eos = (sequences[:, S:] == tokenizer.eos_token_id).any(dim=1)            # (B,)
-                # 2b. reward and cost read at the last real token (the EOS, or the last token at max_length)
-                reward = reward_model(sequences, attention_mask).end_scores                   # (B,)
-                cost = cost_model(sequences, attention_mask).end_scores                       # (B,)
-                # 2c. optional penalty for a missing EOS (0 by default, as the official code)
-                reward = reward - args.missing_eos_penalty * (~has_eos).float()
-                cost = cost + args.missing_eos_penalty * (~has_eos).float()
-                # 2d. log-probs of the rollout policy and of the reference (temperature included)
-                old_logprobs = M.policy_logprobs(actor, sequences, attention_mask, args.temperature)      # (B, L-1)
-                ref_logprobs = M.policy_logprobs(reference, sequences, attention_mask, args.temperature)  # (B, L-1)
-                # 2e. critics' values: V_t is read at the token that precedes action t (one-token shift)
-                reward_values = reward_critic(sequences, attention_mask).scores[:, :-1]       # (B, L-1)
-                cost_values = cost_critic(sequences, attention_mask).scores[:, :-1]           # (B, L-1)
+                reward_values = reward_critic(sequences, attention_mask).scores[:, :-1][:, start:]   # (B, T)
+                cost_values = cost_critic(sequences, attention_mask).scores[:, :-1][:, start:]       # (B, T)
             # 2f. the episode-cost window holds the cost-model scores (no KL, no clip; plus the missing-EOS
             #     penalty of 2c where --missing_eos_penalty is set) (safe_rlhf/algorithms/ppo_lag/trainer.py@82743cc:L197)
             episode_costs.extend(cost.tolist())
             timer["scoring"] = time.perf_counter() - t0
 
             # ======== 3. per-token rewards/costs, advantages and returns =====================
-            start = S - 1                                        # logp[:, start] is the first generated token
-            mask = attention_mask[:, 1:][:, start:].float()      # (B, T) keeps real response tokens
-            old_logprobs, ref_logprobs = old_logprobs[:, start:], ref_logprobs[:, start:]  # (B, T)
-            reward_values, cost_values = reward_values[:, start:], cost_values[:, start:]  # (B, T)
-            score = shaped_score(reward, cost, args.lambda_init) if args.reward_shaping else reward  # (B,)
-            rewards, costs = per_token_rewards_and_costs(score, cost, old_logprobs, ref_logprobs, mask,
+            score_ = shaped_score(reward, cost, args.lambda_init) if args.reward_shaping else reward  # (B,)
+            rewards, costs = per_token_rewards_and_costs(score_, cost, old_logprobs, rollout["ref_logprobs"], mask,
                                                          args.kl_coeff, args.clip_range_score)  # (B, T)
             reward_advantages, reward_returns = gae(reward_values, rewards, mask, args.gamma, args.gae_lambda)
             cost_advantages, cost_returns = gae(cost_values, costs, mask, args.gamma, args.gae_lambda)
-            rollout = dict(reward=reward, cost=cost, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                           rewards=rewards, costs=costs, reward_advantages=reward_advantages,
-                           cost_advantages=cost_advantages, mask=mask, has_eos=has_eos)  # for the diagnostics
+            rollout.update(rewards=rewards, costs=costs, reward_advantages=reward_advantages,
+                           cost_advantages=cost_advantages)   # for the diagnostics
 
             # ======== 4. PPO updates: epochs x micro-batches of rl_steps =====================
             t0 = time.perf_counter()
@@ -689,92 +835,50 @@ def main(args: Args) -> None:
                 for lo in range(0, B, mb):
                     sl = slice(lo, lo + mb)
                     # -- 4a. the dual step first (eq. 12): the same lambda on every rank ---------
-                    episode_cost = M.all_reduce(torch.tensor(sum(episode_costs) / len(episode_costs),
-                                                             device=d.device), "mean").item()
-                    if args.lambda_lr > 0 and step >= args.lambda_update_delay_steps:
-                        lambda_opt.zero_grad()
-                        lagrange_multiplier_loss(log_lambda, episode_cost, args.threshold).backward()
-                        lambda_opt.step()
-                        if args.lambda_max is not None:
-                            with torch.no_grad():
-                                log_lambda.clamp_(max=math.log(args.lambda_max))
-                    lagrange_multiplier = log_lambda.exp().item()   # a constant in the actor loss
-                    # -- 4b. actor ------------------------------------------------------------------
-                    seq, am, m = sequences[sl], attention_mask[sl], mask[sl]
-                    with M.autocast(d):
-                        logprobs = M.policy_logprobs(actor, seq, am, args.temperature)[:, start:]  # (b, T)
+                    lagrange_multiplier, episode_cost = dual_step(args, d, log_lambda, lambda_opt, episode_costs, step)
+                    # -- 4b. actor (+ PTX) ----------------------------------------------------------
                     advantages = (reward_advantages[sl] if args.reward_shaping else  # shaping: one stream, plain PPO
                                   combined_advantage(reward_advantages[sl], cost_advantages[sl], lagrange_multiplier))
-                    loss_actor, clip_fraction = actor_loss(logprobs, old_logprobs[sl], advantages, m,
-                                                           args.clip_range_ratio)
-                    # On the first pass over a fresh rollout the weights are those that sampled it,
-                    # so the ratio must be exactly 1 (a check of the log-prob bookkeeping).
-                    ratio_deviation = ((logprobs.detach() - old_logprobs[sl]).abs() * m).max()
-                    plumbing.check_finite(loss_actor, "actor loss", step)
-                    actor_opt.zero_grad(set_to_none=True)
-                    loss_total = loss_actor
-                    # PTX joins the RL loss in the same actor update, as upstream without the 1/2
-                    # (safe_rlhf/trainers/rl_trainer.py@82743cc:L316-320; docs/reference.md, "PTX loss")
-                    if ptx_examples is not None:
-                        g = torch.Generator().manual_seed(args.seed * 7919 + step * d.world_size + d.rank)
-                        picks = torch.randint(len(ptx_examples), (mb,), generator=g).tolist()
-                        ids, am_ptx, labels = (t.to(d.device) for t in M.collate_right([ptx_examples[i] for i in picks],
-                                                                                        tokenizer.pad_token_id))
-                        with M.autocast(d):
-                            loss_ptx = ptx_loss(M.policy_logprobs(actor, ids, am_ptx, right_padded=True), labels)
-                        loss_total = loss_actor + args.ptx_coeff * loss_ptx
-                    loss_total.backward()
-                    plumbing.clip_grad_norm(actor, args.max_grad_norm)
-                    actor_opt.step()
-                    actor_sched.step()
+                    losses = actor_step(args, d, tokenizer, actor, actor_opt, actor_sched, sequences[sl],
+                                        attention_mask[sl], start, old_logprobs[sl], advantages, mask[sl],
+                                        ptx_examples, step)
                     # -- 4c. reward critic, then cost critic --------------------------------------
-                    critic_losses = {}
-                    for name, critic, old_values, returns in (
-                            ("reward_critic", reward_critic, reward_values, reward_returns),
-                            ("cost_critic", cost_critic, cost_values, cost_returns)):
+                    for name, old_values, returns in (("reward_critic", reward_values, reward_returns),
+                                                      ("cost_critic", cost_values, cost_returns)):
+                        critic, critic_opt, critic_sched = trained[name]
                         with M.autocast(d):
-                            values = critic(seq, am).scores[:, :-1][:, start:]              # (b, T)
-                        loss = critic_loss(values, old_values[sl], returns[sl], m, args.clip_range_value)
+                            values = critic(sequences[sl], attention_mask[sl]).scores[:, :-1][:, start:]   # (b, T)
+                        loss = critic_loss(values, old_values[sl], returns[sl], mask[sl], args.clip_range_value)
                         plumbing.check_finite(loss, f"{name} loss", step)
-                        critic_opts[name].zero_grad(set_to_none=True)
+                        critic_opt.zero_grad(set_to_none=True)
                         loss.backward()
                         plumbing.clip_grad_norm(critic, args.max_grad_norm)
-                        critic_opts[name].step()
-                        critic_scheds[name].step()
-                        critic_losses[name] = loss.detach()
+                        critic_opt.step()
+                        critic_sched.step()
+                        losses[name] = loss.detach()
                     step += 1
                     bar.update(1)
-                    meter.add(tokens=M.all_reduce(am.sum().float()).item(), sequences=am.shape[0] * d.world_size, rl_steps=1)
+                    meter.add(tokens=M.all_reduce(attention_mask[sl].sum().float()).item(),
+                              sequences=mb * d.world_size, rl_steps=1)
 
                     # ======== 5. diagnostics: one record per rl_step, averaged over ranks ===========
                     timer["training"] = time.perf_counter() - t0
                     micro = {k: v[sl] for k, v in rollout.items()}
-                    record = step_record(step, epoch, micro, {"actor": loss_actor, **critic_losses}, clip_fraction,
-                                         ratio_deviation if update_iter == 0 and lo == 0 else None, lagrange_multiplier,
+                    record = step_record(step, epoch, micro, losses, update_iter == 0 and lo == 0, lagrange_multiplier,
                                          episode_cost, args.threshold)
                     record.update({"lr/actor": actor_sched.get_last_lr()[0],
-                                   "lr/critic": critic_scheds["reward_critic"].get_last_lr()[0],
+                                   "lr/critic": trained["reward_critic"][2].get_last_lr()[0],
                                    "memory/peak_gib": plumbing.peak_memory_gib(d.device),
                                    **{f"time/{k}": v for k, v in timer.items()}})
-                    if ptx_examples is not None:
-                        record["loss/ptx"] = M.all_reduce(loss_ptx.detach(), "mean").item()
-                    bar.set_postfix(R=f"{record['objective/reward']:.2f}", C=f"{record['objective/cost']:.2f}",
-                                    lam=f"{lagrange_multiplier:.2f}", kl=f"{record['objective/kl']:.2f}")
-                    if step % args.log_every == 0 or step == args.total_steps:
-                        record.update(meter.rates(step))
-                        M.print0(step_line(record))
-                    logger.log(record)
-                    if args.sample_every and step % args.sample_every == 0:
-                        texts = tokenizer.batch_decode(sequences[sl][:4, S:], skip_special_tokens=True)
-                        for p, r, rw, c in zip(batch_prompts[lo:lo + 4], texts, reward[sl].tolist(), cost[sl].tolist()):
-                            samples_log.log({"step": step, "prompt": p, "response": r, "reward": rw, "cost": c})
-                            M.print0(f"  [{rw:+.2f} R | {c:+.2f} C] {p} -> {r[:100]}")
+                    log_step(args, record, bar, meter, logger, samples_log, tokenizer, step, batch_prompts[lo:lo + 4],
+                             sequences[sl], S, reward[sl], cost[sl])
             rollout_in_epoch += 1
             # stop only at a rollout boundary, so a resumed run continues with the next rollout
             stop = args.stop_at_step is not None and step >= args.stop_at_step
             if args.save and not stop and args.save_every and step % args.save_every < args.steps_per_rollout \
                     and step < args.total_steps:
-                save()
+                save_run(args, d, tokenizer, trained, log_lambda, episode_costs,
+                         dict(step=step, epoch=epoch, rollout_in_epoch=rollout_in_epoch), "ppo_lagrangian")
         if rollout_in_epoch >= rollouts_per_epoch:
             epoch, rollout_in_epoch = epoch + 1, 0
     bar.close()
@@ -782,7 +886,8 @@ def main(args: Args) -> None:
 
     # ---- saving, then tearing down ----------------------------------------------------------
     if args.save:
-        save()
+        save_run(args, d, tokenizer, trained, log_lambda, episode_costs,
+                 dict(step=step, epoch=epoch, rollout_in_epoch=rollout_in_epoch), "ppo_lagrangian")
         M.print0(f"saved the actor to {out} (critics in {out}/reward_critic, {out}/cost_critic)")
     M.teardown_distributed()
 

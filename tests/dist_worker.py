@@ -8,6 +8,9 @@ step:     (ARG: the init checkpoint) one FSDP2 training step of a tiny LLaMA on 
           global batch, so N ranks and 1 process optimise the same objective. Writes the loss and
           the saved checkpoint (atomic, gathered from the shards) to OUT.
 generate: sampling where rows (and ranks) reach EOS at different steps; writes per-rank results.
+rloo_step: (ARG: a policy checkpoint) one actor update of rloo_lagrangian.py on a fixed rollout of 2
+          prompts x 4 answers with fixed reward and cost scores: each rank takes whole groups, computes
+          their leave-one-out advantages and runs ppo_lagrangian.actor_step; writes loss and checkpoint.
 """
 
 import json
@@ -63,6 +66,39 @@ def step(out: Path, init: str):
         (out / "loss.json").write_text(json.dumps({"loss": global_loss.item()}))
 
 
+def rloo_step(out: Path, init: str):
+    import ppo_lagrangian as P
+    import rloo_lagrangian as R
+
+    d = M.init_distributed("cpu")
+    M.seed_everything(0)
+    tokenizer = M.load_tokenizer(init, "right")
+    policy = M.prepare_model(M.load_causal_lm(init, tokenizer, meta=d.enabled and not d.is_main), d,
+                             trainable=True, bf16=False)
+    args = R.Args(actor_lr=1e-2, threshold=0.0)
+    opt = plumbing.make_optimizer(policy, args.actor_lr, 0.0)
+    sched = plumbing.make_scheduler(opt, "constant", 0, 10)
+    ids, mask = global_batch(tokenizer)                                   # 8 rows: prompt 0 = rows 0-3, 1 = 4-7
+    reward = torch.tensor([1.0, 2.0, 0.5, 3.0, -1.0, 0.0, 2.0, 2.5])
+    cost = torch.tensor([0.0, 1.0, -1.0, 2.0, 1.5, -0.5, 0.0, 1.0])
+    per_rank = 8 // d.world_size
+    sl = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                # whole groups of 4 on each rank
+    ids, mask, reward, cost = ids[sl], mask[sl], reward[sl], cost[sl]
+    start = 2                                                             # "response" = tokens after the first 3
+    with torch.no_grad():
+        old = M.policy_logprobs(policy, ids, mask)[:, start:]
+    response_mask = mask[:, 1:][:, start:].float()
+    rewards, costs = P.per_token_rewards_and_costs(reward, cost, old, old - 0.1, response_mask, 0.1, 50.0)
+    g_r, g_c = R.sequence_returns(rewards, costs)
+    advantage = P.combined_advantage(R.leave_one_out_advantages(g_r, 4), R.leave_one_out_advantages(g_c, 4), 0.5)
+    losses = P.actor_step(args, d, tokenizer, policy, opt, sched, ids, mask, start, old,
+                          advantage[:, None].expand_as(response_mask), response_mask, None, 0)
+    global_loss = M.all_reduce(losses["actor"].detach(), "mean")
+    M.save_checkpoint(out / "ckpt", d, tokenizer, {"": policy})
+    if d.is_main:
+        (out / "loss.json").write_text(json.dumps({"loss": global_loss.item()}))
+
+
 def init(out: Path, tok_dir: str):
     """Save a random-init tiny policy as the common starting checkpoint."""
     M.seed_everything(0)
@@ -92,5 +128,5 @@ def generate(out: Path, tok_dir: str):
 if __name__ == "__main__":
     mode, out, tok = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     out.mkdir(parents=True, exist_ok=True)
-    {"init": init, "step": step, "generate": generate}[mode](out, tok)
+    {"init": init, "step": step, "generate": generate, "rloo_step": rloo_step}[mode](out, tok)
     M.teardown_distributed()  # barrier, then destroy: a rank tearing gloo down early aborts the other
