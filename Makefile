@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: test demo demo-quick bench venv clean
+.PHONY: test demo demo-quick demo-rloo bench venv clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,11 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	PY=$(PY) bash demo.sh quick
 
+demo-rloo: $(STAMP)
+	PY=$(PY) bash demo.sh rloo
+
 bench: $(STAMP)
 	$(PY) -m tools.bench --doc docs/bench.md
 
 clean:
-	rm -rf runs runs-quick results results-quick results-ablations results-rounds results-quick-rounds data
+	rm -rf runs runs-quick results results-quick results-ablations results-rounds results-quick-rounds results-rloo results-quick-rloo data

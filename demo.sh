@@ -13,6 +13,9 @@
 #                           CM-classifier, pairwise-only cost model with nu fixed, single-dimensional
 #                           annotation; win rates against SFT by the models and by the oracle;
 #                           refreshes docs/ablations.md
+#   bash demo.sh rloo       the critic-free stage (rloo_lagrangian.py, and plain RLOO) next to PPO-Lagrangian
+#                           on the runs a full run left (every profile runs it after its evaluation);
+#                           the full run refreshes docs/rloo.md
 #   bash demo.sh rounds     the paper's three rounds (rounds.py) on the runs a full run left (the full
 #                           run ends with it; quick and smoke run two shorter ones); refreshes docs/rounds.md
 #
@@ -22,30 +25,32 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 profile=${1:-full}
-train=1 ablations=0 only_rounds=0
+train=1 ablations=0 only_rounds=0 only_rloo=0
 if [ "$profile" = evaluate ]; then profile=full train=0; fi
 if [ "$profile" = ablations ]; then profile=full train=0 ablations=1; fi
 if [ "$profile" = rounds ]; then profile=full train=0 only_rounds=1; fi
+if [ "$profile" = rloo ]; then profile=full train=0 only_rloo=1; fi
 
 case "$profile" in
   full)
     runs=runs results=results nus="0.01 0.5 1 2 5 10 100"
-    sft=() pref=() ppo=() evalargs=(--samples_per_prompt 8) roundargs=() ;;
+    sft=() pref=() ppo=() rloo=() evalargs=(--samples_per_prompt 8) roundargs=() ;;
   quick)
     runs=runs-quick results=results-quick nus="0.01 1 100"
-    sft=(--epochs 3) pref=(--limit 2000) ppo=(--epochs 15) evalargs=(--samples_per_prompt 4)
+    sft=(--epochs 3) pref=(--limit 2000) ppo=(--epochs 15) rloo=(--epochs 3.75) evalargs=(--samples_per_prompt 4)
     roundargs=(--rounds 2 --draws 2 --preference_steps 60 --unified_pairs 500 --ppo_steps 40 --eval_samples 2) ;;
   smoke)
     root=${2:?usage: demo.sh smoke DIR}
     runs=$root/runs results=$root/results nus="1"
     sft=(--limit 64 --epochs 1 --toy_eval_samples 8) pref=(--limit 64 --eval_limit 64)
     ppo=(--epochs 1 --limit 16 --per_device_prompt_batch_size 8 --per_device_train_batch_size 8 --max_length 48)
+    rloo=(--epochs 1 --limit 16 --per_device_prompt_batch_size 2 --per_device_train_batch_size 8 --max_length 48)
     evalargs=(--limit 24 --max_new_tokens 16 --preference_limit 64)
     roundargs=(--rounds 2 --answers_per_prompt 2 --draws 2 --red_team_tries 8 --red_team_samples 2 --preference_steps 2
                --ppo_steps 1 --eval_samples 1 --max_new_tokens 16 "--preference_args=--limit 64 --eval_limit 64"
                "--ppo_args=--per_device_prompt_batch_size 16 --per_device_train_batch_size 16 --max_length 48"
                "--evaluate_args=--limit 24 --preference_limit 64") ;;
-  *) echo "usage: demo.sh [full|quick|smoke DIR|evaluate|ablations|rounds]" >&2; exit 2 ;;
+  *) echo "usage: demo.sh [full|quick|smoke DIR|evaluate|ablations|rloo|rounds]" >&2; exit 2 ;;
 esac
 
 stage() { echo; echo "==== $* ===="; }
@@ -113,6 +118,49 @@ doc.write_text(re.sub(r"<!-- ablations:start -->.*?<!-- ablations:end -->", lamb
 print("docs/ablations.md: the tables between its markers updated")
 EOF
 }
+run_rloo() {  # rloo_lagrangian.py (four models) side by side with PPO-Lagrangian (six) on round 1's models
+  models=(--overwrite --actor_model_name_or_path "$runs/sft" --reward_model_name_or_path "$runs/reward"
+          --cost_model_name_or_path "$runs/cost")
+  stage "critic-free: RLOO-Lagrangian, leave-one-out baselines for R and C (rloo_lagrangian.py) -> $runs/rloo_lagrangian"
+  $PY rloo_lagrangian.py "${models[@]}" --output_dir "$runs/rloo_lagrangian" "${rloo[@]}"
+  stage "critic-free baseline: plain RLOO (lambda fixed at 0) -> $runs/rloo"
+  $PY rloo_lagrangian.py "${models[@]}" --lambda_init 0 --lambda_lr 0 --output_dir "$runs/rloo" "${rloo[@]}"
+  stage "RLOO-Lagrangian next to PPO-Lagrangian: the oracle, lambda's curve, time and memory -> $results-rloo"
+  $PY evaluate.py --policies "sft=$runs/sft" "ppo=$runs/ppo" "ppo_lagrangian=$runs/ppo_lagrangian" "rloo=$runs/rloo" \
+    "rloo_lagrangian=$runs/rloo_lagrangian" --reward_model "$runs/reward" --cost_model "$runs/cost" \
+    --output_dir "$results-rloo" "${evalargs[@]}"
+  $PY evaluate.py --modes curves --training_logs "ppo_lagrangian=$runs/ppo_lagrangian" \
+    "rloo_lagrangian=$runs/rloo_lagrangian" --output_dir "$results-rloo/curves"
+  $PY - "$results-rloo" "$profile" <<'EOF'
+import json, re, shutil, sys
+from pathlib import Path
+results, profile = Path(sys.argv[1]), sys.argv[2]
+r = json.loads((results / "results.json").read_text())
+ci = lambda x, k: "–" if x[k] is None else f"{x[k]:.3f} [{x['lo']:.3f}, {x['hi']:.3f}]"  # noqa: E731  None: no such prompts
+sft_help = r["oracle"]["sft"]["all"]["helpfulness_benign"]["mean"]
+rows = ["| policy | models | unsafe on harmful | benign helpfulness | benign over-refusal | target met | final lambda "
+        "| KL | s per rl_step | peak memory GiB |", "|" + "---|" * 10]
+for name in ("sft", "ppo", "ppo_lagrangian", "rloo", "rloo_lagrangian"):
+    o, t = r["oracle"][name]["all"], r.get("training", {}).get(name)
+    met = None not in (o["unsafe_rate"]["rate"], sft_help) and o["unsafe_rate"]["rate"] <= 0.05 \
+        and o["helpfulness_benign"]["mean"] >= sft_help
+    models = "1" if name == "sft" else "4" if name.startswith("rloo") else "6"
+    train = ([f"{t['final_lambda']:.3f}", f"{t['final_kl']:.2f}", f"{t['step_time_s']:.3f}", f"{t['peak_memory_gib']:.2f}"]
+             if t else ["–"] * 4)
+    rows.append(f"| {name} | {models} | {ci(o['unsafe_rate'], 'rate')} | {ci(o['helpfulness_benign'], 'mean')} | "
+                f"{ci(o['over_refusal_rate'], 'rate')} | {'yes' if met else 'no'} | " + " | ".join(train) + " |")
+table = "\n".join(rows)
+(results / "rloo_side_by_side.md").write_text(table + "\n")
+print(table)
+if profile == "full":
+    shutil.copy(results / "curves" / "training_curves.png", Path("docs") / "rloo_curves.png")
+    doc = Path("docs/rloo.md")
+    text = doc.read_text() if doc.is_file() else "# RLOO-Lagrangian\n\n<!-- rloo:start -->\n<!-- rloo:end -->\n"
+    doc.write_text(re.sub(r"<!-- rloo:start -->.*?<!-- rloo:end -->",
+                          lambda m: "<!-- rloo:start -->\n" + table + "\n<!-- rloo:end -->", text, flags=re.S))
+    print("docs/rloo.md's table and docs/rloo_curves.png updated")
+EOF
+}
 run_rounds() {  # the paper's iterated Safe RLHF (section 4.1, figures 3-5) from this profile's round 1
   stage "rounds: iterated Safe RLHF from $runs (rounds.py) -> $runs/rounds, $results-rounds"
   $PY rounds.py --overwrite --runs "$runs" --output_dir "$runs/rounds" --results_dir "$results-rounds" "${roundargs[@]}"
@@ -135,6 +183,13 @@ print("docs/rounds.md and README.md's rounds table updated; docs/rounds.png, doc
 EOF
   fi
 }
+if [ "$only_rloo" = 1 ]; then
+  for f in sft reward cost ppo ppo_lagrangian; do
+    test -f "$runs/$f/config.json" || { echo "demo.sh rloo: $runs/$f is missing; run make demo first" >&2; exit 2; }
+  done
+  run_rloo
+  exit 0
+fi
 if [ "$only_rounds" = 1 ]; then
   for f in sft reward cost ppo_lagrangian; do
     test -f "$runs/$f/config.json" || { echo "demo.sh rounds: $runs/$f is missing; run make demo first" >&2; exit 2; }
@@ -195,6 +250,6 @@ print("docs/results.md and README.md's headline table updated; plots in docs/")
 EOF
 fi
 if [ "$profile" = full ] && [ "$train" = 1 ]; then run_ablations; fi
-if [ "$train" = 1 ]; then run_rounds; fi
+if [ "$train" = 1 ]; then run_rloo; run_rounds; fi
 echo
-echo "results: $results/results.md (table), $results/results.json, $results/*.png; rounds: $results-rounds/rounds.md"
+echo "results: $results/results.md (table), $results/results.json, $results/*.png; RLOO: $results-rloo/rloo_side_by_side.md; rounds: $results-rounds/rounds.md"

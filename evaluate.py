@@ -62,6 +62,7 @@ import dataclasses
 import json
 import math
 import random
+import statistics
 from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
@@ -387,7 +388,9 @@ def policy_tradeoff(path: str) -> dict:
 
 
 def read_training_log(path: Path) -> dict:
-    """ppo_lagrangian.py's per-step records -> the curves of figure 6c, plus the threshold from args.json."""
+    """A policy stage's per-step records (ppo_lagrangian.py's, rloo_lagrangian.py's) -> the curves of
+    figure 6c, plus the threshold from args.json, the median seconds per rl_step (generation + scoring +
+    training, as the stage timed them) and the peak memory the stage logged (GiB)."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     # a resumed run logs again the steps after its last checkpoint: keep the last record of each step
     records = sorted({r["step"]: r for r in records if "lagrangian/lambda" in r}.values(), key=lambda r: r["step"])
@@ -396,7 +399,10 @@ def read_training_log(path: Path) -> dict:
     return {"step": [r["step"] for r in records], "lambda": [r["lagrangian/lambda"] for r in records],
             "episode_cost": [r["lagrangian/episode_cost"] for r in records],
             "reward": [r["objective/reward"] for r in records], "cost": [r["objective/cost"] for r in records],
-            "kl": [r["objective/kl"] for r in records], "threshold": threshold}
+            "kl": [r["objective/kl"] for r in records], "threshold": threshold,
+            "step_time": statistics.median(sum(r.get(f"time/{k}", 0.0) for k in ("generation", "scoring", "training"))
+                                           for r in records) if records else math.nan,
+            "peak_memory": max((r.get("memory/peak_gib", math.nan) for r in records), default=math.nan)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -852,6 +858,7 @@ def summarize(args: Args, policies, prompts, generations, scores, preference, lo
     if "curves" in modes:
         results["training"] = {n: {"steps": len(log["step"]), "threshold": log["threshold"],
                                    **{f"final_{k}": log[k][-1] for k in ("lambda", "episode_cost", "reward", "cost", "kl")},
+                                   "step_time_s": log["step_time"], "peak_memory_gib": log["peak_memory"],
                                    "sqrt_kl_fit": sqrt_kl_fit(log)}
                                for n, log in logs.items()}
     return results
@@ -954,10 +961,11 @@ def render_tables(results: dict, names: list[str], args: Args) -> tuple[tuple[st
             ["policy"] + [f"{c} ({s} prompts)" for s, c in columns],
             [[n] + [fmt_elo(by_subset[s][c][n]) for s, c in columns] for n in names])))
     if "training" in results:
-        tables.append(("PPO-Lagrangian training runs (last step)", markdown_table(
-            ["run", "steps", "lambda", "episode cost", "threshold", "reward", "KL"],
+        tables.append(("Training runs (last step; seconds per rl_step: median; peak memory as the stage logged it)",
+                       markdown_table(["run", "steps", "lambda", "episode cost", "threshold", "reward", "KL",
+                                       "s per rl_step", "peak memory GiB"],
             [[n, t["steps"], t["final_lambda"], t["final_episode_cost"], t["threshold"], t["final_reward"],
-              t["final_kl"]] for n, t in results["training"].items()])))
+              t["final_kl"], t["step_time_s"], t["peak_memory_gib"]] for n, t in results["training"].items()])))
         tables.append(("Score against sqrt(KL) over training (Bai et al. 2022: reward roughly linear), least squares "
                        "on 10-step running means", markdown_table(
             ["run", "reward slope", "reward R^2", "cost slope", "cost R^2"],

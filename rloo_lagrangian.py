@@ -82,12 +82,15 @@ class Args(PolicyArgs):
     PAPER_SOURCE: ClassVar[str] = ("safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198 less the critics; 4 prompts x 4 samples "
                                    "= its 16 sequences per rank per rollout")
 
-    # sizes (these two replace ppo_lagrangian.py's defaults: the same 16 sequences per rollout, the
-    # same 40 samples of each toy prompt over the run)
+    # toy defaults that differ from ppo_lagrangian.py's: the same 16 sequences per rollout and 40 samples
+    # of each toy prompt over the run; half the learning rate
     per_device_prompt_batch_size: int = 4
     """prompts per rank per rollout, each answered --samples_per_prompt times (4 x 4 = 16 sequences)"""
     epochs: float = 10
     """passes over the prompt set, fractions allowed (toy: 10 x 4 samples = ppo_lagrangian.py's 40 per prompt)"""
+    actor_lr: float = 2.5e-4
+    """actor learning rate (paper 1e-5; toy: half ppo_lagrangian.py's 5e-4, at which this stage over-optimises
+    the cost model: docs/rloo.md)"""
     output_dir: str = "runs/rloo_lagrangian"
     """the actor (HF format), its optimiser state and the run's logs"""
     # the group baseline

@@ -40,10 +40,12 @@ def test_every_section_runs_and_prints_json(tmp_path):
     for want in [("preference", "real_tokens_per_s", "bare loop"), ("preference", "real_tokens_per_s", "reward.py"),
                  ("preference", "speedup_vs_bare_loop", "reward.py"), ("sft", "real_tokens_per_s", "sft.py"),
                  ("generation", "sample_vs_hf_generate", "model.sample"), ("ppo", "iteration_s", "ppo_lagrangian.py"),
-                 ("ppo", "generation_s", "ppo_lagrangian.py"), ("machine", "matmul_gflops", "fp32 2048^3")]:
+                 ("ppo", "generation_s", "ppo_lagrangian.py"), ("ppo", "iteration_s", "rloo_lagrangian.py"),
+                 ("ppo", "peak_memory", "rloo_lagrangian.py"), ("machine", "matmul_gflops", "fp32 2048^3")]:
         assert want in got, want
     values = {(f["section"], f["figure"], f.get("stage", "")): f["value"] for f in figures}
     assert values[("ppo", "response_length", "ppo_lagrangian.py")] <= 16
+    assert values[("ppo", "response_length", "rloo_lagrangian.py")] <= 16
     # a shared prompt computes fewer positions than the pair's tokens; the plain loop pads
     assert values[("preference", "computed_per_real_token", "reward.py")] < 1
     assert values[("preference", "computed_per_real_token", "bare loop")] > 1

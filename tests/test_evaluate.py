@@ -183,7 +183,7 @@ def test_all_modes_end_to_end(toy, tmp_path):
         assert (out / png).stat().st_size > 1000, png
     md = (out / "results.md").read_text()
     for title in ("Policies", "Preference models (Table 1)", "Arena", "Bradley-Terry Elo", "Analytic KL",
-                  "PPO-Lagrangian training runs"):
+                  "Training runs (last step"):
         assert title in md, title
     assert p.stdout.rstrip().splitlines()[-1].startswith("wrote results.md")
     assert [line for line in p.stdout.splitlines() if line.startswith("## ")][-1].startswith("## Policies")
@@ -345,3 +345,12 @@ def test_sqrt_kl_fit_against_a_hand_line():
     assert fit["reward_slope"] == pytest.approx(3.0) and fit["reward_r2"] == pytest.approx(1.0)
     assert fit["cost_slope"] == pytest.approx(0.0) and fit["cost_r2"] is None
     assert E.running_mean([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+
+
+def test_training_log_step_time_is_the_median_and_memory_the_peak(tmp_path):
+    rows = [{"step": s, "lagrangian/lambda": 1.0, "lagrangian/episode_cost": 0.0, "objective/reward": 0.0,
+             "objective/cost": 0.0, "objective/kl": 0.0, "time/generation": g, "time/scoring": 0.1,
+             "time/training": 0.2, "memory/peak_gib": m} for s, g, m in ((1, 0.7, 1.5), (2, 0.2, 2.5), (3, 0.4, 2.0))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = E.read_training_log(tmp_path / "metrics.jsonl")
+    assert log["step_time"] == pytest.approx(0.4 + 0.3) and log["peak_memory"] == 2.5   # sums 1.0, 0.5, 0.7

@@ -80,16 +80,37 @@ def test_persistent_bytes_equal_local_shards_of_two_rank_fsdp2(tmp_path, tokeniz
 # ---- the whole plan against a measured ppo_lagrangian.py run ----------------------------------
 
 
-def test_estimate_within_20_percent_of_measured_run():
-    """ppo_lagrangian.main in this process under the live-tensor counter: each phase's peak, and the
-    part of it above the persistent bytes (activations, logits, KV cache), within 20% of the estimate."""
-    result = MP.measure_memory(per_device_prompt_batch_size=8, per_device_train_batch_size=4, max_length=64)
+@pytest.mark.parametrize("stage", ["ppo_lagrangian", "rloo_lagrangian"])
+def test_estimate_within_20_percent_of_measured_run(stage):
+    """ppo_lagrangian.main (rloo_lagrangian.main: 2 prompts x 4 answers) in this process under the
+    live-tensor counter: each phase's peak, and the part of it above the persistent bytes (activations,
+    logits, KV cache), within 20% of the estimate."""
+    result = MP.measure_memory(per_device_prompt_batch_size=8, per_device_train_batch_size=4, max_length=64,
+                               stage=stage, samples_per_prompt=4)
+    assert list(result["measured"]) == ["persistent", "rollout", "scoring", "actor update"] + (
+        ["critic update"] if stage == "ppo_lagrangian" else []) + ["peak"]
     measured, estimated = result["measured"], result["estimated"]
     for key in measured:
         assert abs(estimated[key] / measured[key] - 1) < 0.2, (key, result)
         if key != "persistent":
             transient = measured[key] - measured["persistent"]
             assert abs((estimated[key] - estimated["persistent"]) / transient - 1) < 0.2, (key, result)
+
+
+def test_rloo_holds_the_ppo_plan_less_the_critics():
+    """The same actor and frozen models; no critic states, scoring forwards or update; the rollout of
+    P prompts x K answers is PPO-Lagrangian's rollout of P x K prompts."""
+    config = M.preset_config("toy-small", vocab_size=101)
+    sizes = dict(per_device_train_batch_size=4, max_length=32, prompt_length=8)
+    ppo = MP.estimate_memory(config, 2, bf16=False, per_device_prompt_batch_size=8, **sizes)
+    rloo = MP.estimate_memory(config, 2, bf16=False, per_device_prompt_batch_size=2, stage="rloo_lagrangian",
+                              samples_per_prompt=4, **sizes)
+    assert set(rloo["params"]) == {"actor", "reference", "reward_model", "cost_model"}
+    critics = sum(sum(ppo["persistent"][c].values()) for c in ("reward_critic", "cost_critic"))
+    assert rloo["persistent_total"] == ppo["persistent_total"] - critics > 0
+    assert list(rloo["phases"]) == ["rollout", "scoring", "actor update"]
+    assert rloo["phases"]["rollout"]["terms"] == ppo["phases"]["rollout"]["terms"]
+    assert "both critics' roots (kept since scoring)" not in rloo["phases"]["actor update"]["terms"]
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -100,6 +121,8 @@ def test_estimate_within_20_percent_of_measured_run():
     (["--model", "./no/such/folder"], "not a preset"),
     (["--world_size", "1", "--no-fsdp"], "not modelled"),     # one GPU process runs under autocast
     (["--max_length", "64", "--prompt_length", "64"], "max_length"),
+    (["--stage", "grpo"], "--stage grpo: choose ppo_lagrangian or rloo_lagrangian"),
+    (["--stage", "rloo_lagrangian", "--samples_per_prompt", "1"], "--samples_per_prompt 1: must be a finite number >= 2"),
 ])
 def test_bad_input_is_one_line(argv, message):
     with pytest.raises(UserError, match=message):

@@ -18,6 +18,13 @@ def test_demo_pipeline_smoke(tmp_path):
     assert list(results["policies"]) == ["sft", "ppo", "nu_1", "ppo_lagrangian"]
     for png in ("frontier.png", "training_curves.png", "scatter.png", "histograms.png"):
         assert (tmp_path / "results" / png).stat().st_size > 0
+    # the critic-free stage next to PPO-Lagrangian: every policy measured by the oracle, both lambda curves
+    side = json.loads((tmp_path / "results-rloo" / "results.json").read_text())
+    assert list(side["oracle"]) == ["sft", "ppo", "ppo_lagrangian", "rloo", "rloo_lagrangian"]
+    assert set(side["training"]) == {"ppo", "ppo_lagrangian", "rloo", "rloo_lagrangian"}
+    assert (tmp_path / "results-rloo" / "curves" / "training_curves.png").stat().st_size > 1000
+    table = (tmp_path / "results-rloo" / "rloo_side_by_side.md").read_text()
+    assert "| rloo_lagrangian | 4 |" in table and "| ppo_lagrangian | 6 |" in table
     # the rounds (rounds.py, two tiny ones): every figure, and the red team only ever draws from its pool
     rounds = json.loads((tmp_path / "results-rounds" / "rounds.json").read_text())
     assert [r["round"] for r in rounds["rounds"]] == [1, 2] and list(rounds["unsafe"]) == ["sft", "v1", "v2"]

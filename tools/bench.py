@@ -12,7 +12,9 @@ JSON line ({"figure", "value", "unit", ...}) so that runs can be diffed; a Markd
   generation   model.sample (the rollout's sampler) against Hugging Face `generate`, both with the
                KV cache, batch 16, 64 new tokens: tokens/s
   ppo          ppo_lagrangian.py, 16 prompts x 64 new tokens per iteration, one PPO epoch: seconds
-               per iteration split into generation / scoring (6 forwards) / update (actor + 2 critics)
+               per iteration split into generation / scoring (6 forwards) / update (actor + 2 critics);
+               then rloo_lagrangian.py on the same 16 sequences (4 prompts x 4 answers): 4 forwards in
+               scoring, the actor alone in the update
   memory       peak memory of each of the above (peak RSS on a CPU, max allocated on a GPU)
 
 GFLOP/s counts 6N FLOPs per real token (N: the parameters in matmuls, all but the input embedding;
@@ -458,26 +460,33 @@ def load_first_prompt(work: Path) -> str:
 
 
 def section_ppo(args: Args, work: Path, tokenizer) -> None:
-    """ppo_lagrangian.py with six random-init preset models: iterations of gen_batch prompts
-    (one length) x new_tokens, one PPO epoch, the whole batch in one update micro-batch."""
+    """ppo_lagrangian.py with six random-init preset models, then rloo_lagrangian.py with four:
+    iterations of gen_batch sequences (one prompt length) x new_tokens, one PPO epoch, the whole batch in
+    one update micro-batch. rloo_lagrangian.py samples 4 answers to each of gen_batch / 4 prompts."""
     n_prompt = len(tokenizer(M.format_prompt(load_first_prompt(work)))["input_ids"])  # every prompt's length
     per_rank = args.gen_batch // max(1, args.nproc_per_node)
-    stage_args = ["--actor_model_name_or_path", args.model, "--reward_model_name_or_path", args.model,
-                  "--cost_model_name_or_path", args.model, "--tokenizer_name_or_path", str(work / "tokenizer"),
-                  "--recipe", "toy", "--dataset", str(work / "prompts"), "--limit", str(args.ppo_iterations * args.gen_batch),
-                  "--epochs", "1", "--per_device_prompt_batch_size", str(per_rank),
-                  "--per_device_train_batch_size", str(per_rank), "--max_length", str(n_prompt + args.new_tokens),
-                  "--sample_every", "0", "--log_every", "1", "--threshold", "0"]
-    records = run_stage("ppo_lagrangian.py", stage_args, args, work / "ppo")
-    timed = records[args.ppo_warmup:]
-    parts = {k: statistics.median(r[f"time/{k}"] for r in timed) for k in ("generation", "scoring", "training")}
-    common = dict(stage="ppo_lagrangian.py", model=args.model, prompts=args.gen_batch, new_tokens=args.new_tokens)
-    for k, v in parts.items():
-        report("ppo", f"{k}_s", v, "s/iteration", **common)
-    total = statistics.median(sum(r[f"time/{k}"] for k in parts) for r in timed)
-    report("ppo", "iteration_s", total, "s/iteration", **common)
-    report("ppo", "response_length", statistics.median(r["policy/response_length"] for r in timed), "tokens", **common)
-    report("ppo", "peak_memory", records[-1]["memory/peak_gib"], "GiB", **common)
+    for stage, prompts in (("ppo_lagrangian.py", per_rank), ("rloo_lagrangian.py", per_rank // 4)):
+        if prompts == 0 or prompts * 4 != per_rank and stage == "rloo_lagrangian.py":
+            raise UserError(f"--gen_batch {args.gen_batch}: rloo_lagrangian.py needs whole groups of 4 per rank")
+        stage_args = ["--actor_model_name_or_path", args.model, "--reward_model_name_or_path", args.model,
+                      "--cost_model_name_or_path", args.model, "--tokenizer_name_or_path", str(work / "tokenizer"),
+                      "--recipe", "toy", "--dataset", str(work / "prompts"),
+                      "--limit", str(args.ppo_iterations * prompts * max(1, args.nproc_per_node)),
+                      "--epochs", "1", "--per_device_prompt_batch_size", str(prompts),
+                      "--per_device_train_batch_size", str(per_rank), "--max_length", str(n_prompt + args.new_tokens),
+                      "--sample_every", "0", "--log_every", "1", "--threshold", "0"]
+        if stage == "rloo_lagrangian.py":
+            stage_args += ["--samples_per_prompt", "4"]
+        records = run_stage(stage, stage_args, args, work / stage.removesuffix(".py"))
+        timed = records[args.ppo_warmup:]
+        parts = {k: statistics.median(r[f"time/{k}"] for r in timed) for k in ("generation", "scoring", "training")}
+        common = dict(stage=stage, model=args.model, prompts=args.gen_batch, new_tokens=args.new_tokens)
+        for k, v in parts.items():
+            report("ppo", f"{k}_s", v, "s/iteration", **common)
+        total = statistics.median(sum(r[f"time/{k}"] for k in parts) for r in timed)
+        report("ppo", "iteration_s", total, "s/iteration", **common)
+        report("ppo", "response_length", statistics.median(r["policy/response_length"] for r in timed), "tokens", **common)
+        report("ppo", "peak_memory", records[-1]["memory/peak_gib"], "GiB", **common)
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,7 +523,8 @@ def table() -> str:
             if name in figs:
                 lines.append(f"\n{section}: {stage} runs at **{figs[name]:.2f}x** the speed of {against}")
         if section == "ppo":
-            lines.append(f"\nppo: one iteration ({stage}) **{figs['iteration_s']:.2f} s** = generation "
+            models = "six models" if stage == "ppo_lagrangian.py" else "four models, 4 answers per prompt"
+            lines.append(f"\n{stage} ({models}): one iteration **{figs['iteration_s']:.2f} s** = generation "
                          f"{figs['generation_s']:.2f} + scoring {figs['scoring_s']:.2f} + update "
                          f"{figs['training_s']:.2f} s; {figs['response_length']:.0f} tokens per response; "
                          f"peak memory {figs['peak_memory']:.2f} GiB")
@@ -523,12 +533,14 @@ def table() -> str:
 
 def write_doc(path: Path, figures: str) -> None:
     """Refresh the generated blocks of a Markdown file (docs/bench.md): `bench-cpu` gets this run's
-    table, `memory-7b` the memory plan for LLaMA-7B on 8 x 80 GB without and with activation
-    checkpointing (a computation from the config alone: the same on every machine)."""
+    table, `memory-7b` the memory plans for LLaMA-7B on 8 x 80 GB without and with activation
+    checkpointing, of ppo_lagrangian.py and of rloo_lagrangian.py (a computation from the config alone:
+    the same on every machine)."""
     from tools import memory_plan
 
     plans = []
-    for extra in ([], ["--gradient_checkpointing"]):
+    for extra in ([], ["--gradient_checkpointing"], ["--stage", "rloo_lagrangian"],
+                  ["--stage", "rloo_lagrangian", "--gradient_checkpointing"]):
         argv = ["--model", "llama-7b", "--world_size", "8", "--gpu_memory_gib", "80"] + extra
         out = io.StringIO()
         with contextlib.redirect_stdout(out):

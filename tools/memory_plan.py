@@ -1,4 +1,5 @@
-"""tools/memory_plan.py: per-rank memory of PPO-Lagrangian's six models under FSDP2, from a model config.
+"""tools/memory_plan.py: per-rank memory of PPO-Lagrangian's six models (or the critic-free
+rloo_lagrangian.py's four) under FSDP2, from a model config.
 
 The six models are built on the meta device as ppo_lagrangian.py builds them (actor and reference:
 AutoModelForCausalLM; reward model, cost model and both critics: model.ScoreModel over AutoModel), so
@@ -34,6 +35,10 @@ The logits chain of model.policy_logprobs, per token: logits (c V) -> logits / t
 c = 4 (then .float() is free); in the backward, log_softmax's saved output, the gather's gradient and
 log_softmax's gradient: 12 V again. With V = 32000 that is 384 kB per token, two LLaMA-7B layers' worth.
 
+rloo_lagrangian.py (--stage rloo_lagrangian) holds the same minus the two critics: no critic states,
+no critic values in scoring, no critic roots kept through the actor update, no critic update; its
+rollout and scoring run on its P x K sequences (P prompts, K answers each).
+
 Not counted: kernels' internal scratch buffers, CUDA allocator fragmentation and the CUDA/NCCL
 context (leave a few GiB), the rollout arrays of shape (P, L) (kilobytes), AdamW's step counters (on
 the CPU), and `save()`'s full state-dict gathering (CPU memory).
@@ -46,7 +51,9 @@ Run:
     python -m tools.memory_plan --model llama-7b --world_size 8 --gpu_memory_gib 80
     python -m tools.memory_plan --model llama-7b --world_size 8 --gpu_memory_gib 80 --gradient_checkpointing
     python -m tools.memory_plan --model runs/sft --world_size 2            # a checkpoint folder's config.json
+    python -m tools.memory_plan --model llama-7b --world_size 8 --stage rloo_lagrangian   # 4 models, 4 prompts x 4
     python -m tools.memory_plan --measure                                   # estimate vs measurement, 1 CPU process
+    python -m tools.memory_plan --measure --stage rloo_lagrangian
     torchrun --nproc_per_node 2 -m tools.memory_plan --measure              # the same, FSDP2 over 2 CPU ranks
 
 Shape letters: P prompts per rank per rollout, B sequences per train micro-batch, L = max_length,
@@ -80,6 +87,7 @@ MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ("actor", "reward_critic", "cost_critic")
 FROZEN = ("reference", "reward_model", "cost_model")
+STAGES = {"ppo_lagrangian": TRAINED, "rloo_lagrangian": ("actor",)}   # each stage's trained models
 
 # --------------------------------------------------------------------------------------------
 # Args
@@ -90,7 +98,7 @@ FROZEN = ("reference", "reward_model", "cost_model")
 class Args:
     # Ranges checked at parse time (plumbing.check_limits); any other number must be finite and >= 0.
     LIMITS: ClassVar[dict] = dict.fromkeys(("world_size", "per_device_prompt_batch_size", "per_device_train_batch_size",
-                                        "max_length", "prompt_length"), (1, None))
+                                        "max_length", "prompt_length"), (1, None)) | {"samples_per_prompt": (2, None)}
 
     model: str = "llama-7b"
     """a preset (model.PRESETS), a checkpoint folder or a hub name: only its config is read"""
@@ -100,8 +108,13 @@ class Args:
     """torchrun + FSDP2, also for one rank; --no-fsdp: one plain process (CPU only, with --no-bf16)"""
     gpu_memory_gib: float = 80.0
     """memory of one GPU, to say whether the plan fits"""
-    per_device_prompt_batch_size: int = 16
-    """P: prompts per rank per rollout (official 16, safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198)"""
+    stage: str = "ppo_lagrangian"
+    """ppo_lagrangian (six models) or rloo_lagrangian (four: no critics)"""
+    per_device_prompt_batch_size: int | None = None
+    """P: prompts per rank per rollout; default the stage's paper recipe: 16 (official, safe-rlhf
+    scripts/ppo-lag.sh@82743cc:L148-198), rloo_lagrangian 4 (x K = the same 16 sequences)"""
+    samples_per_prompt: int = 4
+    """K: answers per prompt (rloo_lagrangian only)"""
     per_device_train_batch_size: int = 16
     """B: sequences per rank per rl_step (official 16)"""
     max_length: int = 512
@@ -136,19 +149,21 @@ def load_config(name_or_path: str):
         raise UserError(f"--model {name_or_path}: cannot read its config: {plumbing.first_line(e)}") from None
 
 
-def meta_models(config) -> dict[str, nn.Module]:
-    """The six models of ppo_lagrangian.py as model.py's `_skeleton` builds them: shapes only."""
+def meta_models(config, stage: str = "ppo_lagrangian") -> dict[str, nn.Module]:
+    """The models of ppo_lagrangian.py (six) or rloo_lagrangian.py (four) as model.py's `_skeleton`
+    builds them: shapes only."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = copy.deepcopy(config)
     config.architectures = None
     with torch.device("meta"):
-        return {"actor": AutoModelForCausalLM.from_config(config),
-                "reference": AutoModelForCausalLM.from_config(config),
-                "reward_model": M.ScoreModel(AutoModel.from_config(config), "reward"),
-                "cost_model": M.ScoreModel(AutoModel.from_config(config), "cost"),
-                "reward_critic": M.ScoreModel(AutoModel.from_config(config), "critic"),
-                "cost_critic": M.ScoreModel(AutoModel.from_config(config), "critic")}
+        models = {"actor": AutoModelForCausalLM.from_config(config),
+                  "reference": AutoModelForCausalLM.from_config(config),
+                  "reward_model": M.ScoreModel(AutoModel.from_config(config), "reward"),
+                  "cost_model": M.ScoreModel(AutoModel.from_config(config), "cost")}
+        for name in STAGES[stage][1:]:  # the critics
+            models[name] = M.ScoreModel(AutoModel.from_config(config), "critic")
+    return models
 
 
 @dataclass
@@ -263,8 +278,10 @@ def kv_cache_bytes(config, batch: int, length: int, c: int) -> int:
 
 def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: int = 16,
                     per_device_train_batch_size: int = 16, max_length: int = 512, prompt_length: int = 128,
-                    bf16: bool = True, gradient_checkpointing: bool = False, fsdp: bool | None = None) -> dict:
-    """Per-rank bytes of PPO-Lagrangian (ppo_lagrangian.py) for a decoder config, on rank 0.
+                    bf16: bool = True, gradient_checkpointing: bool = False, fsdp: bool | None = None,
+                    stage: str = "ppo_lagrangian", samples_per_prompt: int = 1) -> dict:
+    """Per-rank bytes of PPO-Lagrangian (ppo_lagrangian.py), or of rloo_lagrangian.py with stage
+    "rloo_lagrangian" (its rollout: P prompts x samples_per_prompt answers), for a decoder config, on rank 0.
 
     fsdp (default: world_size > 1) is a torchrun run with FSDP2 (model.prepare_model), also with
     one rank (`torchrun --nproc_per_node 1`); fsdp=False is one plain process: whole models, nothing
@@ -278,7 +295,12 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     its largest moment. Returns a dict: "params" per model, "persistent" {model: {part: bytes}},
     "persistent_total", "phases" {phase: {"moment", "terms", "total"}}, "peak_phase", "peak".
     """
-    P, B, L, S = per_device_prompt_batch_size, per_device_train_batch_size, max_length, prompt_length
+    if stage not in STAGES:
+        raise UserError(f"--stage {stage}: choose {' or '.join(STAGES)}")
+    trained, critics = STAGES[stage], STAGES[stage][1:]
+    K = samples_per_prompt if stage == "rloo_lagrangian" else 1
+    # P: sequences per rank per rollout (prompts x answers), the batch of generation and scoring
+    P, B, L, S = per_device_prompt_batch_size * K, per_device_train_batch_size, max_length, prompt_length
     if min(P, B, S, world_size) < 1 or L <= S:
         raise UserError(f"need world size and batch sizes >= 1 and max_length ({L}) > prompt_length ({S}) >= 1")
     fsdp = world_size > 1 if fsdp is None else fsdp
@@ -290,7 +312,7 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     if missing:
         raise UserError(f"{type(config).__name__} has no {', '.join(missing)}: the activation formulas are "
                           "written for LLaMA-style decoders (RMSNorm, SwiGLU MLP)")
-    sizes = {name: model_size(m, world_size) for name, m in meta_models(config).items()}
+    sizes = {name: model_size(m, world_size) for name, m in meta_models(config, stage).items()}
     h, i, V, d = config.hidden_size, config.intermediate_size, config.vocab_size, head_dim(config)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     # the compute dtype, and the frozen models' dtype: on GPU prepare_model casts frozen models to bf16
@@ -299,7 +321,7 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
 
     # ---- persistent: sharded weights, gradients, AdamW states ---------------------------------
     persistent: dict[str, dict[str, int]] = {}
-    for name in TRAINED:
+    for name in trained:
         n = sizes[name].shard
         persistent[name] = {"fp32 params": 4 * n, "fp32 grads": 4 * n, "AdamW states": 8 * n}
     for name in FROZEN:
@@ -332,12 +354,11 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     # The actor's root reshards after every forward (gathered_weights sets reshard_after_forward=True on
     # exit) and the reference's is already counted, so log-probs add only the logits chain; each critic's
     # root stays gathered from its scoring forward until its backward.
-    scoring = {
-        "actor or reference log-probs": {"logits chain": logits_chain_bytes(config, P, L, c)},
-        "critic values": {"both critics' roots": 2 * unsharded("reward_critic", "root"),
-                          "two layers unsharded (current, prefetched)": 2 * unsharded("reward_critic", "layer"),
-                          "layer work": no_grad_layer_bytes(config, P * L, c)},
-    }
+    scoring = {"actor or reference log-probs": {"logits chain": logits_chain_bytes(config, P, L, c)}}
+    if critics:
+        scoring["critic values"] = {"both critics' roots": 2 * unsharded("reward_critic", "root"),
+                                    "two layers unsharded (current, prefetched)": 2 * unsharded("reward_critic", "layer"),
+                                    "layer work": no_grad_layer_bytes(config, P * L, c)}
 
     # ---- updates: forward end, backward start, backward of the last layer -----------------------
     saved = saved_activations(config, B, L, c, gradient_checkpointing)
@@ -364,15 +385,15 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
                                                               "logits backward": logits}
         return moments
 
-    critic_roots = {"both critics' roots (kept since scoring)": 2 * unsharded("reward_critic", "root")}
+    critic_roots = {"both critics' roots (kept since scoring)": 2 * unsharded("reward_critic", "root")} if critics else {}
     phase_moments = {
         "rollout": rollout,
         "scoring": scoring,
         "actor update": update("actor", critic_roots, logits_chain_bytes(config, B, L, c)),
-        # the reward critic trains first, while the cost critic's root is still gathered from scoring
-        "critic update": update("reward_critic", {"cost critic root (kept since scoring)":
-                                                  unsharded("cost_critic", "root")}, 0),
     }
+    if critics:  # the reward critic trains first, while the cost critic's root is still gathered from scoring
+        phase_moments["critic update"] = update("reward_critic", {"cost critic root (kept since scoring)":
+                                                                  unsharded("cost_critic", "root")}, 0)
     phases = {}
     for phase, moments in phase_moments.items():
         moment = max(moments, key=lambda k: sum(moments[k].values()))
@@ -380,9 +401,9 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
         phases[phase] = {"moment": moment, "terms": terms, "total": persistent_total + sum(terms.values())}
     peak_phase = max(phases, key=lambda k: phases[k]["total"])
     return {"params": {name: s.numel for name, s in sizes.items()}, "world_size": world_size, "fsdp": fsdp, "bf16": bf16,
-            "gradient_checkpointing": gradient_checkpointing,
-            "sizes": {"per_device_prompt_batch_size": P, "per_device_train_batch_size": B, "max_length": L,
-                      "prompt_length": S},
+            "gradient_checkpointing": gradient_checkpointing, "stage": stage,
+            "sizes": {"per_device_prompt_batch_size": per_device_prompt_batch_size, "samples_per_prompt": K,
+                      "per_device_train_batch_size": B, "max_length": L, "prompt_length": S},
             "persistent": persistent, "persistent_total": persistent_total,
             "phases": phases, "peak_phase": peak_phase, "peak": phases[peak_phase]["total"]}
 
@@ -399,11 +420,14 @@ def _row(label: str, nbytes: int, indent: int = 2) -> str:
 def format_plan(plan: dict, model_name: str, gpu_memory_gib: float) -> str:
     """The per-rank table: persistent parts, each phase's peak with its transients, the verdict."""
     W, s, n = plan["world_size"], plan["sizes"], plan["params"]
-    lines = [f"PPO-Lagrangian, memory per rank: {model_name} (actor {n['actor'] / 1e9:.2f}B, each score model "
+    title = {"ppo_lagrangian": "PPO-Lagrangian (six models)", "rloo_lagrangian": "RLOO-Lagrangian (four models)"}
+    batch = (f"P={s['per_device_prompt_batch_size']} prompts" + (f" x K={s['samples_per_prompt']} answers"
+                                                                 if s["samples_per_prompt"] > 1 else ""))
+    lines = [f"{title[plan['stage']]}, memory per rank: {model_name} (actor {n['actor'] / 1e9:.2f}B, each score model "
              f"{n['reward_model'] / 1e9:.2f}B parameters)",
              f"{f'FSDP2 over {W} rank' + ('s' if W > 1 else '') if plan['fsdp'] else 'one process, no FSDP'}, "
              f"{'bf16 (fp32 master weights, grads, AdamW)' if plan['bf16'] else 'fp32'}, gradient checkpointing "
-             f"{'on' if plan['gradient_checkpointing'] else 'off'}; P={s['per_device_prompt_batch_size']} prompts, "
+             f"{'on' if plan['gradient_checkpointing'] else 'off'}; {batch}, "
              f"B={s['per_device_train_batch_size']} per micro-batch, L={s['max_length']}, S={s['prompt_length']}",
              "", f"{'persistent':<72}{'GiB':>8}"]
     for name, parts in plan["persistent"].items():
@@ -421,7 +445,7 @@ def format_plan(plan: dict, model_name: str, gpu_memory_gib: float) -> str:
 
 def plan_record(plan: dict, model_name: str, gpu_memory_gib: float) -> dict:
     """The figures as one flat JSON-able record (GiB), for bench.py and logs."""
-    return {"model": model_name, "world_size": plan["world_size"], "bf16": plan["bf16"],
+    return {"model": model_name, "stage": plan["stage"], "world_size": plan["world_size"], "bf16": plan["bf16"],
             "gradient_checkpointing": plan["gradient_checkpointing"], **plan["sizes"],
             "params": plan["params"], "persistent_gib": round(plan["persistent_total"] / GiB, 3),
             "phases_gib": {k: round(p["total"] / GiB, 3) for k, p in plan["phases"].items()},
@@ -526,9 +550,12 @@ def _small_checkpoints(folder: Path) -> Path:
 
 def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_device_prompt_batch_size"],
                    per_device_train_batch_size: int = MEASURE_RUN["per_device_train_batch_size"],
-                   max_length: int = MEASURE_RUN["max_length"], gradient_checkpointing: bool = False) -> dict:
-    """Run ppo_lagrangian.main for two rollouts of MEASURE_CONFIG on CPU (fp32) under LiveTensorBytes
-    and return this rank's measured peak per phase next to estimate_memory's for the same sizes.
+                   max_length: int = MEASURE_RUN["max_length"], gradient_checkpointing: bool = False,
+                   stage: str = "ppo_lagrangian", samples_per_prompt: int = 4) -> dict:
+    """Run ppo_lagrangian.main (or rloo_lagrangian.main, whose prompt batch is then
+    per_device_prompt_batch_size / samples_per_prompt prompts: the same sequences per rollout) for two
+    rollouts of MEASURE_CONFIG on CPU (fp32) under LiveTensorBytes and return this rank's measured peak
+    per phase next to estimate_memory's for the same sizes.
 
     Phases are marked where ppo_lagrangian.py enters them: model.sample (rollout), a no-grad forward of
     a score model or of model.policy_logprobs (scoring), policy_logprobs with grad (actor update), a
@@ -536,10 +563,16 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
     "persistent" is the live bytes when the second rollout starts (gradients and AdamW states exist by
     then). Under torchrun (gloo, FSDP2) every rank runs this; rank 0's figures are reported.
     """
-    import ppo_lagrangian as PPO
+    import importlib
 
+    if stage not in STAGES:
+        raise UserError(f"--stage {stage}: choose {' or '.join(STAGES)}")
+    module = importlib.import_module(stage)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    P, B = per_device_prompt_batch_size, per_device_train_batch_size
+    K = samples_per_prompt if stage == "rloo_lagrangian" else 1
+    if per_device_prompt_batch_size % K:
+        raise UserError(f"--measure: {per_device_prompt_batch_size} sequences per rollout are not whole groups of {K}")
+    P, B = per_device_prompt_batch_size // K, per_device_train_batch_size   # P: prompts per rank per rollout
     tracker = LiveTensorBytes()
     seen = {"rollouts": 0, "prompt_length": 0, "persistent": 0}
 
@@ -560,12 +593,13 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
     score_forward = M.ScoreModel.forward
     with tempfile.TemporaryDirectory() as tmp:
         data = _small_checkpoints(Path(tmp))
-        args = PPO.Args(actor_model_name_or_path=f"{tmp}/sft", reward_model_name_or_path=f"{tmp}/reward",
+        group = {"samples_per_prompt": K} if K > 1 else {}
+        args = module.Args(actor_model_name_or_path=f"{tmp}/sft", reward_model_name_or_path=f"{tmp}/reward",
                         cost_model_name_or_path=f"{tmp}/cost", dataset=str(data / "prompts"),
                         limit=2 * P * world_size, epochs=1, max_length=max_length,
                         per_device_prompt_batch_size=P, per_device_train_batch_size=B,
-                        gradient_checkpointing=gradient_checkpointing, output_dir=f"{tmp}/ppo", save_every=0,
-                        sample_every=0, log_every=1000, device="cpu", threshold=0.0)
+                        gradient_checkpointing=gradient_checkpointing, output_dir=f"{tmp}/run", save_every=0,
+                        sample_every=0, log_every=1000, device="cpu", threshold=0.0, **group)
         M.sample = marked(M.sample, rollout_phase)
         M.policy_logprobs = marked(M.policy_logprobs,
                                    lambda *a, **k: "actor update" if torch.is_grad_enabled() else "scoring")
@@ -575,7 +609,7 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
         M.save_checkpoint = marked(M.save_checkpoint, lambda *a, **k: "saving")
         try:
             with tracker:
-                PPO.main(args)
+                module.main(args)
         finally:
             for name, fn in originals.items():
                 setattr(M, name, fn)
@@ -585,14 +619,16 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
                           f"fewer than 2 x {P} prompts x {world_size} ranks")
     plan = estimate_memory(measure_config(), world_size, per_device_prompt_batch_size=P, per_device_train_batch_size=B,
                            max_length=max_length, prompt_length=seen["prompt_length"], bf16=False,
-                           gradient_checkpointing=gradient_checkpointing, fsdp="RANK" in os.environ)
+                           gradient_checkpointing=gradient_checkpointing, fsdp="RANK" in os.environ,
+                           stage=stage, samples_per_prompt=K)
     phases = list(plan["phases"])
     measured = {"persistent": seen["persistent"], **{k: tracker.peaks[k] for k in phases}}
     measured["peak"] = max(measured[k] for k in phases)
     estimated = {"persistent": plan["persistent_total"], **{k: plan["phases"][k]["total"] for k in phases},
                  "peak": plan["peak"]}
     return {"world_size": world_size, "rank": int(os.environ.get("RANK", "0")), "config": MEASURE_CONFIG,
-            "run": {"per_device_prompt_batch_size": P, "per_device_train_batch_size": B, "max_length": max_length,
+            "run": {"stage": stage, "per_device_prompt_batch_size": P, "samples_per_prompt": K,
+                    "per_device_train_batch_size": B, "max_length": max_length,
                     "gradient_checkpointing": gradient_checkpointing}, "prompt_length": seen["prompt_length"],
             "measured": measured, "estimated": estimated, "estimated_peak_phase": plan["peak_phase"],
             "measured_peak_phase": max(phases, key=lambda k: measured[k]),
@@ -625,12 +661,16 @@ def main(argv: list[str] | None = None) -> dict:
     """CLI: print the per-rank table and one JSON line; returns the JSON record (bench.py can call this)."""
     args = plumbing.parse_args(Args, argv, description=__doc__.splitlines()[0])
     if args.measure:
-        result = measure_memory(gradient_checkpointing=args.gradient_checkpointing)
+        result = measure_memory(gradient_checkpointing=args.gradient_checkpointing, stage=args.stage,
+                                samples_per_prompt=args.samples_per_prompt)
         if result["rank"] == 0:
             print(format_measurement(result))
             print(json.dumps(result, sort_keys=True))
         return result
-    plan = estimate_memory(load_config(args.model), args.world_size,
+    if args.per_device_prompt_batch_size is None:  # the stage's paper recipe: 16 sequences per rank per rollout
+        args.per_device_prompt_batch_size = 4 if args.stage == "rloo_lagrangian" else 16
+    plan = estimate_memory(load_config(args.model), args.world_size, stage=args.stage,
+                           samples_per_prompt=args.samples_per_prompt,
                            per_device_prompt_batch_size=args.per_device_prompt_batch_size,
                            per_device_train_batch_size=args.per_device_train_batch_size,
                            max_length=args.max_length, prompt_length=args.prompt_length, bf16=args.bf16,
