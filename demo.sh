@@ -152,13 +152,13 @@ for name in ("sft", "ppo", "ppo_lagrangian", "rloo", "rloo_lagrangian"):
 table = "\n".join(rows)
 (results / "rloo_side_by_side.md").write_text(table + "\n")
 print(table)
-if profile == "full":
+if profile == "full":  # docs/rloo.md gets the table, README.md its first five and the time columns
     shutil.copy(results / "curves" / "training_curves.png", Path("docs") / "rloo_curves.png")
-    doc = Path("docs/rloo.md")
-    text = doc.read_text() if doc.is_file() else "# RLOO-Lagrangian\n\n<!-- rloo:start -->\n<!-- rloo:end -->\n"
-    doc.write_text(re.sub(r"<!-- rloo:start -->.*?<!-- rloo:end -->",
-                          lambda m: "<!-- rloo:start -->\n" + table + "\n<!-- rloo:end -->", text, flags=re.S))
-    print("docs/rloo.md's table and docs/rloo_curves.png updated")
+    short = "\n".join("|" + "|".join(line.split("|")[1:6] + line.split("|")[9:10]) + "|" for line in rows)
+    for path, block in ((Path("docs/rloo.md"), table), (Path("README.md"), short)):
+        path.write_text(re.sub(r"<!-- rloo:start -->.*?<!-- rloo:end -->",
+                               lambda m: "<!-- rloo:start -->\n" + block + "\n<!-- rloo:end -->", path.read_text(), flags=re.S))
+    print("docs/rloo.md's and README.md's tables and docs/rloo_curves.png updated")
 EOF
 }
 run_rounds() {  # the paper's iterated Safe RLHF (section 4.1, figures 3-5) from this profile's round 1
