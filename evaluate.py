@@ -387,10 +387,26 @@ def policy_tradeoff(path: str) -> dict:
     return {"kind": "ppo_lagrangian", "nu": nu, "beta": kl_coeff * (1 + nu)}
 
 
+def step_seconds(records: list[dict]) -> float:
+    """Median seconds per rl_step over a policy stage's rollouts. The stages time a rollout's phases:
+    every record of a rollout repeats its time/generation and time/scoring, and time/training counts
+    from the rollout's first update to this step; a rollout starts at a record that holds
+    policy/first_pass_logratio_max. So a rollout costs its last record's three times, shared by its
+    rl_steps. NaN without timings."""
+    rollouts: list[list[dict]] = []
+    for r in records:
+        if not rollouts or "policy/first_pass_logratio_max" in r:
+            rollouts.append([])
+        rollouts[-1].append(r)
+    per_step = [sum(ro[-1].get(f"time/{k}", math.nan) for k in ("generation", "scoring", "training")) / len(ro)
+                for ro in rollouts]
+    return statistics.median(per_step) if per_step else math.nan
+
+
 def read_training_log(path: Path) -> dict:
     """A policy stage's per-step records (ppo_lagrangian.py's, rloo_lagrangian.py's) -> the curves of
-    figure 6c, plus the threshold from args.json, the median seconds per rl_step (generation + scoring +
-    training, as the stage timed them) and the peak memory the stage logged (GiB)."""
+    figure 6c, plus the threshold from args.json, the median seconds per rl_step (step_seconds) and the
+    peak memory the stage logged (GiB)."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     # a resumed run logs again the steps after its last checkpoint: keep the last record of each step
     records = sorted({r["step"]: r for r in records if "lagrangian/lambda" in r}.values(), key=lambda r: r["step"])
@@ -400,8 +416,7 @@ def read_training_log(path: Path) -> dict:
             "episode_cost": [r["lagrangian/episode_cost"] for r in records],
             "reward": [r["objective/reward"] for r in records], "cost": [r["objective/cost"] for r in records],
             "kl": [r["objective/kl"] for r in records], "threshold": threshold,
-            "step_time": statistics.median(sum(r.get(f"time/{k}", 0.0) for k in ("generation", "scoring", "training"))
-                                           for r in records) if records else math.nan,
+            "step_time": step_seconds(records),
             "peak_memory": max((r.get("memory/peak_gib", math.nan) for r in records), default=math.nan)}
 
 

@@ -315,7 +315,7 @@ def combined_advantage(reward_advantages: torch.Tensor, cost_advantages: torch.T
     """(A_R - lambda * A_C) / (1 + lambda) (paper eq. 12's primal step;
     safe_rlhf/algorithms/ppo_lag/trainer.py@82743cc:L289-309).
     The 1/(1+lambda) is a positive rescaling that keeps the advantage bounded as lambda grows.
-    (B, T), (B, T), float -> (B, T)"""
+    (B, T), (B, T), float -> (B, T); rloo_lagrangian.py passes sequence advantages (B,), (B,) -> (B,)"""
     return (reward_advantages - lagrange_multiplier * cost_advantages) / (1.0 + lagrange_multiplier)
 
 

@@ -77,17 +77,19 @@ STAGE = "rloo_lagrangian"
 
 @dataclass
 class Args(PolicyArgs):
-    LIMITS: ClassVar[dict] = {**PolicyArgs.LIMITS, "samples_per_prompt": (1, None)}
+    LIMITS: ClassVar[dict] = {**PolicyArgs.LIMITS, "samples_per_prompt": (1, None), "std_epsilon": (1e-12, None)}
     PAPER: ClassVar[dict] = {**PolicyArgs.PAPER, "per_device_prompt_batch_size": 4, "samples_per_prompt": 4}
     PAPER_SOURCE: ClassVar[str] = ("safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198 less the critics; 4 prompts x 4 samples "
-                                   "= its 16 sequences per rank per rollout")
+                                   "= its 16 sequences per rank per rollout; one epoch answers each prompt 4 times: 4x "
+                                   "its answers and rl_steps (--epochs 0.25 matches them)")
 
     # toy defaults that differ from ppo_lagrangian.py's: the same 16 sequences per rollout and 40 samples
     # of each toy prompt over the run; half the learning rate
     per_device_prompt_batch_size: int = 4
     """prompts per rank per rollout, each answered --samples_per_prompt times (4 x 4 = 16 sequences)"""
     epochs: float = 10
-    """passes over the prompt set, fractions allowed (toy: 10 x 4 samples = ppo_lagrangian.py's 40 per prompt)"""
+    """passes over the prompt set, fractions allowed (paper 1: 4 answers to each prompt, 4x ppo_lagrangian.py's
+    answers and rl_steps; toy: 10 x 4 = its 40 answers per prompt)"""
     actor_lr: float = 2.5e-4
     """actor learning rate (paper 1e-5; toy: half ppo_lagrangian.py's 5e-4, at which this stage over-optimises
     the cost model: docs/rloo.md)"""
@@ -100,7 +102,7 @@ class Args(PolicyArgs):
     """divide each signal's leave-one-out advantage by the standard deviation of its group's returns (GRPO);
     off: plain RLOO, whose lambda weighs reward and cost in their own units, as in ppo_lagrangian.py"""
     std_epsilon: float = 1e-4
-    """added to the group's standard deviation with --scale_by_std (TRL's 1e-4)"""
+    """added to the group's standard deviation with --scale_by_std (TRL's 1e-4; > 0: a group of equal returns gets 0)"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,8 +116,9 @@ def sequence_returns(rewards: torch.Tensor, costs: torch.Tensor) -> tuple[torch.
         G^R = sum_t clip(-beta * k_t + [t = end] * R) = R - beta * sum_t k_t
         G^C = sum_t clip(+beta * k_t + [t = end] * C) = C + beta * sum_t k_t
     (the right-hand sides while the clip, +-50 by default, does not bind; trl/trainer/rloo_trainer.py@00313f2
-    subtracts the same summed KL, `rewards - self.beta * kl`). rewards, costs: (B, T), zero after the
-    answer's end -> G^R, G^C: (B,)."""
+    subtracts the same summed KL, `rewards - self.beta * kl`). An answer with no token at all (its first
+    sample was PAD) returns 0 and 0, which also enter its siblings' baselines (rare; no bias, some variance).
+    rewards, costs: (B, T), zero after the answer's end -> G^R, G^C: (B,)."""
     return rewards.sum(1), costs.sum(1)
 
 
@@ -126,7 +129,8 @@ def leave_one_out_advantages(returns: torch.Tensor, samples_per_prompt: int, sca
         A_i = G_i - 1/(K-1) * sum_{j != i} G_j  =  K/(K-1) * (G_i - mean_j G_j)
     an unbiased baseline (it does not depend on y_i) whose advantages sum to 0 within each group. With
     scale_by_std, A_i / (std_j G_j + eps), the unbiased std of the K returns, as GRPO scales (its A is
-    G_i - mean, so this is (K/(K-1)) times GRPO's). A group whose K returns are equal gets A = 0.
+    G_i - mean, so this is (K/(K-1)) times GRPO's; the std depends on y_i too, so the scaled gradient is
+    no longer exactly unbiased). A group whose K returns are equal gets A = 0.
     returns: (P*K,) -> (P*K,)"""
     K = samples_per_prompt
     groups = returns.view(-1, K)                                                     # (P, K)

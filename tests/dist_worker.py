@@ -10,7 +10,9 @@ step:     (ARG: the init checkpoint) one FSDP2 training step of a tiny LLaMA on 
 generate: sampling where rows (and ranks) reach EOS at different steps; writes per-rank results.
 rloo_step: (ARG: a policy checkpoint) one actor update of rloo_lagrangian.py on a fixed rollout of 2
           prompts x 4 answers with fixed reward and cost scores: each rank takes whole groups, computes
-          their leave-one-out advantages and runs ppo_lagrangian.actor_step; writes loss and checkpoint.
+          their leave-one-out advantages and runs ppo_lagrangian.actor_step (plain SGD, no clip, so the
+          update is the gradient itself; the old log-probs off by a per-token amount, so ratios vary and
+          the loss is not the zero a group's advantages sum to); writes loss and checkpoint.
 """
 
 import json
@@ -75,8 +77,8 @@ def rloo_step(out: Path, init: str):
     tokenizer = M.load_tokenizer(init, "right")
     policy = M.prepare_model(M.load_causal_lm(init, tokenizer, meta=d.enabled and not d.is_main), d,
                              trainable=True, bf16=False)
-    args = R.Args(actor_lr=1e-2, threshold=0.0)
-    opt = plumbing.make_optimizer(policy, args.actor_lr, 0.0)
+    args = R.Args(actor_lr=1.0, threshold=0.0, max_grad_norm=1e9)
+    opt = torch.optim.SGD(policy.parameters(), lr=args.actor_lr)
     sched = plumbing.make_scheduler(opt, "constant", 0, 10)
     ids, mask = global_batch(tokenizer)                                   # 8 rows: prompt 0 = rows 0-3, 1 = 4-7
     reward = torch.tensor([1.0, 2.0, 0.5, 3.0, -1.0, 0.0, 2.0, 2.5])
@@ -86,7 +88,9 @@ def rloo_step(out: Path, init: str):
     ids, mask, reward, cost = ids[sl], mask[sl], reward[sl], cost[sl]
     start = 2                                                             # "response" = tokens after the first 3
     with torch.no_grad():
-        old = M.policy_logprobs(policy, ids, mask)[:, start:]
+        logp = M.policy_logprobs(policy, ids, mask)[:, start:]
+    wiggle = 0.1 * torch.sin(torch.arange(8 * logp.shape[1], dtype=torch.float32)).view(8, -1)  # (8, T), global batch
+    old = logp - wiggle[sl]                                               # ratios exp(wiggle) within the clip
     response_mask = mask[:, 1:][:, start:].float()
     rewards, costs = P.per_token_rewards_and_costs(reward, cost, old, old - 0.1, response_mask, 0.1, 50.0)
     g_r, g_c = R.sequence_returns(rewards, costs)

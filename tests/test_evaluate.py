@@ -347,10 +347,22 @@ def test_sqrt_kl_fit_against_a_hand_line():
     assert E.running_mean([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
 
 
-def test_training_log_step_time_is_the_median_and_memory_the_peak(tmp_path):
-    rows = [{"step": s, "lagrangian/lambda": 1.0, "lagrangian/episode_cost": 0.0, "objective/reward": 0.0,
-             "objective/cost": 0.0, "objective/kl": 0.0, "time/generation": g, "time/scoring": 0.1,
-             "time/training": 0.2, "memory/peak_gib": m} for s, g, m in ((1, 0.7, 1.5), (2, 0.2, 2.5), (3, 0.4, 2.0))]
+def test_seconds_per_rl_step_share_a_rollouts_time_and_memory_is_the_peak(tmp_path):
+    """Two rollouts of two rl_steps each: generation and scoring repeat in both records of a rollout,
+    training counts from the rollout's first update; the first record of a rollout carries the
+    first-pass check. Rollout 1: (0.6 + 0.2 + 0.8) / 2 = 0.8 s per step; rollout 2: (0.2 + 0.2 + 0.6) / 2 = 0.5;
+    a lone rollout of one step: 0.9. Median of 0.8, 0.5, 0.9: 0.8."""
+    times = [(0.6, 0.2, 0.3, True), (0.6, 0.2, 0.8, False), (0.2, 0.2, 0.3, True), (0.2, 0.2, 0.6, False),
+             (0.5, 0.1, 0.3, True)]
+    rows = []
+    for step, (g, sc, tr, first) in enumerate(times, 1):
+        row = {"step": step, "lagrangian/lambda": 1.0, "lagrangian/episode_cost": 0.0, "objective/reward": 0.0,
+               "objective/cost": 0.0, "objective/kl": 0.0, "time/generation": g, "time/scoring": sc,
+               "time/training": tr, "memory/peak_gib": [1.5, 2.5, 2.0, 1.0, 0.5][step - 1]}
+        if first:
+            row["policy/first_pass_logratio_max"] = 0.0
+        rows.append(row)
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     log = E.read_training_log(tmp_path / "metrics.jsonl")
-    assert log["step_time"] == pytest.approx(0.4 + 0.3) and log["peak_memory"] == 2.5   # sums 1.0, 0.5, 0.7
+    assert log["step_time"] == pytest.approx(0.8) and log["peak_memory"] == 2.5
+    assert math.isnan(E.step_seconds([{"step": 1}]))

@@ -466,7 +466,7 @@ def section_ppo(args: Args, work: Path, tokenizer) -> None:
     n_prompt = len(tokenizer(M.format_prompt(load_first_prompt(work)))["input_ids"])  # every prompt's length
     per_rank = args.gen_batch // max(1, args.nproc_per_node)
     for stage, prompts in (("ppo_lagrangian.py", per_rank), ("rloo_lagrangian.py", per_rank // 4)):
-        if prompts == 0 or prompts * 4 != per_rank and stage == "rloo_lagrangian.py":
+        if stage == "rloo_lagrangian.py" and (prompts == 0 or prompts * 4 != per_rank):
             raise UserError(f"--gen_batch {args.gen_batch}: rloo_lagrangian.py needs whole groups of 4 per rank")
         stage_args = ["--actor_model_name_or_path", args.model, "--reward_model_name_or_path", args.model,
                       "--cost_model_name_or_path", args.model, "--tokenizer_name_or_path", str(work / "tokenizer"),
