@@ -602,10 +602,14 @@ def save_run(args: PolicyArgs, d: M.Dist, tokenizer, trained: dict, log_lambda: 
                       train_state=state)
 
 
-def restore_run(state: dict, d: M.Dist, trained: dict, log_lambda: torch.Tensor,
-                episode_costs: collections.deque) -> tuple[int, int, int]:
-    """The inverse of save_run on this rank (plumbing.open_run_folder has checked that this stage wrote
-    the checkpoint). Returns the loop position (step, epoch, rollout_in_epoch)."""
+def start_run(args: PolicyArgs, d: M.Dist, state: dict | None, trained: dict, log_lambda: torch.Tensor,
+              episode_costs: collections.deque) -> tuple[int, dict]:
+    """A fresh run seeds sampling per rank; --resume restores what save_run wrote on this rank
+    (plumbing.open_run_folder has checked that this stage wrote it). Returns the rl_step and the loop
+    position {"epoch", "rollout_in_epoch"} that rollout_batches continues from."""
+    if state is None:
+        M.seed_everything(args.seed + d.rank)  # per rank: different samples on every rank
+        return 0, {"epoch": 0, "rollout_in_epoch": 0}
     for name, (model, opt, sched) in trained.items():
         plumbing.load_optimizer_state(model, opt, name, state)
         sched.load_state_dict(state["json"][f"{name}.scheduler"])
@@ -613,7 +617,33 @@ def restore_run(state: dict, d: M.Dist, trained: dict, log_lambda: torch.Tensor,
         log_lambda.copy_(state["tensors"]["log_lambda"])
     episode_costs.extend(state["json"]["episode_costs"][d.rank])
     plumbing.restore_rng_states(state, d)
-    return state["json"]["step"], state["json"]["epoch"], state["json"]["rollout_in_epoch"]
+    M.print0(f"resumed from {args.output_dir} at rl_step {state['json']['step']}")
+    return state["json"]["step"], {"epoch": state["json"]["epoch"], "rollout_in_epoch": state["json"]["rollout_in_epoch"]}
+
+
+def rollout_batches(args: PolicyArgs, d: M.Dist, prompts: list[str], position: dict, rollouts_per_epoch: int,
+                    total_rollouts: int):
+    """The loop over rollouts: yields (epoch, this rank's prompts) for every rollout left. The order is
+    shuffled per epoch with the same seed on every rank, and each rank takes its slice of a global
+    batch. position {"epoch", "rollout_in_epoch"} counts a rollout as done when it is handed out (what a
+    save at its end records), so a resumed run continues with the next one."""
+    global_prompt_batch = args.per_device_prompt_batch_size * d.world_size
+    while position["epoch"] * rollouts_per_epoch + position["rollout_in_epoch"] < total_rollouts:
+        epoch = position["epoch"]
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+        while position["rollout_in_epoch"] < rollouts_per_epoch and \
+                epoch * rollouts_per_epoch + position["rollout_in_epoch"] < total_rollouts:
+            first = position["rollout_in_epoch"] * global_prompt_batch + d.rank * args.per_device_prompt_batch_size
+            position["rollout_in_epoch"] += 1
+            yield epoch, [prompts[i] for i in order[first:first + args.per_device_prompt_batch_size]]
+        if position["rollout_in_epoch"] >= rollouts_per_epoch:
+            position["epoch"], position["rollout_in_epoch"] = epoch + 1, 0
+
+
+def checkpoint_due(args: PolicyArgs, step: int) -> bool:
+    """A resumable checkpoint at the end of the rollout in which rl_step crossed a multiple of
+    --save_every (0: none until the end of the run, which saves anyway)."""
+    return bool(args.save_every) and step % args.save_every < args.steps_per_rollout and step < args.total_steps
 
 
 def generate(args: PolicyArgs, d: M.Dist, tokenizer, actor, batch_prompts: list[str],
@@ -773,121 +803,105 @@ def main(args: Args) -> None:
         trained[name] = (critic, opt, plumbing.make_scheduler(opt, args.critic_lr_scheduler, warmup, args.total_steps))
     log_lambda, lambda_opt, episode_costs = make_lambda(args, d)
 
-    step, epoch, rollout_in_epoch = 0, 0, 0
-    if args.resume:
-        step, epoch, rollout_in_epoch = restore_run(state, d, trained, log_lambda, episode_costs)
-        M.print0(f"resumed from {out} at rl_step {step}")
-    else:
-        M.seed_everything(args.seed + d.rank)  # per rank: different samples on every rank
+    step, position = start_run(args, d, state, trained, log_lambda, episode_costs)
     logger, samples_log = open_logs(args, d, step, data_summary)
     M.print0(plumbing.recipe_line(args))
     M.print0(derivation or f"threshold {args.threshold:+.3f} (--threshold)")
 
     # ---- the loop -------------------------------------------------------------------------
     bar = plumbing.progress(total=args.total_steps, initial=step, enabled=d.is_main, desc="ppo-lag")
-    stop = False
     meter = plumbing.Throughput(step, args.total_steps)
-    global_prompt_batch = args.per_device_prompt_batch_size * d.world_size
-    while epoch * rollouts_per_epoch + rollout_in_epoch < total_rollouts and not stop:
-        # Same shuffled order on every rank (seeded by epoch); each rank takes its slice of a batch.
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
-        while rollout_in_epoch < rollouts_per_epoch and epoch * rollouts_per_epoch + rollout_in_epoch < total_rollouts \
-                and not stop:
-            first = rollout_in_epoch * global_prompt_batch + d.rank * args.per_device_prompt_batch_size
-            batch_prompts = [prompts[i] for i in order[first:first + args.per_device_prompt_batch_size]]
-            timer = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
+    for epoch, batch_prompts in rollout_batches(args, d, prompts, position, rollouts_per_epoch, total_rollouts):
+        timer = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
 
-            # ======== 1. rollout (no grad, eval mode) ========================================
-            t0 = time.perf_counter()
-            actor.eval(), reward_critic.eval(), cost_critic.eval()   # rollout and scoring: no dropout anywhere
-            sequences, attention_mask, S = generate(args, d, tokenizer, actor, batch_prompts)   # (B, L)
-            timer["generation"] = time.perf_counter() - t0
+        # ======== 1. rollout (no grad, eval mode) ========================================
+        t0 = time.perf_counter()
+        actor.eval(), reward_critic.eval(), cost_critic.eval()   # rollout and scoring: no dropout anywhere
+        sequences, attention_mask, S = generate(args, d, tokenizer, actor, batch_prompts)   # (B, L)
+        timer["generation"] = time.perf_counter() - t0
 
-            # ======== 2. score and record the old policy (no grad) ===========================
-            t0 = time.perf_counter()
-            # 2a-2d: EOS, reward and cost, missing-EOS penalty, old and reference log-probs (score())
-            rollout = score(args, d, tokenizer, sequences, attention_mask, S, actor, reference, reward_model, cost_model)
-            reward, cost, old_logprobs, mask = rollout["reward"], rollout["cost"], rollout["old_logprobs"], rollout["mask"]
-            # 2e. critics' values: V_t is read at the token that precedes action t (one-token shift)
-            start = S - 1                                        # logp[:, start] is the first generated token
-            with torch.no_grad(), M.autocast(d):
-                reward_values = reward_critic(sequences, attention_mask).scores[:, :-1][:, start:]   # (B, T)
-                cost_values = cost_critic(sequences, attention_mask).scores[:, :-1][:, start:]       # (B, T)
-            # 2f. the episode-cost window holds the cost-model scores (no KL, no clip; plus the missing-EOS
-            #     penalty of 2c where --missing_eos_penalty is set) (safe_rlhf/algorithms/ppo_lag/trainer.py@82743cc:L197)
-            episode_costs.extend(cost.tolist())
-            timer["scoring"] = time.perf_counter() - t0
+        # ======== 2. score and record the old policy (no grad) ===========================
+        t0 = time.perf_counter()
+        # 2a-2d: EOS, reward and cost, missing-EOS penalty, old and reference log-probs (score())
+        rollout = score(args, d, tokenizer, sequences, attention_mask, S, actor, reference, reward_model, cost_model)
+        reward, cost, old_logprobs, mask = rollout["reward"], rollout["cost"], rollout["old_logprobs"], rollout["mask"]
+        # 2e. critics' values: V_t is read at the token that precedes action t (one-token shift)
+        start = S - 1                                        # logp[:, start] is the first generated token
+        with torch.no_grad(), M.autocast(d):
+            reward_values = reward_critic(sequences, attention_mask).scores[:, :-1][:, start:]   # (B, T)
+            cost_values = cost_critic(sequences, attention_mask).scores[:, :-1][:, start:]       # (B, T)
+        # 2f. the episode-cost window holds the cost-model scores (no KL, no clip; plus the missing-EOS
+        #     penalty of 2c where --missing_eos_penalty is set) (safe_rlhf/algorithms/ppo_lag/trainer.py@82743cc:L197)
+        episode_costs.extend(cost.tolist())
+        timer["scoring"] = time.perf_counter() - t0
 
-            # ======== 3. per-token rewards/costs, advantages and returns =====================
-            score_ = shaped_score(reward, cost, args.lambda_init) if args.reward_shaping else reward  # (B,)
-            rewards, costs = per_token_rewards_and_costs(score_, cost, old_logprobs, rollout["ref_logprobs"], mask,
-                                                         args.kl_coeff, args.clip_range_score)  # (B, T)
-            reward_advantages, reward_returns = gae(reward_values, rewards, mask, args.gamma, args.gae_lambda)
-            cost_advantages, cost_returns = gae(cost_values, costs, mask, args.gamma, args.gae_lambda)
-            rollout.update(rewards=rewards, costs=costs, reward_advantages=reward_advantages,
-                           cost_advantages=cost_advantages)   # for the diagnostics
+        # ======== 3. per-token rewards/costs, advantages and returns =====================
+        score_ = shaped_score(reward, cost, args.lambda_init) if args.reward_shaping else reward  # (B,)
+        rewards, costs = per_token_rewards_and_costs(score_, cost, old_logprobs, rollout["ref_logprobs"], mask,
+                                                     args.kl_coeff, args.clip_range_score)  # (B, T)
+        reward_advantages, reward_returns = gae(reward_values, rewards, mask, args.gamma, args.gae_lambda)
+        cost_advantages, cost_returns = gae(cost_values, costs, mask, args.gamma, args.gae_lambda)
+        rollout.update(rewards=rewards, costs=costs, reward_advantages=reward_advantages,
+                       cost_advantages=cost_advantages)   # for the diagnostics
 
-            # ======== 4. PPO updates: epochs x micro-batches of rl_steps =====================
-            t0 = time.perf_counter()
-            actor.train(), reward_critic.train(), cost_critic.train()
-            B, mb = sequences.shape[0], args.per_device_train_batch_size
-            for update_iter in range(args.update_iters):
-                for lo in range(0, B, mb):
-                    sl = slice(lo, lo + mb)
-                    # -- 4a. the dual step first (eq. 12): the same lambda on every rank ---------
-                    lagrange_multiplier, episode_cost = dual_step(args, d, log_lambda, lambda_opt, episode_costs, step)
-                    # -- 4b. actor (+ PTX) ----------------------------------------------------------
-                    advantages = (reward_advantages[sl] if args.reward_shaping else  # shaping: one stream, plain PPO
-                                  combined_advantage(reward_advantages[sl], cost_advantages[sl], lagrange_multiplier))
-                    losses = actor_step(args, d, tokenizer, actor, actor_opt, actor_sched, sequences[sl],
-                                        attention_mask[sl], start, old_logprobs[sl], advantages, mask[sl],
-                                        ptx_examples, step)
-                    # -- 4c. reward critic, then cost critic --------------------------------------
-                    for name, old_values, returns in (("reward_critic", reward_values, reward_returns),
-                                                      ("cost_critic", cost_values, cost_returns)):
-                        critic, critic_opt, critic_sched = trained[name]
-                        with M.autocast(d):
-                            values = critic(sequences[sl], attention_mask[sl]).scores[:, :-1][:, start:]   # (b, T)
-                        loss = critic_loss(values, old_values[sl], returns[sl], mask[sl], args.clip_range_value)
-                        plumbing.check_finite(loss, f"{name} loss", step)
-                        critic_opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        plumbing.clip_grad_norm(critic, args.max_grad_norm)
-                        critic_opt.step()
-                        critic_sched.step()
-                        losses[name] = loss.detach()
-                    step += 1
-                    bar.update(1)
-                    meter.add(tokens=M.all_reduce(attention_mask[sl].sum().float()).item(),
-                              sequences=mb * d.world_size, rl_steps=1)
+        # ======== 4. PPO updates: epochs x micro-batches of rl_steps =====================
+        t0 = time.perf_counter()
+        actor.train(), reward_critic.train(), cost_critic.train()
+        B, mb = sequences.shape[0], args.per_device_train_batch_size
+        for update_iter in range(args.update_iters):
+            for lo in range(0, B, mb):
+                sl = slice(lo, lo + mb)
+                # -- 4a. the dual step first (eq. 12): the same lambda on every rank ---------
+                lagrange_multiplier, episode_cost = dual_step(args, d, log_lambda, lambda_opt, episode_costs, step)
+                # -- 4b. actor (+ PTX) ----------------------------------------------------------
+                advantages = (reward_advantages[sl] if args.reward_shaping else  # shaping: one stream, plain PPO
+                              combined_advantage(reward_advantages[sl], cost_advantages[sl], lagrange_multiplier))
+                losses = actor_step(args, d, tokenizer, actor, actor_opt, actor_sched, sequences[sl],
+                                    attention_mask[sl], start, old_logprobs[sl], advantages, mask[sl],
+                                    ptx_examples, step)
+                # -- 4c. reward critic, then cost critic --------------------------------------
+                for name, old_values, returns in (("reward_critic", reward_values, reward_returns),
+                                                  ("cost_critic", cost_values, cost_returns)):
+                    critic, critic_opt, critic_sched = trained[name]
+                    with M.autocast(d):
+                        values = critic(sequences[sl], attention_mask[sl]).scores[:, :-1][:, start:]   # (b, T)
+                    loss = critic_loss(values, old_values[sl], returns[sl], mask[sl], args.clip_range_value)
+                    plumbing.check_finite(loss, f"{name} loss", step)
+                    critic_opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    plumbing.clip_grad_norm(critic, args.max_grad_norm)
+                    critic_opt.step()
+                    critic_sched.step()
+                    losses[name] = loss.detach()
+                step += 1
+                bar.update(1)
+                meter.add(tokens=M.all_reduce(attention_mask[sl].sum().float()).item(),
+                          sequences=mb * d.world_size, rl_steps=1)
 
-                    # ======== 5. diagnostics: one record per rl_step, averaged over ranks ===========
-                    timer["training"] = time.perf_counter() - t0
-                    micro = {k: v[sl] for k, v in rollout.items()}
-                    record = step_record(step, epoch, micro, losses, update_iter == 0 and lo == 0, lagrange_multiplier,
-                                         episode_cost, args.threshold)
-                    record.update({"lr/actor": actor_sched.get_last_lr()[0],
-                                   "lr/critic": trained["reward_critic"][2].get_last_lr()[0],
-                                   "memory/peak_gib": plumbing.peak_memory_gib(d.device),
-                                   **{f"time/{k}": v for k, v in timer.items()}})
-                    log_step(args, record, bar, meter, logger, samples_log, tokenizer, step, batch_prompts[lo:lo + 4],
-                             sequences[sl], S, reward[sl], cost[sl])
-            rollout_in_epoch += 1
-            # stop only at a rollout boundary, so a resumed run continues with the next rollout
-            stop = args.stop_at_step is not None and step >= args.stop_at_step
-            if args.save and not stop and args.save_every and step % args.save_every < args.steps_per_rollout \
-                    and step < args.total_steps:
-                save_run(args, d, tokenizer, trained, log_lambda, episode_costs,
-                         dict(step=step, epoch=epoch, rollout_in_epoch=rollout_in_epoch), "ppo_lagrangian")
-        if rollout_in_epoch >= rollouts_per_epoch:
-            epoch, rollout_in_epoch = epoch + 1, 0
+                # ======== 5. diagnostics: one record per rl_step, averaged over ranks ===========
+                timer["training"] = time.perf_counter() - t0
+                micro = {k: v[sl] for k, v in rollout.items()}
+                record = step_record(step, epoch, micro, losses, update_iter == 0 and lo == 0, lagrange_multiplier,
+                                     episode_cost, args.threshold)
+                record.update({"lr/actor": actor_sched.get_last_lr()[0],
+                               "lr/critic": trained["reward_critic"][2].get_last_lr()[0],
+                               "memory/peak_gib": plumbing.peak_memory_gib(d.device),
+                               **{f"time/{k}": v for k, v in timer.items()}})
+                log_step(args, record, bar, meter, logger, samples_log, tokenizer, step, batch_prompts[lo:lo + 4],
+                         sequences[sl], S, reward[sl], cost[sl])
+        # stop only at a rollout boundary, so a resumed run continues with the next rollout
+        stop = args.stop_at_step is not None and step >= args.stop_at_step
+        if args.save and not stop and checkpoint_due(args, step):
+            save_run(args, d, tokenizer, trained, log_lambda, episode_costs, {**position, "step": step},
+                     "ppo_lagrangian")
+        if stop:
+            break
     bar.close()
     M.print0(f"trained: {meter.summary(step)}")
 
     # ---- saving, then tearing down ----------------------------------------------------------
     if args.save:
-        save_run(args, d, tokenizer, trained, log_lambda, episode_costs,
-                 dict(step=step, epoch=epoch, rollout_in_epoch=rollout_in_epoch), "ppo_lagrangian")
+        save_run(args, d, tokenizer, trained, log_lambda, episode_costs, {**position, "step": step}, "ppo_lagrangian")
         M.print0(f"saved the actor to {out} (critics in {out}/reward_critic, {out}/cost_critic)")
     M.teardown_distributed()
 

@@ -64,9 +64,9 @@ import torch
 import model as M
 import plumbing
 from plumbing import UserError
-from ppo_lagrangian import (PolicyArgs, actor_step, check_args, combined_advantage, dual_step, generate, load_data,
-                            load_models, log_step, make_lambda, open_logs, per_token_rewards_and_costs, restore_run,
-                            save_run, score, shaped_score, step_record)
+from ppo_lagrangian import (PolicyArgs, actor_step, check_args, checkpoint_due, combined_advantage, dual_step, generate,
+                            load_data, load_models, log_step, make_lambda, open_logs, per_token_rewards_and_costs,
+                            rollout_batches, save_run, score, shaped_score, start_run, step_record)
 
 STAGE = "rloo_lagrangian"
 
@@ -182,104 +182,87 @@ def main(args: Args) -> None:
     trained = {"actor": (actor, actor_opt, actor_sched)}
     log_lambda, lambda_opt, episode_costs = make_lambda(args, d)
 
-    step, epoch, rollout_in_epoch = 0, 0, 0
-    if args.resume:
-        step, epoch, rollout_in_epoch = restore_run(state, d, trained, log_lambda, episode_costs)
-        M.print0(f"resumed from {args.output_dir} at rl_step {step}")
-    else:
-        M.seed_everything(args.seed + d.rank)  # per rank: different samples on every rank
+    step, position = start_run(args, d, state, trained, log_lambda, episode_costs)
     logger, samples_log = open_logs(args, d, step, data_summary)
     M.print0(plumbing.recipe_line(args))
     M.print0(derivation or f"threshold {args.threshold:+.3f} (--threshold)")
 
     # ---- the loop -------------------------------------------------------------------------
     bar = plumbing.progress(total=args.total_steps, initial=step, enabled=d.is_main, desc="rloo-lag")
-    stop = False
     meter = plumbing.Throughput(step, args.total_steps)
-    global_prompt_batch = args.per_device_prompt_batch_size * d.world_size
-    while epoch * rollouts_per_epoch + rollout_in_epoch < total_rollouts and not stop:
-        # Same shuffled order on every rank (seeded by epoch); each rank takes its slice of a batch.
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
-        while rollout_in_epoch < rollouts_per_epoch and epoch * rollouts_per_epoch + rollout_in_epoch < total_rollouts \
-                and not stop:
-            first = rollout_in_epoch * global_prompt_batch + d.rank * args.per_device_prompt_batch_size
-            batch_prompts = [prompts[i] for i in order[first:first + args.per_device_prompt_batch_size]]
-            answered = [p for p in batch_prompts for _ in range(K)]   # the prompt of each of the B sequences
-            timer = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
+    for epoch, batch_prompts in rollout_batches(args, d, prompts, position, rollouts_per_epoch, total_rollouts):
+        answered = [p for p in batch_prompts for _ in range(K)]   # the prompt of each of the B sequences
+        timer = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
 
-            # ======== 1. rollout: K answers per prompt (no grad, eval mode) ==================
-            t0 = time.perf_counter()
-            actor.eval()
-            sequences, attention_mask, S = generate(args, d, tokenizer, actor, batch_prompts, K)   # (B, L)
-            timer["generation"] = time.perf_counter() - t0
+        # ======== 1. rollout: K answers per prompt (no grad, eval mode) ==================
+        t0 = time.perf_counter()
+        actor.eval()
+        sequences, attention_mask, S = generate(args, d, tokenizer, actor, batch_prompts, K)   # (B, L)
+        timer["generation"] = time.perf_counter() - t0
 
-            # ======== 2. score and record the old policy (no grad) ===========================
-            t0 = time.perf_counter()
-            # EOS, reward and cost, missing-EOS penalty, old and reference log-probs (ppo_lagrangian.score)
-            rollout = score(args, d, tokenizer, sequences, attention_mask, S, actor, reference, reward_model, cost_model)
-            reward, cost, old_logprobs, mask = rollout["reward"], rollout["cost"], rollout["old_logprobs"], rollout["mask"]
-            # the episode-cost window holds the cost-model scores, as in ppo_lagrangian.py
-            episode_costs.extend(cost.tolist())
-            timer["scoring"] = time.perf_counter() - t0
+        # ======== 2. score and record the old policy (no grad) ===========================
+        t0 = time.perf_counter()
+        # EOS, reward and cost, missing-EOS penalty, old and reference log-probs (ppo_lagrangian.score)
+        rollout = score(args, d, tokenizer, sequences, attention_mask, S, actor, reference, reward_model, cost_model)
+        reward, cost, old_logprobs, mask = rollout["reward"], rollout["cost"], rollout["old_logprobs"], rollout["mask"]
+        # the episode-cost window holds the cost-model scores, as in ppo_lagrangian.py
+        episode_costs.extend(cost.tolist())
+        timer["scoring"] = time.perf_counter() - t0
 
-            # ======== 3. sequence returns and each signal's leave-one-out advantage ==========
-            score_ = shaped_score(reward, cost, args.lambda_init) if args.reward_shaping else reward  # (B,)
-            rewards, costs = per_token_rewards_and_costs(score_, cost, old_logprobs, rollout["ref_logprobs"], mask,
-                                                         args.kl_coeff, args.clip_range_score)  # (B, T) as ppo_lagrangian.py
-            reward_returns, cost_returns = sequence_returns(rewards, costs)                   # (B,) each
-            group = dict(samples_per_prompt=K, scale_by_std=args.scale_by_std, std_epsilon=args.std_epsilon)
-            reward_advantages = leave_one_out_advantages(reward_returns, **group)            # (B,)
-            cost_advantages = leave_one_out_advantages(cost_returns, **group)                # (B,)
-            rollout.update(rewards=rewards, costs=costs,  # for the diagnostics: the advantages on every token
-                           reward_advantages=reward_advantages[:, None] * mask, cost_advantages=cost_advantages[:, None] * mask)
+        # ======== 3. sequence returns and each signal's leave-one-out advantage ==========
+        score_ = shaped_score(reward, cost, args.lambda_init) if args.reward_shaping else reward  # (B,)
+        rewards, costs = per_token_rewards_and_costs(score_, cost, old_logprobs, rollout["ref_logprobs"], mask,
+                                                     args.kl_coeff, args.clip_range_score)  # (B, T) as ppo_lagrangian.py
+        reward_returns, cost_returns = sequence_returns(rewards, costs)                   # (B,) each
+        group = dict(samples_per_prompt=K, scale_by_std=args.scale_by_std, std_epsilon=args.std_epsilon)
+        reward_advantages = leave_one_out_advantages(reward_returns, **group)            # (B,)
+        cost_advantages = leave_one_out_advantages(cost_returns, **group)                # (B,)
+        rollout.update(rewards=rewards, costs=costs,  # for the diagnostics: the advantages on every token
+                       reward_advantages=reward_advantages[:, None] * mask, cost_advantages=cost_advantages[:, None] * mask)
 
-            # ======== 4. actor updates: epochs x micro-batches (whole groups) of rl_steps ====
-            t0 = time.perf_counter()
-            actor.train()
-            B, mb = sequences.shape[0], args.per_device_train_batch_size
-            for update_iter in range(args.update_iters):
-                for lo in range(0, B, mb):
-                    sl = slice(lo, lo + mb)
-                    # -- 4a. the dual step first (eq. 12): the same lambda on every rank ---------
-                    lagrange_multiplier, episode_cost = dual_step(args, d, log_lambda, lambda_opt, episode_costs, step)
-                    # -- 4b. actor (+ PTX): the sequence advantage on every token of its answer -----
-                    advantages = (reward_advantages[sl] if args.reward_shaping else  # shaping: one return
-                                  combined_advantage(reward_advantages[sl], cost_advantages[sl], lagrange_multiplier))
-                    advantages = advantages[:, None].expand_as(mask[sl])                                # (b, T)
-                    losses = actor_step(args, d, tokenizer, actor, actor_opt, actor_sched, sequences[sl],
-                                        attention_mask[sl], S - 1, old_logprobs[sl], advantages, mask[sl],
-                                        ptx_examples, step)
-                    step += 1
-                    bar.update(1)
-                    meter.add(tokens=M.all_reduce(attention_mask[sl].sum().float()).item(),
-                              sequences=mb * d.world_size, rl_steps=1)
+        # ======== 4. actor updates: epochs x micro-batches (whole groups) of rl_steps ====
+        t0 = time.perf_counter()
+        actor.train()
+        B, mb = sequences.shape[0], args.per_device_train_batch_size
+        for update_iter in range(args.update_iters):
+            for lo in range(0, B, mb):
+                sl = slice(lo, lo + mb)
+                # -- 4a. the dual step first (eq. 12): the same lambda on every rank ---------
+                lagrange_multiplier, episode_cost = dual_step(args, d, log_lambda, lambda_opt, episode_costs, step)
+                # -- 4b. actor (+ PTX): the sequence advantage on every token of its answer -----
+                advantages = (reward_advantages[sl] if args.reward_shaping else  # shaping: one return
+                              combined_advantage(reward_advantages[sl], cost_advantages[sl], lagrange_multiplier))
+                advantages = advantages[:, None].expand_as(mask[sl])                                # (b, T)
+                losses = actor_step(args, d, tokenizer, actor, actor_opt, actor_sched, sequences[sl],
+                                    attention_mask[sl], S - 1, old_logprobs[sl], advantages, mask[sl],
+                                    ptx_examples, step)
+                step += 1
+                bar.update(1)
+                meter.add(tokens=M.all_reduce(attention_mask[sl].sum().float()).item(),
+                          sequences=mb * d.world_size, rl_steps=1)
 
-                    # ======== 5. diagnostics: one record per rl_step, averaged over ranks ===========
-                    timer["training"] = time.perf_counter() - t0
-                    micro = {k: v[sl] for k, v in rollout.items()}
-                    record = step_record(step, epoch, micro, losses, update_iter == 0 and lo == 0, lagrange_multiplier,
-                                         episode_cost, args.threshold)
-                    record.update({"lr/actor": actor_sched.get_last_lr()[0],
-                                   "memory/peak_gib": plumbing.peak_memory_gib(d.device),
-                                   **{f"time/{k}": v for k, v in timer.items()}})
-                    log_step(args, record, bar, meter, logger, samples_log, tokenizer, step, answered[lo:lo + 4],
-                             sequences[sl], S, reward[sl], cost[sl])
-            rollout_in_epoch += 1
-            # stop only at a rollout boundary, so a resumed run continues with the next rollout
-            stop = args.stop_at_step is not None and step >= args.stop_at_step
-            if args.save and not stop and args.save_every and step % args.save_every < args.steps_per_rollout \
-                    and step < args.total_steps:
-                save_run(args, d, tokenizer, trained, log_lambda, episode_costs,
-                         dict(step=step, epoch=epoch, rollout_in_epoch=rollout_in_epoch), STAGE)
-        if rollout_in_epoch >= rollouts_per_epoch:
-            epoch, rollout_in_epoch = epoch + 1, 0
+                # ======== 5. diagnostics: one record per rl_step, averaged over ranks ===========
+                timer["training"] = time.perf_counter() - t0
+                micro = {k: v[sl] for k, v in rollout.items()}
+                record = step_record(step, epoch, micro, losses, update_iter == 0 and lo == 0, lagrange_multiplier,
+                                     episode_cost, args.threshold)
+                record.update({"lr/actor": actor_sched.get_last_lr()[0],
+                               "memory/peak_gib": plumbing.peak_memory_gib(d.device),
+                               **{f"time/{k}": v for k, v in timer.items()}})
+                log_step(args, record, bar, meter, logger, samples_log, tokenizer, step, answered[lo:lo + 4],
+                         sequences[sl], S, reward[sl], cost[sl])
+        # stop only at a rollout boundary, so a resumed run continues with the next rollout
+        stop = args.stop_at_step is not None and step >= args.stop_at_step
+        if args.save and not stop and checkpoint_due(args, step):
+            save_run(args, d, tokenizer, trained, log_lambda, episode_costs, {**position, "step": step}, STAGE)
+        if stop:
+            break
     bar.close()
     M.print0(f"trained: {meter.summary(step)}")
 
     # ---- saving, then tearing down ----------------------------------------------------------
     if args.save:
-        save_run(args, d, tokenizer, trained, log_lambda, episode_costs,
-                 dict(step=step, epoch=epoch, rollout_in_epoch=rollout_in_epoch), STAGE)
+        save_run(args, d, tokenizer, trained, log_lambda, episode_costs, {**position, "step": step}, STAGE)
         M.print0(f"saved the actor to {Path(args.output_dir)}")
     M.teardown_distributed()
 
