@@ -6,7 +6,7 @@ The same constrained problem and dual as ppo_lagrangian.py (paper eq. 9-12):
     min_theta max_{lambda >= 0}  -J_R(theta) + lambda * J_C(theta)
 
 but the two critics, and GAE with them, are replaced by a baseline made of other samples
-(REINFORCE leave-one-out, RLOO: Kool et al. 2019; Ahmadian et al. 2024, arXiv 2402.14740, eq. 6).
+(REINFORCE leave-one-out, RLOO: Kool et al. 2019; Ahmadian et al. 2024, arXiv 2402.14740, their RLOO estimator).
 Each prompt x is answered K times (--samples_per_prompt), y_1 ... y_K, and each answer is ONE action
 whose returns are the sums of ppo_lagrangian.py's per-token streams (so lambda means the same):
 
@@ -124,7 +124,7 @@ def sequence_returns(rewards: torch.Tensor, costs: torch.Tensor) -> tuple[torch.
 
 def leave_one_out_advantages(returns: torch.Tensor, samples_per_prompt: int, scale_by_std: bool = False,
                              std_epsilon: float = 1e-4) -> torch.Tensor:
-    """RLOO's baseline (Ahmadian et al. 2024, eq. 6; trl/trainer/rloo_trainer.py@00313f2): with the K
+    """RLOO's baseline (Ahmadian et al. 2024, arXiv 2402.14740; trl/trainer/rloo_trainer.py@00313f2): with the K
     answers of a prompt next to each other in `returns`,
         A_i = G_i - 1/(K-1) * sum_{j != i} G_j  =  K/(K-1) * (G_i - mean_j G_j)
     an unbiased baseline (it does not depend on y_i) whose advantages sum to 0 within each group. With

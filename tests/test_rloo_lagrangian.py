@@ -15,7 +15,7 @@ import ppo_lagrangian as P
 import rloo_lagrangian as R
 from conftest import make_toy_checkpoints, run, torchrun
 
-# ---- the leave-one-out baseline (Ahmadian et al. 2024, eq. 6) ---------------------------------
+# ---- the leave-one-out baseline (Ahmadian et al. 2024, arXiv 2402.14740) -----------------------
 
 
 def naive_leave_one_out(returns, K, scale_by_std=False, eps=1e-4):
