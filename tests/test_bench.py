@@ -57,7 +57,9 @@ def test_every_section_runs_and_prints_json(tmp_path):
 def test_estimate_memory_prints_the_plan(capsys):
     bench.main(replace(bench.Args(), estimate_memory=True, model="llama-7b", world_size=8))
     out = capsys.readouterr().out
-    assert "FSDP2 over 8 ranks" in out and "peak:" in out
+    assert "FSDP2 over 8 ranks" in out and "peak:" in out and "PPO-Lagrangian (six models)" in out
+    bench.main(replace(bench.Args(), estimate_memory=True, model="llama-7b", world_size=8, stage="rloo_lagrangian"))
+    assert "RLOO-Lagrangian (four models)" in capsys.readouterr().out
 
 
 def test_flags_take_dashes_or_underscores():

@@ -30,6 +30,7 @@ vocabulary size, so every token count is exact.
     python -m tools.bench --only preference generation      # some sections
     python -m tools.bench --model llama-1b --nproc_per_node 1 --length_scale 4   # a GPU: FSDP2 + bf16
     python -m tools.bench --estimate-memory --model llama-7b --world_size 8      # memory_plan.py's table
+    python -m tools.bench --estimate-memory --model llama-7b --stage rloo_lagrangian
 
 Threads: the CPU figures depend on them; bench.py uses torch's setting (OMP_NUM_THREADS) for every
 part and prints it. Run it on a quiet machine: another busy process halves the figures.
@@ -111,6 +112,8 @@ class Args:
     """print memory_plan.py's per-rank memory table instead (see --world_size)"""
     world_size: int = 8
     """--estimate-memory: ranks the models are sharded over"""
+    stage: str = "ppo_lagrangian"
+    """--estimate-memory: ppo_lagrangian (six models) or rloo_lagrangian (four)"""
     doc: str | None = None
     """also write the table, and the 7B memory plan, into this Markdown file's generated blocks (make bench)"""
 
@@ -562,7 +565,7 @@ def write_doc(path: Path, figures: str) -> None:
 def main(args: Args) -> None:
     if args.estimate_memory:
         from tools import memory_plan
-        memory_plan.main(["--model", args.model, "--world_size", str(args.world_size)]
+        memory_plan.main(["--model", args.model, "--world_size", str(args.world_size), "--stage", args.stage]
                          + (["--gradient_checkpointing"] if args.gradient_checkpointing else []))
         return
     if args.doc:  # refuse now, not after minutes of timing
