@@ -20,7 +20,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q --durations 15
+	$(PY) -m pytest tests -q -n 2 --durations 15
 
 demo: $(STAMP)
 	PY=$(PY) bash demo.sh full

@@ -51,9 +51,18 @@ def run(cmd, timeout=300, env=None, cwd=ROOT):
     return p
 
 
+def free_port() -> int:
+    """A port nothing listens on now (tests run in parallel: `make test` is pytest -n 2)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(nproc: int, script_args, timeout=300, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(29500 + (os.getpid() % 1000)), *map(str, script_args)]
+           "--master_port", str(free_port()), *map(str, script_args)]
     return run(cmd, timeout=timeout, env=dict({"OMP_NUM_THREADS": "1"}, **(env or {})))
 
 
@@ -73,3 +82,9 @@ def make_toy_checkpoints(root: Path) -> Path:
     for kind in ("reward", "cost"):
         M.save_checkpoint(root / kind, d, tok, {"": M.load_score_model(str(root / "sft"), tok, kind)})
     return data
+
+
+def pytest_collection_modifyitems(items):
+    """The longest test (the whole pipeline, about 3 min) first: under `pytest -n 2` one worker runs it
+    while the other works through the rest, instead of starting it last."""
+    items.sort(key=lambda item: item.name != "test_demo_pipeline_smoke")

@@ -4,7 +4,6 @@ c10d rendezvous on localhost) train to the same weights as one launcher with two
 whichever node it lands on."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,18 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_toy_checkpoints, torchrun
+from conftest import ROOT, free_port, make_toy_checkpoints, torchrun
 
 SFT = ["sft.py", "--model_name_or_path", "toy-tiny", "--limit", "64", "--epochs", "1", "--per_device_train_batch_size", "8",
        "--gradient_accumulation_steps", "2", "--lr", "1e-3", "--toy_eval_samples", "0", "--eval_limit", "16"]
 PPO = ["ppo_lagrangian.py", "--epochs", "1", "--limit", "16", "--per_device_prompt_batch_size", "8",
        "--per_device_train_batch_size", "8", "--max_length", "40", "--sample_every", "0", "--device", "cpu", "--threshold", "-1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_nodes(script_args, timeout=300, tries=2):
