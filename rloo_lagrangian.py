@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -263,7 +262,7 @@ def main(args: Args) -> None:
     # ---- saving, then tearing down ----------------------------------------------------------
     if args.save:
         save_run(args, d, tokenizer, trained, log_lambda, episode_costs, {**position, "step": step}, STAGE)
-        M.print0(f"saved the actor to {Path(args.output_dir)}")
+        M.print0(f"saved the actor to {args.output_dir}")
     M.teardown_distributed()
 
 
