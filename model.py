@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 import plumbing
 from plumbing import UserError, first_line
@@ -275,7 +275,24 @@ def load_causal_lm(name_or_path: str, tokenizer, *, dtype: torch.dtype = torch.f
             check_checkpoint_path(name_or_path, stage_hint)
             model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, stage_hint, device=device)
     resize_embeddings(model, tokenizer)
+    model.initial_weight_scale = weight_scale(model)  # the bound a save checks diverged weights against
     return model
+
+
+def weight_scale(model: nn.Module) -> float:
+    """The largest absolute weight of a loaded model (a LLaMA's norm weights make it at least 1)."""
+    return max((p.detach().abs().max().item() for p in model.parameters() if p.is_floating_point() and p.numel()),
+               default=0.0)
+
+
+def check_max_length(model: nn.Module, max_length: int, flag: str = "--max_length") -> None:
+    """A length past the model's position table would train on positions it never learnt (RoPE
+    extrapolates without a word): refused in one line."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "backbone", None), "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise UserError(f"{flag} {max_length} exceeds the model's {positions} positions "
+                        f"(max_position_embeddings); use {flag} {positions} or less")
 
 
 def _skeleton(auto_cls, name_or_path, tokenizer, dtype, trust_remote_code, stage_hint, score_type=None):
@@ -454,6 +471,7 @@ def load_score_model(name_or_path: str, tokenizer, score_type: str, *, dtype: to
                 backbone = _from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code, stage_hint)
                 model = ScoreModel(backbone, score_type)
     resize_embeddings(model, tokenizer)
+    model.initial_weight_scale = weight_scale(model)
     return model
 
 
@@ -694,7 +712,8 @@ def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: d
     state_dicts = {name: full_state_dict(m) for name, m in models.items()}
     with plumbing.on_every_rank():  # a refusal on rank 0 (which alone writes) reaches the other ranks
         if dist_.is_main:
-            plumbing.check_finite_weights(state_dicts, folder)  # a diverged model is never saved
+            scales = {name: getattr(m, "initial_weight_scale", None) for name, m in models.items()}
+            plumbing.check_finite_weights(state_dicts, folder, scales)  # a diverged model is never saved
             try:
                 with plumbing.atomic_folder(folder) as tmp:
                     for name, m in models.items():
@@ -703,7 +722,7 @@ def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: d
                         write_model_files(sub, m, state_dicts[name], tokenizer)
                     if train_state is not None:
                         plumbing.write_train_state(tmp, train_state)
-            except OSError as e:  # disk full, read-only: the previous checkpoint is untouched (atomic_folder)
+            except (OSError, SafetensorError) as e:  # disk full, read-only: the previous checkpoint is untouched
                 raise UserError(f"cannot save to {folder}: {first_line(e)}; it keeps its previous checkpoint") from None
 
 

@@ -19,6 +19,7 @@ import atexit
 import bisect
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -49,14 +50,25 @@ class UserError(Exception):
 
 
 def run_main(main, *args) -> None:
-    """Call main(*args); turn a UserError into `error: <message>` on stderr and exit code 2."""
+    """Call main(*args); turn a UserError into `error: <message>` on stderr and exit code 2.
+    Under torchrun the message also goes into the error file torchrun reads, so its closing summary
+    ("Root Cause ... traceback :") ends with this line rather than a pointer to the docs."""
+    succeeded = False
     try:
         main(*args)
+        succeeded = True
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file:
+            line = f"error: {e}"
+            with contextlib.suppress(OSError), open(error_file, "w") as f:
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": "0"}}}, f)
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2)
+    finally:
+        end_replacements(succeeded)  # a replaced run goes back if this one failed before its first save
 
 
 def first_line(e: BaseException) -> str:
@@ -72,13 +84,32 @@ def check_finite(value: torch.Tensor, what: str, step: int) -> None:
                         "last checkpoint written before this step, if any (try a lower learning rate)")
 
 
-def check_finite_weights(state_dicts: dict[str, dict[str, torch.Tensor]], folder) -> None:
-    """Refuse to save weights that hold a NaN or an infinity (a diverged run), naming one of them."""
+WEIGHT_GROWTH_LIMIT = 1e4  # a saved weight this many times the model's largest loaded weight: diverged
+
+
+def check_finite_weights(state_dicts: dict[str, dict[str, torch.Tensor]], folder,
+                         scales: dict[str, float | None] | None = None) -> None:
+    """Refuse to save weights that hold a NaN or an infinity (a diverged run), or, where the model's
+    largest weight at load time is known (scales[name]), a weight more than WEIGHT_GROWTH_LIMIT times
+    it. Why that bound: AdamW moves a weight by about lr per step at most (its step m/sqrt(v) is of
+    order 1), so at any sane learning rate (<= 1e-3) and step count (<= 1e5) a weight travels less
+    than 100; a LLaMA's largest weight is at least 1 (its norm weights start at 1). A weight 1e4
+    times larger is an exploded run whose finite but useless weights must not become the "last good"
+    checkpoint. Names one offending weight."""
+    scales = scales or {}
     for name, state_dict in state_dicts.items():
+        where = f"the weight {name + '/' if name else ''}"
         for key, tensor in state_dict.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise UserError(f"the weight {name + '/' if name else ''}{key} is not finite; nothing saved: {folder} "
+            if not tensor.is_floating_point():
+                continue
+            if not torch.isfinite(tensor).all():
+                raise UserError(f"{where}{key} is not finite; nothing saved: {folder} "
                                 "keeps its previous checkpoint, if any (try a lower learning rate)")
+            scale = scales.get(name)
+            if scale and tensor.numel() and (largest := tensor.abs().max().item()) > WEIGHT_GROWTH_LIMIT * scale:
+                raise UserError(f"{where}{key} reached {largest:.3g}, more than {WEIGHT_GROWTH_LIMIT:.0e} times the "
+                                f"model's largest weight when loaded ({scale:.3g}): the run diverged; nothing saved: "
+                                f"{folder} keeps its previous checkpoint, if any (try a lower learning rate)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +128,7 @@ def parse_args(cls, argv=None, description: str | None = None):
     without a recipe are refused, so a toy learning rate never reaches a real model unnoticed."""
     import argparse
 
-    argv = list(map(_underscored, sys.argv[1:] if argv is None else argv))
+    argv = _flags_and_values(sys.argv[1:] if argv is None else argv)
     paper = getattr(cls, "PAPER", None)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe", default="")
@@ -113,7 +144,11 @@ def parse_args(cls, argv=None, description: str | None = None):
         epilog = (f"--recipe paper ({cls.PAPER_SOURCE}) sets:\n"
                   + "".join(f"  {' '.join(flags[i:i + 3])}\n" for i in range(0, len(flags), 3))
                   + "flags given on the command line override it.")
-    args = cls(**vars(_parser(cls, defaults, description, epilog).parse_args(argv)))
+    values = vars(_parser(cls, defaults, description, epilog).parse_args(argv))
+    for name, value in values.items():  # "~/x" as the shell would have it, also when quoted or after "="
+        if isinstance(value, str) and value.startswith("~"):
+            values[name] = os.path.expanduser(value)
+    args = cls(**values)
     check_limits(args)
     if paper is not None:
         check_recipe(args)
@@ -201,6 +236,9 @@ def recipe_line(args) -> str:
                                                       else "every official setting as the paper's")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
 def check_limits(args) -> None:
     """Every number is checked before anything is read or written: finite, and within the range
     the Args class declares in LIMITS {field: (low, high)} (None: unbounded), else >= 0. So a
@@ -211,10 +249,34 @@ def check_limits(args) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         low, high = limits.get(f.name, (0, None))
-        if isinstance(value, float) and not math.isfinite(value) or low is not None and value < low or high is not None and value > high:
+        too_big = isinstance(value, float) and abs(value) > FLOAT32_MAX  # the training math is float32 at most
+        if isinstance(value, float) and not math.isfinite(value) or too_big or low is not None and value < low \
+                or high is not None and value > high:
             bounds = {(True, True): f"between {low} and {high}", (True, False): f">= {low}",
                       (False, True): f"<= {high}", (False, False): ""}[(low is not None, high is not None)]
-            raise UserError(f"--{f.name} {value}: must be a finite number {bounds}".rstrip())
+            raise UserError(f"--{f.name} {value}: must be a finite number{' (within float32)' if too_big else ''} "
+                            f"{bounds}".rstrip())
+
+
+def _flags_and_values(argv: list[str]) -> list[str]:
+    """Flags with dashes or underscores alike, and a negative number in scientific notation kept as a
+    value: argparse takes `--lr -1e-3` for two flags ("expected one argument"), so it becomes
+    `--lr=-1e-3`, and the range check then names the flag and the value."""
+    out: list[str] = []
+    for token in map(_underscored, argv):
+        if out and out[-1].startswith("--") and "=" not in out[-1] and token.startswith("-") and _is_number(token):
+            out[-1] += "=" + token
+        else:
+            out.append(token)
+    return out
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
 
 
 def _underscored(token: str) -> str:
@@ -254,9 +316,20 @@ def load_rows(dataset: str, split: str, *, revision: str | None = None, limit: i
         with open(f, "rb") as lines:
             for n, raw in enumerate(lines, 1):
                 try:
-                    raw.decode("utf-8")
+                    line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise UserError(f"{what} {f} line {n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+                if f.suffix == ".jsonl" and line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError as e:  # datasets' own message names neither the line nor the problem
+                        raise UserError(f"{what} {f} line {n}: not a JSON row ({e})") from None
+            if f.suffix == ".json":
+                try:
+                    json.loads(f.read_bytes())
+                except ValueError as e:
+                    if f.read_text().lstrip().startswith("["):  # one JSON array (JSON-lines in a .json file: datasets reads it)
+                        raise UserError(f"{what} {f}: not valid JSON ({e})") from None
     try:
         if path.is_file():
             ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
@@ -460,7 +533,7 @@ def rank_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[tu
 
 
 # --------------------------------------------------------------------------------------------
-# 4. Run folders: atomic checkpoint folders, train state, atomic JSON
+# 4. Run folders: whose they are, atomic checkpoint folders, train state, atomic JSON
 # --------------------------------------------------------------------------------------------
 
 
@@ -470,32 +543,97 @@ RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "save", "log_every", "
                      # sizes derived from the others after parsing (checked through those)
                      "global_batch_size", "steps_per_epoch", "total_steps", "world_size", "steps_per_rollout"}
 RUN_FILES = ("args.json", "config.json", "metrics.jsonl", "train_state.json")  # a folder with one holds a run
+# Every folder the project writes holds this file: the names it wrote there (its manifest). A folder
+# is the project's when it has one (or is a run of an older version: LEGACY_RUN); anything else in it
+# is the user's and is never removed, overwritten or moved out by a save.
+MARKER = ".nano_safe_rlhf.json"
+LOG_FILES = ("args.json", "data_summary.json", "metrics.jsonl", "samples.jsonl", "eval.json")  # beside a checkpoint
+# What the versions before the marker wrote (fnmatch patterns): recognised, so their runs still resume.
+LEGACY_NAMES = LOG_FILES + ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                            "tokenizer*", "special_tokens_map.json", "chat_template.*", "added_tokens.json",
+                            "train_state.json", "reward_critic", "cost_critic", "results.json", "results.md",
+                            "responses.jsonl", "*.png")
+
+
+def project_names(folder: Path) -> set[str] | None:
+    """The top-level names the project wrote in `folder`: its marker's list and the logs beside a
+    checkpoint. None when the folder is not the project's (no marker, and no older run's args.json
+    or results.json)."""
+    marker = folder / MARKER
+    if marker.is_file():
+        try:
+            return set(json.loads(marker.read_text())["files"]) | set(LOG_FILES) | {MARKER}
+        except (ValueError, KeyError, TypeError, OSError):
+            return None
+    for name, key in (("args.json", "output_dir"), ("results.json", "policies")):  # written by an older version
+        try:
+            if key in json.loads((folder / name).read_text()):
+                return {entry.name for entry in folder.iterdir() if any(fnmatch.fnmatch(entry.name, p) for p in LEGACY_NAMES)}
+        except (ValueError, TypeError, OSError):
+            continue
+    return None
+
+
+def check_run_folder(folder: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """Refuse, in one line and before anything is read or written, an output folder that is neither
+    new, nor empty, nor the project's: a user's folder, a data folder, ".", "/" or "~" is never
+    written into, --overwrite or not."""
+    folder = Path(folder)
+    where = Path(os.path.abspath(folder))
+    if where == Path(where.anchor):
+        raise UserError(f"{flag} {folder}: choose a folder, not the file-system root")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise UserError(f"{flag} {folder} exists and is not a folder")
+    entries = sorted(entry.name for entry in folder.iterdir())
+    if entries and project_names(folder) is None:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UserError(f"{flag} {folder} holds files this project did not write ({shown}); nothing was read "
+                        "or written: choose a new or empty folder")
+
+
+def _foreign(folder: Path) -> list[str]:
+    """The entries of one of our folders that the project did not write (the user's)."""
+    ours = project_names(folder) or set()
+    return sorted(entry.name for entry in folder.iterdir() if entry.name not in ours)
+
+
+def _carry_foreign(old: Path, folder: Path) -> None:
+    """Move the user's entries of a replaced folder into its successor (renamed, never overwritten)."""
+    for name in _foreign(old):
+        target = folder / name
+        while target.exists():
+            target = target.with_name(target.name + ".kept")
+        (old / name).rename(target)
 
 
 def open_run_folder(args, world_size: int, is_main: bool, stage: str | None = None):
     """Claim --output_dir for this run, before anything is read or written. Returns (lock, resume_state):
     keep the lock for the whole run; resume_state is the saved train state with --resume, else None.
+      - a folder that is not new, empty or the project's is refused (check_run_folder);
       - an exclusive lock (<output_dir>.lock, flock: the kernel drops it when the process dies, even
         by kill -9): a second run into the same folder is refused, naming the holder's pid;
       - a fresh run into a folder that holds a run is refused unless --overwrite (and even then
-        nothing in it is deleted before the new run has validated its inputs);
-      - a save killed half-way is undone (recover_checkpoint);
+        nothing in it is touched before the new run has validated its inputs: begin_run_folder);
+      - a save killed half-way, or a replacement that never reached its first save, is undone;
       - --resume: every argument that changes the result must equal the saved args.json, and the
         number of ranks the saved RNG states were written by; a policy stage (stage: its name) continues
         only its own checkpoints (the train state names the stage that wrote it)."""
     folder = Path(args.output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--output_dir {folder} exists and is not a folder")
     lock = None
     with on_every_rank():  # rank 0 decides; a refusal there must not leave the others in the barrier
         if is_main:
+            check_run_folder(folder)
             lock = _lock(folder)
+            recover_checkpoint(folder)  # undo a save that was killed half-way
+            if _sibling(folder, ".replaced").exists():  # a replacement killed before its first save: put back
+                _end_replacement(folder, succeeded=(folder / "config.json").exists())
             holds_run = folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
             if holds_run and not args.resume and not args.overwrite:
                 _release(lock)
                 raise UserError(f"--output_dir {folder} already holds a run: --resume to continue it, --overwrite "
                                 "to replace it, or choose another folder")
-            recover_checkpoint(folder)  # undo a save that was killed half-way
     if not args.resume:
         return lock, None
     try:  # every rank reads the same files, so every rank refuses alike
@@ -520,6 +658,62 @@ def open_run_folder(args, world_size: int, is_main: bool, stage: str | None = No
     return lock, state
 
 
+def check_not_finished(folder, step: int, total_steps: int) -> None:
+    """--resume of a run that already reached its last step: nothing to continue (re-running its final
+    evaluation would log it twice)."""
+    if step >= total_steps:
+        raise UserError(f"--resume: {folder} holds a finished run (step {step} of {total_steps}); nothing to "
+                        "continue: --overwrite to train it again, or choose another folder")
+
+
+_REPLACING: dict[Path, Path] = {}  # run folder -> where its replaced run waits until the new one's first save
+
+
+def begin_run_folder(args, is_main: bool) -> Path:
+    """Rank 0, once every input is validated and just before the run writes its first file: create the
+    folder. A fresh run (--overwrite) over an older run first moves that run's files aside into
+    <output_dir>.replaced/ (the user's files stay); the new run's first checkpoint deletes them, and a
+    run that fails or is killed before it gets there puts them back, so a folder never mixes two runs."""
+    folder = Path(args.output_dir)
+    if not is_main:
+        return folder
+    aside = _sibling(folder, ".replaced")
+    if not args.resume and folder.is_dir() and any((folder / name).exists() for name in RUN_FILES):
+        if aside.exists():
+            shutil.rmtree(aside)
+        aside.mkdir()
+        for name in sorted(project_names(folder) or ()):
+            if (folder / name).exists():
+                (folder / name).rename(aside / name)
+        _REPLACING[Path(os.path.abspath(folder))] = aside
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _end_replacement(folder: Path, succeeded: bool) -> None:
+    """Drop the replaced run (the new one saved or finished) or put it back (the new one failed)."""
+    aside = _REPLACING.pop(Path(os.path.abspath(folder)), None) or _sibling(folder, ".replaced")
+    if not aside.exists():
+        return
+    if not succeeded and not (folder / "config.json").exists():
+        for name in (project_names(folder) or set()) & set(LOG_FILES):  # the failed run's logs
+            (folder / name).unlink(missing_ok=True)
+        for entry in aside.iterdir():
+            entry.rename(folder / entry.name)
+    shutil.rmtree(aside)
+
+
+def end_replacements(succeeded: bool) -> None:
+    """At the end of a run (run_main): settle every replacement this process started."""
+    for folder in list(_REPLACING):
+        _end_replacement(folder, succeeded)
+
+
+def _sibling(folder: Path, suffix: str) -> Path:
+    folder = Path(os.path.abspath(folder))
+    return folder.with_name(folder.name + suffix)
+
+
 _HELD: list = []  # the lock files this process holds
 
 
@@ -527,10 +721,7 @@ def _lock(folder: Path):
     """Take <folder>.lock (flock) and write our pid in it; refuse in one line if another run holds it."""
     import fcntl
 
-    path = folder.resolve()
-    if not path.name:
-        raise UserError(f"--output_dir {folder}: choose a folder, not the file-system root")
-    path = path.with_name(path.name + ".lock")
+    path = _sibling(folder, ".lock")
     for held in [h for h in _HELD if h.name == str(path)]:
         _release(held)  # an earlier run in this process (a stage called as a function) is over
     for _ in range(3):
@@ -562,10 +753,14 @@ def _lock(folder: Path):
 
 
 def _release(lock) -> None:
-    """Remove the lock file of a folder this process holds, then let go of it (at exit, or on refusal)."""
+    """Remove the lock file of a folder this process holds, then let go of it (at exit, or on refusal).
+    A folder made read-only meanwhile keeps the (unlocked, harmless) file: the next run takes it."""
     if lock in _HELD:
         _HELD.remove(lock)
-        Path(lock.name).unlink(missing_ok=True)
+        try:
+            Path(lock.name).unlink(missing_ok=True)
+        except OSError:
+            pass
         lock.close()
 
 
@@ -610,17 +805,28 @@ def trim_logs(folder: Path, step: int, names=("metrics.jsonl", "samples.jsonl"))
 
 
 def recover_checkpoint(folder: str | os.PathLike) -> None:
-    """Undo a save that was killed between its two renames (see atomic_folder), and drop stale
-    temporary folders. Safe to call on every start."""
-    folder = Path(folder)
-    old, parent = folder.with_name(folder.name + ".old"), folder.parent
+    """Undo a save that was killed between its renames (see atomic_folder), and drop stale temporary
+    folders; at the start of a run (with a lock held), also a replacement (begin_run_folder) that was
+    killed before its first save. Safe to call on every start."""
+    folder = Path(os.path.abspath(folder))
+    old, parent = _sibling(folder, ".old"), folder.parent
     if not folder.exists() and old.exists():
         old.rename(folder)
     elif old.exists():
+        _carry_foreign(old, folder)  # killed after the swap, before the user's files moved across
         shutil.rmtree(old)
     if parent.exists():
         for tmp in parent.glob(folder.name + ".tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _readable_modes(folder: Path) -> None:
+    """Files as open() makes them (0666 less the umask; dirs 0777): some writers create 0600 files,
+    which the rest of a team could not read on a shared machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager
@@ -630,32 +836,35 @@ def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ("metrics.j
     A crash while writing leaves the previous `folder` untouched (the temporary folder is removed
     on the next start). The swap is two renames (folder -> folder.old, tmp -> folder); a crash
     between them is undone by `recover_checkpoint`. Run files named in `keep` (logs written next
-    to the checkpoint) are carried over from the old folder.
+    to the checkpoint) are carried over from the old folder, and so is every entry the project did
+    not write (the new folder's MARKER lists what it did): a save never removes a user's file.
     """
-    folder = Path(folder)
+    folder = Path(os.path.abspath(folder))
+    check_run_folder(folder)
     recover_checkpoint(folder)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tmp = _sibling(folder, f".tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
         for name in keep:
             if (folder / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(folder / name, tmp / name)
+        names = sorted(entry.name for entry in tmp.iterdir())
+        (tmp / MARKER).write_text(json.dumps({"written_by": "nano-safe-rlhf", "files": names}) + "\n")
+        _readable_modes(tmp)
     except BaseException:  # e.g. the disk filled up: the previous folder is untouched
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = folder.with_name(folder.name + ".old")
+    old = _sibling(folder, ".old")
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
     if old.exists():
+        _carry_foreign(old, folder)
         shutil.rmtree(old)
+    _end_replacement(folder, succeeded=True)  # a replaced run (--overwrite) goes with the new run's first save
 
 
 

@@ -46,6 +46,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -810,6 +811,12 @@ def _build(folder: Path, seed: int, crowd: Crowd) -> dict:
     return card
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _is_replaceable(out: Path) -> bool:
     return not out.exists() or (out.is_dir() and (not any(out.iterdir()) or (out / "card.json").exists()))
 
@@ -825,6 +832,7 @@ def generate(out: str | Path = "data/toy", seed: int = 0, crowd: Crowd = CROWD, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         card = _build(tmp, seed, crowd)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); a data folder is for the whole team
         if (out / "card.json").exists() and replace:  # move the old world aside, then swap
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rename(out, old / "world")
@@ -873,7 +881,12 @@ def main() -> None:
     parser.add_argument("--out", default="data/toy", help="output folder (replaced atomically)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; the world itself is fixed")
     args = parser.parse_args()
-    card = generate(args.out, args.seed)
+    try:
+        card = generate(args.out, args.seed)
+    except (FileExistsError, OSError) as e:  # a folder of the user's files, or one we cannot write: one line
+        message = str(e) if isinstance(e, FileExistsError) else f"--out {args.out}: cannot write there: {e.strerror}"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     print(f"toyworld -> {args.out} (seed {args.seed})")
     print("sizes: " + ", ".join(f"{k} {v}" for k, v in card["sizes"].items()))
     print(f"vocab {card['vocab_size']} | max tokens: prompt {card['max_tokens']['prompt']}, response "
