@@ -1,15 +1,19 @@
 """plumbing.py: what every stage needs and no teacher needs to read.
 
-The model, its sharding and the shared math are in model.py; this file is the run around them:
+The model, its sharding and the shared math are in model.py; the rules about data rows (which are
+used, dropped and why, how labels are read) are in data_rules.py; this file is the run around them:
   1. Errors        UserError and `run_main`: bad input ends in one line (`error: ...`), exit code 2.
-  2. Arguments     a stage's Args dataclass -> argparse, help from the docstring under each field.
-  3. Data rows     any data set through `datasets.load_dataset` (hub name or local file/folder);
-                   the epoch order (length-grouped, the same on every rank) and lockstep batches.
-  4. Run folders   atomic checkpoint folders (write to a temporary folder, rename into place),
-                   resumable train state, atomic JSON, the resume check.
+  2. Arguments     a stage's Args dataclass -> argparse, help from the docstring under each field;
+                   the recipe (toy or paper) and the range of every number.
+  3. Data order    the epoch order (length-grouped, the same on every rank) and lockstep batches.
+  4. Run folders   whose a folder is (the project's marker, or new/empty: anything else is refused),
+                   the lock, atomic checkpoint folders (write to a temporary folder, rename into
+                   place; the user's files carried across), --overwrite's replacement, resumable
+                   train state, atomic JSON, the resume check.
   5. Optimiser     AdamW and the lr schedules, gradient clipping, and the optimiser / scheduler /
                    RNG state as safetensors + JSON (no pickle) for an exact --resume.
   6. Logging       the `|`-separated log line, the JSONL sink, the progress bar, peak memory.
+It imports neither model.py nor the toy world (the toy world is recognised by its card.json).
 """
 
 from __future__ import annotations
@@ -28,15 +32,11 @@ import shutil
 import sys
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-
-if TYPE_CHECKING:
-    from model import Dist
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,8 +210,6 @@ def _or_none(base):
 
 def check_recipe(args) -> None:
     """--recipe: toy or paper; left out, toy only if every data flag (Args.DATA_FLAGS) is the toy world's."""
-    import toyworld
-
     if args.recipe not in ("", "toy", "paper"):
         raise UserError(f"--recipe {args.recipe}: choose toy or paper")
     if args.recipe:
@@ -219,11 +217,26 @@ def check_recipe(args) -> None:
     for flag in type(args).DATA_FLAGS:
         value = getattr(args, flag)
         default = next(f.default for f in dataclasses.fields(args) if f.name == flag)
-        if value not in (None, "", "none") and value != default and not toyworld.is_toy_data(value):
+        if value not in (None, "", "none") and value != default and not is_toy_data(value):
             raise UserError(f"--{flag} {value} is not the toy world's data: choose --recipe paper (the official 7B "
                             "settings; --recipe paper --help lists them) or --recipe toy (the toy world's); "
                             "flags still override either")
     args.recipe = "toy"
+
+
+def is_toy_data(dataset: str | Path) -> bool:
+    """Whether a --dataset value (a file or folder) lies in a toy-world folder: itself, its parent or
+    its grandparent holds the world's card.json (toyworld.py writes it, with "name": "toyworld").
+    Read from the card, so the run machinery never imports the toy world."""
+    path = Path(dataset)
+    for folder in (path, path.parent, path.parent.parent):
+        card = folder / "card.json"
+        if card.is_file():
+            try:
+                return json.loads(card.read_text()).get("name") == "toyworld"
+            except (ValueError, OSError, AttributeError):
+                return False
+    return False
 
 
 def recipe_line(args) -> str:
@@ -999,8 +1012,9 @@ def merge_states(*parts: dict) -> dict:
     return out
 
 
-def gather_rng_states(dist_: Dist) -> dict:
-    """Every rank's RNG state, collected on rank 0 (per-rank seeds mean per-rank states)."""
+def gather_rng_states(dist_) -> dict:
+    """Every rank's RNG state, collected on rank 0 (per-rank seeds mean per-rank states). dist_: model.Dist
+    (not imported: model.py imports this module, never the other way round)."""
     mine = rng_state()
     if not dist_.enabled:
         return {"tensors": {f"rank0.{k}": v for k, v in mine["tensors"].items()},
@@ -1014,7 +1028,7 @@ def gather_rng_states(dist_: Dist) -> dict:
     return out
 
 
-def restore_rng_states(state: dict, dist_: Dist) -> None:
+def restore_rng_states(state: dict, dist_) -> None:
     tag = f"rank{dist_.rank}."
     if f"{tag}rng.torch" not in state["tensors"]:
         raise UserError(f"--resume: the checkpoint was written by a run with fewer ranks (no RNG state for rank {dist_.rank})")

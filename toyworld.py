@@ -862,20 +862,6 @@ def ensure_toy_data(out: str | Path = "data/toy", seed: int = 0) -> Path:
 # ----------------------------------------------------------------------------------------------
 # 8. CLI
 
-def is_toy_data(dataset: str | Path) -> bool:
-    """Whether a --dataset value (a file or folder) lies in a toy-world folder: itself, its parent or
-    its grandparent holds a card.json written by this module."""
-    path = Path(dataset)
-    for folder in (path, path.parent, path.parent.parent):
-        card = folder / "card.json"
-        if card.is_file():
-            try:
-                return json.loads(card.read_text()).get("name") == "toyworld"
-            except (ValueError, OSError, AttributeError):
-                return False
-    return False
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/toy", help="output folder (replaced atomically)")
