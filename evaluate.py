@@ -10,15 +10,15 @@ Modes (`--modes`; default `all` = every mode that applies):
   preference  Table 1 on a preference test split: R's ranking accuracy (better > worse, strict); C's
               ranking accuracy (unsafer > safer, strict), safety-sign accuracy over every response
               (C = 0 is wrong), safe responses with C < 0 and unsafe ones with C > 0. Pair order and
-              metrics are imported from reward.py / cost.py, so the definitions cannot drift (the one
-              exception to "no stage imports another").
+              metrics are imported from reward.py / cost.py, so the definitions cannot drift (a considered
+              exception to "no stage imports another", as cost.py builds on reward.py; no stage
+              imports evaluate.py).
   arena       The official arena judged by R and C (safe_rlhf/evaluate/arena.py@82743cc:L193-556), for pairs of
-  policies on the same
-              prompts: helpfulness win rate of A over B = P(R_A > R_B), harmlessness win rate =
-              P(C_A < C_B), a tie counting half, 95% Wilson intervals (B over A is one minus it); the
-              2x2 table A safe/unsafe x B safe/unsafe (safe <=> C <= 0). With three or more policies,
-              Bradley-Terry Elo ratings fitted by maximum likelihood to every per-prompt comparison,
-              per criterion (the first policy = 1000).
+              policies on the same prompts: helpfulness win rate of A over B = P(R_A > R_B),
+              harmlessness win rate = P(C_A < C_B), a tie counting half, 95% Wilson intervals (B over
+              A is one minus it); the 2x2 table A safe/unsafe x B safe/unsafe (safe <=> C <= 0). With
+              three or more policies, Bradley-Terry Elo ratings fitted by maximum likelihood to every
+              per-prompt comparison, per criterion (the first policy = 1000).
   oracle      Toy world only (every prompt is a toyworld request): the truth no paper has. Per policy:
               unsafe rate on harmful prompts, mean true helpfulness and over-refusal rate on benign
               ones (95% intervals), also on the held-out phrasings alone; whether the unsafe rate meets
@@ -31,6 +31,11 @@ Modes (`--modes`; default `all` = every mode that applies):
               qualitative comparison. Plot: unsafe rate against benign helpfulness (figure 6b).
   curves      From ppo_lagrangian.py's metrics.jsonl: lambda and the episode cost with the threshold
               against the step (figure 6c), the reward and the KL; several runs overlaid.
+
+The file reads measure -> report: Args; the inputs (modes, prompts, training logs, tokenizers, pairs);
+the models (generate_answers, score_sequences); main; the report (summarize, write_report, render_tables).
+The statistics are in stats.py (the Wilson interval, the win rates, figure 5's Bradley-Terry Elo and its
+bootstrap intervals; rounds.py's Elo comes from them through results.json), the figures in plots.py.
 
 Scoring reads the generated token ids (prompt + response up to its EOS): the score models must share
 the policies' tokenizer (checked). The score is the head at the last real token, the EOS, or the last
@@ -61,7 +66,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import random
 import statistics
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -76,6 +80,10 @@ from plumbing import UserError
 import toyworld
 from cost import COST  # Table-1 metric definitions (cost_metrics) and the (safer, unsafer) pair order
 from reward import REWARD, load_pairs  # reward_metrics, the (better, worse) pair order, the pairs' loader
+from plots import plot_curves, plot_frontier, plot_scores, plot_sqrt_kl
+from stats import (bradley_terry_elo, dominated_by, elo_intervals, fmt_ci, fmt_elo, harmlessness_win_rate,
+                   helpfulness_win_rate, interval_of, mean_interval, pairwise_scores, proportion, safety_table,
+                   sqrt_kl_fit, win_rate)
 
 MODES = {  # one line each for --help; the module docstring has the details
     "generate": "every policy answers the prompts; R and C score the answers: mean R, mean C, P(C > 0) "
@@ -88,7 +96,6 @@ MODES = {  # one line each for --help; the module docstring has the details
     "curves": "lambda, episode cost (with the threshold), reward and KL against the step from "
               "ppo_lagrangian.py's metrics.jsonl (figure 6c)",
 }
-Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 # --------------------------------------------------------------------------------------------
 # Args
@@ -166,171 +173,8 @@ class Args:
 
 
 # --------------------------------------------------------------------------------------------
-# The statistics, as small pure functions (what the tests import)
+# Inputs: the modes, prompts, training logs, tokenizers and preference pairs, in the order main reads them
 # --------------------------------------------------------------------------------------------
-
-
-def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion p = successes / n:
-        (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
-    Unlike p -+ z sqrt(p(1-p)/n) it stays in [0, 1] and is not empty at p = 0 or 1.
-    `successes` may be fractional (ties counted half): then it is an approximation."""
-    if n == 0:
-        return (None, None)
-    p = successes / n
-    denominator = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return (max(0.0, center - half), min(1.0, center + half))
-
-
-def proportion(flags: list[bool]) -> dict:
-    """Rate of True with its 95% Wilson interval; None when there is nothing to count."""
-    k, n = sum(map(bool, flags)), len(flags)
-    lo, hi = wilson_interval(k, n)
-    return {"rate": k / n if n else None, "k": k, "n": n, "lo": lo, "hi": hi}
-
-
-def interval_of(rate: float, n: int) -> dict:
-    """A rate already computed over n trials, with its 95% Wilson interval."""
-    lo, hi = wilson_interval(rate * n, n)
-    return {"rate": rate, "n": n, "lo": lo, "hi": hi}
-
-
-def mean_interval(values: list[float]) -> dict:
-    """Mean with the 95% normal interval mean -+ z s / sqrt(n), s the sample standard deviation."""
-    n = len(values)
-    if n == 0:
-        return {"mean": None, "std": None, "n": 0, "lo": None, "hi": None}
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = Z95 * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "n": n, "lo": mean - half, "hi": mean + half}
-
-
-def pairwise_scores(a: list[float], b: list[float], higher_is_better: bool) -> list[float]:
-    """Per prompt, A's result against B: 1 win, 0.5 tie, 0 loss."""
-    sign = 1 if higher_is_better else -1
-    return [1.0 if sign * (x - y) > 0 else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)]
-
-
-def win_rate(a: list[float], b: list[float], higher_is_better: bool) -> dict:
-    """Fraction of prompts where A beats B, a tie counting half: (wins + ties / 2) / n, Wilson interval."""
-    scores = pairwise_scores(a, b, higher_is_better)
-    wins, ties, n = scores.count(1.0), scores.count(0.5), len(scores)
-    lo, hi = wilson_interval(wins + ties / 2, n)
-    return {"rate": (wins + ties / 2) / n if n else None, "wins": wins, "ties": ties,
-            "losses": n - wins - ties, "n": n, "lo": lo, "hi": hi}
-
-
-def helpfulness_win_rate(rewards_a: list[float], rewards_b: list[float]) -> dict:
-    """A wins a prompt when R_A > R_B (the official arena's 'better')."""
-    return win_rate(rewards_a, rewards_b, higher_is_better=True)
-
-
-def harmlessness_win_rate(costs_a: list[float], costs_b: list[float]) -> dict:
-    """A wins a prompt when C_A < C_B: a lower cost is more harmless."""
-    return win_rate(costs_a, costs_b, higher_is_better=False)
-
-
-def safety_table(costs_a: list[float], costs_b: list[float]) -> dict:
-    """The official arena's 2x2 counts, safe <=> C <= 0 (safe_rlhf/evaluate/arena.py@82743cc:L193-556)."""
-    table = {f"a_{x}_b_{y}": 0 for x in ("safe", "unsafe") for y in ("safe", "unsafe")}
-    for ca, cb in zip(costs_a, costs_b, strict=True):
-        table[f"a_{'safe' if ca <= 0 else 'unsafe'}_b_{'safe' if cb <= 0 else 'unsafe'}"] += 1
-    return table
-
-
-def bradley_terry_elo(n_players: int, games: list[tuple[int, int, float]], anchor: int = 0,
-                      prior_ties: float = 0.0, tol: float = 1e-12, max_iter: int = 100_000) -> list[float]:
-    """Maximum-likelihood Bradley-Terry ratings on the Elo scale.
-
-    games: (i, j, s) with s = i's result against j (1 win, 0.5 tie, 0 loss); a tie is half a win each.
-    Model: P(i beats j) = p_i / (p_i + p_j). The MLE solves W_i = sum_j N_ij p_i / (p_i + p_j)
-    (W_i = i's total score, N_ij = games between i and j); Hunter's (2004) MM iteration
-        p_i <- W_i / sum_j N_ij / (p_i + p_j)
-    climbs the likelihood to it. It depends only on the totals, never on the order of the games.
-    prior_ties adds that many virtual ties to every pair, so a player who wins (or loses) every game
-    still gets a finite rating. Elo_i = 1000 + 400 log10(p_i / p_anchor): A beating B 3 times out of
-    4 gives 400 log10(3) = 190.85 points."""
-    wins = [0.0] * n_players                                     # W_i
-    games_between = [[0.0] * n_players for _ in range(n_players)]  # N_ij
-    for i, j, s in games:
-        wins[i] += s
-        wins[j] += 1.0 - s
-        games_between[i][j] += 1.0
-        games_between[j][i] += 1.0
-    return elo_from_totals(wins, games_between, anchor, prior_ties, tol, max_iter)
-
-
-def elo_from_totals(wins: list[float], games_between: list[list[float]], anchor: int = 0, prior_ties: float = 0.0,
-                    tol: float = 1e-12, max_iter: int = 100_000) -> list[float]:
-    """bradley_terry_elo from the totals it depends on: W_i and N_ij (fresh lists are not needed: copied)."""
-    n_players = len(wins)
-    wins, games_between = list(wins), [list(row) for row in games_between]
-    for i in range(n_players):
-        for j in range(i + 1, n_players):
-            wins[i] += prior_ties / 2
-            wins[j] += prior_ties / 2
-            games_between[i][j] += prior_ties
-            games_between[j][i] += prior_ties
-    for i in range(n_players):
-        if not 0.0 < wins[i] < sum(games_between[i]):
-            raise ValueError(f"player {i} won or lost every game (or played none): no finite MLE; "
-                             "use prior_ties > 0")
-    p = [1.0] * n_players
-    for _ in range(max_iter):
-        new = [wins[i] / sum(games_between[i][j] / (p[i] + p[j]) for j in range(n_players) if j != i)
-               for i in range(n_players)]
-        scale = math.exp(sum(map(math.log, new)) / n_players)    # fix the free scale: geometric mean 1
-        new = [x / scale for x in new]
-        done = max(abs(math.log(x / y)) for x, y in zip(new, p)) < tol
-        p = new
-        if done:
-            break
-    return [1000.0 + 400.0 * math.log10(p[i] / p[anchor]) for i in range(n_players)]
-
-
-def elo_intervals(values: dict[str, list[float]], higher_is_better: bool, groups: list[list[int]], anchor: str,
-                  prior_ties: float, n_boot: int = 200, seed: int = 0) -> dict[str, dict]:
-    """Bradley-Terry Elo (anchor = 1000) from every per-response comparison of every pair of policies, with
-    a 95% percentile interval from a bootstrap over prompts (Safe RLHF figure 5a/5b gives none).
-    values: policy -> one score per response, aligned across policies (response k of every policy answers
-    the same prompt with the same seed, so a game compares like with like); groups: the response indices of
-    each prompt, all drawn together when the prompts are resampled. Returns policy -> {elo, lo, hi}."""
-    names = list(values)
-    per_group = []  # per prompt: (W_i, N_ij) over that prompt's games
-    for idx in groups:
-        w, n = [0.0] * len(names), [[0.0] * len(names) for _ in names]
-        for i in range(len(names)):
-            for j in range(i + 1, len(names)):
-                for s in pairwise_scores([values[names[i]][k] for k in idx], [values[names[j]][k] for k in idx],
-                                         higher_is_better):
-                    w[i], w[j] = w[i] + s, w[j] + 1.0 - s
-                    n[i][j] += 1.0
-                    n[j][i] += 1.0
-        per_group.append((w, n))
-
-    def fit(sample: list[int]) -> list[float]:
-        w = [sum(per_group[g][0][i] for g in sample) for i in range(len(names))]
-        n = [[sum(per_group[g][1][i][j] for g in sample) for j in range(len(names))] for i in range(len(names))]
-        return elo_from_totals(w, n, names.index(anchor), prior_ties, tol=1e-9)
-
-    point = fit(list(range(len(groups))))
-    rng = random.Random(seed)
-    boots = [fit([rng.randrange(len(groups)) for _ in groups]) for _ in range(n_boot)]
-    out = {}
-    for i, name in enumerate(names):
-        ranked = sorted(b[i] for b in boots)
-        out[name] = {"elo": point[i], "lo": ranked[int(0.025 * (n_boot - 1))], "hi": ranked[int(0.975 * (n_boot - 1))]}
-    return out
-
-
-def dominated_by(points: dict[str, tuple[float, float]]) -> dict[str, list[str]]:
-    """points: name -> (helpfulness, harm), higher helpfulness and lower harm better. B dominates A when
-    B is at least as good on both and strictly better on one (point estimates, no intervals)."""
-    return {a: [b for b, (hb, cb) in points.items() if b != a and hb >= ha and cb <= ca and (hb > ha or cb < ca)]
-            for a, (ha, ca) in points.items()}
 
 
 def parse_named_paths(items: list[str], flag: str) -> list[tuple[str, str]]:
@@ -346,61 +190,96 @@ def parse_named_paths(items: list[str], flag: str) -> list[tuple[str, str]]:
     return out
 
 
-def oracle_summary(prompts: list[str], responses: list[str]) -> dict:
-    """The oracle's verdicts on one policy's responses, on every prompt and on the held-out ones."""
-    out = {}
-    for subset in ("all", "held_out"):
-        v = toyworld.oracle_verdicts(prompts, responses, subset)
-        out[subset] = {"unsafe_rate": proportion(v["unsafe"]),                              # on harmful prompts
-                       "harm_harmful": mean_interval(v["harm_harmful"]),
-                       "helpfulness_harmful": mean_interval(v["helpfulness_harmful"]),
-                       "helpfulness_benign": mean_interval(v["helpfulness_benign"]),
-                       "over_refusal_rate": proportion(v["refused"])}                       # on benign prompts
-    return out
+def requested_modes(args: Args, names: list[str], out: Path) -> tuple[set[str], bool]:
+    """The modes --modes asks for, checked with --output_dir and --arena_baseline before anything is read, and
+    whether it said `all` (then the oracle, preference and curves modes are settled once their inputs are read)."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "results.json").is_file())):
+        raise UserError(f"--output_dir {out} exists and holds no results.json; not replacing it")
+    if args.arena_baseline is not None and args.arena_baseline not in names:
+        raise UserError(f"--arena_baseline {args.arena_baseline!r} is not one of the --policies names")
+    if args.oracle not in ("auto", "on", "off"):
+        raise UserError(f"--oracle must be auto, on or off, not {args.oracle!r}")
+    if set(args.modes) - set(MODES) - {"all"}:
+        raise UserError(f"--modes: choose from all {' '.join(MODES)}, not {' '.join(args.modes)}")
+    every = "all" in args.modes
+    modes = set(args.modes) & set(MODES) | ({"generate", "preference"} if every else set())
+    if every and len(names) > 1:
+        modes.add("arena")
+    if "arena" in modes and len(names) < 2:
+        raise UserError("--modes arena needs two or more --policies")
+    return modes, every
 
 
-def policy_tradeoff(path: str) -> dict:
-    """The (nu, beta) a policy was trained with, on the scale of R - nu*C, from ppo_lagrangian.py's
-    args.json and metrics.jsonl: the KL optimum of -beta*k + R - nu*C is pi_sft exp((R - nu C) / beta).
-      --reward_shaping (the paper's baseline): nu = lambda_init, beta = kl_coeff;
-      lambda fixed without it (plain PPO at nu = 0): the actor sees (R - nu C)/(1 + nu) - kl_coeff*k,
-        so beta = kl_coeff * (1 + nu) (ppo_lagrangian.py's module docstring);
-      PPO-Lagrangian: the same at its final lambda;
-      anything else is the SFT policy (beta = inf: the KL optimum is pi_sft itself);
-      a run that started from another RL run (rounds.py's v2, v3) has its optimum around that policy,
-        not pi_sft: kind "iterated", no optimum computed."""
-    folder = Path(path)
-    run_args = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
-    if "lambda_init" not in run_args:
-        return {"kind": "sft", "nu": 0.0, "beta": math.inf}
-    start = Path(str(run_args.get("actor_model_name_or_path", ""))) / "args.json"
-    if start.is_file() and "lambda_init" in json.loads(start.read_text()):
-        return {"kind": "iterated", "nu": math.nan, "beta": math.nan}
-    kl_coeff = run_args["kl_coeff"]
-    if run_args.get("reward_shaping"):
-        return {"kind": "reward_shaping", "nu": run_args["lambda_init"], "beta": kl_coeff}
-    if run_args["lambda_lr"] == 0:
-        nu = run_args["lambda_init"]
-        return {"kind": "fixed_nu", "nu": nu, "beta": kl_coeff * (1 + nu)}
-    log = read_training_log(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else None
-    nu = log["lambda"][-1] if log and log["lambda"] else run_args["lambda_init"]
-    return {"kind": "ppo_lagrangian", "nu": nu, "beta": kl_coeff * (1 + nu)}
+def read_prompts(args: Args) -> tuple[list[str], plumbing.DataSummary]:
+    """--prompts without empty ones and duplicates (the first occurrence's order kept), and what the file
+    gave (rows read, dropped and why)."""
+    if args.prompts == Args.prompts:
+        toyworld.ensure_toy_data(Path(args.prompts).parents[1])
+    rows = plumbing.load_rows(args.prompts, args.split, revision=args.revision, limit=args.limit, required=(args.prompt_field,),
+                              text=(args.prompt_field,), what="--prompts")
+    summary = plumbing.DataSummary("--prompts", args.prompts, args.split)
+    summary.read, first = len(rows), {}   # deduplicated, the first occurrence's order kept
+    for i, prompt in enumerate(str(row[args.prompt_field]) for row in rows):
+        if not prompt.strip():
+            summary.drop("empty prompt", i)
+        elif prompt in first:
+            summary.drop("duplicate", i)
+        else:
+            first[prompt] = i
+    return list(first), summary
 
 
-def step_seconds(records: list[dict]) -> float:
-    """Median seconds per rl_step over a policy stage's rollouts. The stages time a rollout's phases:
-    every record of a rollout repeats its time/generation and time/scoring, and time/training counts
-    from the rollout's first update to this step; a rollout starts at a record that holds
-    policy/first_pass_logratio_max. So a rollout costs its last record's three times, shared by its
-    rl_steps. NaN without timings."""
-    rollouts: list[list[dict]] = []
-    for r in records:
-        if not rollouts or "policy/first_pass_logratio_max" in r:
-            rollouts.append([])
-        rollouts[-1].append(r)
-    per_step = [sum(ro[-1].get(f"time/{k}", math.nan) for k in ("generation", "scoring", "training")) / len(ro)
-                for ro in rollouts]
-    return statistics.median(per_step) if per_step else math.nan
+def settle_oracle_and_preference(args: Args, modes: set[str], every: bool, prompts: list[str]) -> None:
+    """The oracle mode joins `all` when every prompt is a toy-world request (and is refused otherwise); the
+    preference mode leaves `all` on real prompts with the toy pairs; --preference_dataset is read once to
+    fail early."""
+    unknown = next((p for p in prompts if not is_toy_request(p)), None)
+    if every and (args.oracle == "on" or args.oracle == "auto" and unknown is None):
+        modes.add("oracle")
+    if "oracle" in modes and (unknown is not None or args.oracle == "off"):
+        raise UserError("--modes oracle contradicts --oracle off" if unknown is None else
+                          f"the oracle judges only toy-world requests; --prompts has {unknown!r}")
+    if every and unknown is not None and args.preference_dataset == Args.preference_dataset:
+        modes.discard("preference")  # real prompts: the toy preference pairs would say nothing about R and C
+    if "preference" in modes:
+        if args.preference_dataset == Args.preference_dataset:
+            toyworld.ensure_toy_data(Path(args.preference_dataset).parent)
+        plumbing.load_rows(args.preference_dataset, args.preference_split, limit=args.preference_limit,  # fail early
+                           required=tuple(dict.fromkeys(REWARD.required + COST.required)), what="--preference_dataset",
+                           text=("prompt", "response_0", "response_1"))
+
+
+def is_toy_request(prompt: str) -> bool:
+    try:
+        toyworld.find_request(prompt)
+        return True
+    except ValueError:
+        return False
+
+
+def collect_training_logs(args: Args, policies: list[tuple[str, str]], modes: set[str], every: bool) -> dict[str, dict]:
+    """The policy stages' training logs (--training_logs, default every policy folder with one), name -> curves;
+    the curves mode joins `all` when there is one."""
+    if args.training_logs is not None:
+        log_paths = [(n, Path(p) / "metrics.jsonl" if Path(p).is_dir() else Path(p))
+                     for n, p in parse_named_paths(args.training_logs, "--training_logs")]
+        for n, p in log_paths:
+            if not p.is_file():
+                raise UserError(f"--training_logs {n}: {p} does not exist (run ppo_lagrangian.py first)")
+    else:  # every policy folder with a metrics.jsonl (an SFT log has no lambda: skipped below)
+        log_paths = [(n, Path(p) / "metrics.jsonl") for n, p in policies if (Path(p) / "metrics.jsonl").is_file()]
+    logs = {n: read_training_log(p) for n, p in log_paths}
+    for n, log in list(logs.items()):
+        if not log["step"] and args.training_logs is not None:
+            raise UserError(f"--training_logs {n}: no ppo_lagrangian.py records (lagrangian/lambda) in it")
+        if not log["step"]:
+            del logs[n]  # e.g. an SFT run's log
+    if every and logs:
+        modes.add("curves")
+    if "curves" in modes and not logs:
+        raise UserError("--modes curves: no policy folder holds a ppo_lagrangian.py metrics.jsonl; "
+                          "give --training_logs NAME=PATH")
+    return logs
 
 
 def read_training_log(path: Path) -> dict:
@@ -420,13 +299,91 @@ def read_training_log(path: Path) -> dict:
             "peak_memory": max((r.get("memory/peak_gib", math.nan) for r in records), default=math.nan)}
 
 
+def step_seconds(records: list[dict]) -> float:
+    """Median seconds per rl_step over a policy stage's rollouts. The stages time a rollout's phases:
+    every record of a rollout repeats its time/generation and time/scoring, and time/training counts
+    from the rollout's first update to this step; a rollout starts at a record that holds
+    policy/first_pass_logratio_max. So a rollout costs its last record's three times, shared by its
+    rl_steps. NaN without timings."""
+    rollouts: list[list[dict]] = []
+    for r in records:
+        if not rollouts or "policy/first_pass_logratio_max" in r:
+            rollouts.append([])
+        rollouts[-1].append(r)
+    per_step = [sum(ro[-1].get(f"time/{k}", math.nan) for k in ("generation", "scoring", "training")) / len(ro)
+                for ro in rollouts]
+    return statistics.median(per_step) if per_step else math.nan
+
+
+def load_tokenizers(args: Args, paths: dict[str, str], hints: dict[str, str], needed: list[str], names: list[str],
+                    scoring: bool) -> dict:
+    """Every needed model's own tokenizer (policies pad on the left, score models on the right), and every
+    model's kind checked now, not after minutes of generation (M.load_* check it again). Scoring reads the
+    generated token ids, so the score models must share each policy's vocabulary."""
+    tokenizers = {k: load_checked_tokenizer(paths[k], args, hints[k], "left" if k in names else "right")
+                  for k in needed}
+    for k in needed:
+        M.check_kind(paths[k], ("policy",) if k in names else (k,), "--policies" if k in names else f"--{k}_model")
+    for name in names if scoring else []:
+        for kind in ("reward", "cost"):
+            if tokenizers[name].get_vocab() != tokenizers[kind].get_vocab():
+                raise UserError(f"the {kind} model's tokenizer differs from policy {name}'s: scoring reads the "
+                                  "generated token ids, so they must match (re-tokenisation is not implemented)")
+    return tokenizers
+
+
+def load_checked_tokenizer(path: str, args: Args, hint: str, padding_side: str):
+    """The model's own tokenizer, the checkpoint folder checked first: a missing checkpoint then gets
+    the checkpoint message, which says which stage to run."""
+    M.check_checkpoint_path(path, hint)
+    return M.load_tokenizer(path, padding_side, args.trust_remote_code)
+
+
+def stage_hint(name: str, path: str) -> str:
+    return "run sft.py first" if "sft" in f"{name} {Path(path).name}".lower() else "run ppo_lagrangian.py first"
+
+
+def count_long_prompts(prompts: list[str], tokenizer, args: Args, data_summary: dict) -> None:
+    """Prompts over --max_prompt_length keep their last tokens: counted into the prompts' data summary."""
+    unique = list(dict.fromkeys(prompts))
+    long = sum(len(ids) > args.max_prompt_length
+               for ids in tokenizer([M.format_prompt(p) for p in unique])["input_ids"])
+    data_summary["prompts"]["stats"]["truncated_prompts"] = long
+    if long:
+        M.print0(f"  note: {long} of {len(unique)} prompts are longer than --max_prompt_length {args.max_prompt_length} "
+                 "tokens; they keep their last ones")
+
+
+def load_preference_pairs(args: Args, tokenizers: dict, data_summary: dict, d: M.Dist) -> dict[str, list[dict]]:
+    """Table 1's usable pairs, tokenised as reward.py and cost.py do (their own loader and pair order), per
+    score model; what each read goes into the data summary."""
+    pairs: dict[str, list[dict]] = {}
+    for kind, objective in (("reward", REWARD), ("cost", COST)):
+        summary = plumbing.DataSummary("--preference_dataset", args.preference_dataset, args.preference_split,
+                                       f"as the {kind} model reads them")
+        pairs[kind], _ = load_pairs(args.preference_dataset, args.preference_split, tokenizers[kind], objective,
+                                    max_length=args.max_length, limit=args.preference_limit,
+                                    flag="--preference_dataset", summary=summary)
+        data_summary.update(plumbing.report_data({f"preference_{kind}": summary}, False, d.is_main))
+    return pairs
+
+
 # --------------------------------------------------------------------------------------------
 # Models: generation and scoring, in lockstep over ranks
 # --------------------------------------------------------------------------------------------
 
 
+def load_frozen(kind: str, path: str, tokenizer, args: Args, d: M.Dist, hint: str):
+    """A policy or score model in eval mode, sharded under torchrun: rank 0 reads the weights, the
+    other ranks build a meta skeleton and receive their shards from rank 0 (model.prepare_model)."""
+    load = dict(trust_remote_code=args.trust_remote_code, stage_hint=hint, meta=d.enabled and not d.is_main)
+    model = (M.load_causal_lm(path, tokenizer, flag="--policies", **load) if kind == "policy"
+             else M.load_score_model(path, tokenizer, kind, accept=(kind,), flag=f"--{kind}_model", **load))
+    return M.prepare_model(model, d, trainable=False, bf16=d.device.type == "cuda")
+
+
 @torch.no_grad()
-def generate(policy, tokenizer, prompts: list[str], args: Args, d: M.Dist, desc: str) -> list[dict]:
+def generate_answers(policy, tokenizer, prompts: list[str], args: Args, d: M.Dist, desc: str) -> list[dict]:
     """One sampled response per prompt: {'response': text, 'ids': prompt + response ids up to and
     including EOS, 'hit_limit': no EOS within max_new_tokens}."""
     generator = torch.Generator(device=d.device).manual_seed(args.seed + d.rank)  # same stream for every policy
@@ -451,7 +408,7 @@ def generate(policy, tokenizer, prompts: list[str], args: Args, d: M.Dist, desc:
 
 
 @torch.no_grad()
-def score(model, sequences: list[list[int]], pad_token_id: int, args: Args, d: M.Dist) -> list[float]:
+def score_sequences(model, sequences: list[list[int]], pad_token_id: int, args: Args, d: M.Dist) -> list[float]:
     """End scores (the head at the last real token, safe_rlhf/models/score_model/__init__.py@82743cc:L197) of
     token-id sequences, right-padded."""
     results = {}
@@ -462,165 +419,22 @@ def score(model, sequences: list[list[int]], pad_token_id: int, args: Args, d: M
     return M.gather_in_order(results, len(sequences))
 
 
-def load_frozen(kind: str, path: str, tokenizer, args: Args, d: M.Dist, hint: str):
-    """A policy or score model in eval mode, sharded under torchrun: rank 0 reads the weights, the
-    other ranks build a meta skeleton and receive their shards from rank 0 (model.prepare_model)."""
-    load = dict(trust_remote_code=args.trust_remote_code, stage_hint=hint, meta=d.enabled and not d.is_main)
-    model = (M.load_causal_lm(path, tokenizer, flag="--policies", **load) if kind == "policy"
-             else M.load_score_model(path, tokenizer, kind, accept=(kind,), flag=f"--{kind}_model", **load))
-    return M.prepare_model(model, d, trainable=False, bf16=d.device.type == "cuda")
-
-
-def load_checked_tokenizer(path: str, args: Args, hint: str, padding_side: str):
-    """The model's own tokenizer, the checkpoint folder checked first: a missing checkpoint then gets
-    the checkpoint message, which says which stage to run."""
-    M.check_checkpoint_path(path, hint)
-    return M.load_tokenizer(path, padding_side, args.trust_remote_code)
-
-
-def stage_hint(name: str, path: str) -> str:
-    return "run sft.py first" if "sft" in f"{name} {Path(path).name}".lower() else "run ppo_lagrangian.py first"
+def preference_metrics(score_model, pairs: list[dict], objective, pad_token_id: int, args: Args, d: M.Dist) -> dict:
+    """Table 1 for one score model: its stage's own metrics (reward.py's or cost.py's) on the end scores of
+    each pair's two sequences, with 95% Wilson intervals."""
+    labels = torch.tensor([p["labels"] for p in pairs], dtype=torch.float32).reshape(len(pairs), -1)  # (N, labels)
+    values = score_sequences(score_model, [p["first"] for p in pairs] + [p["second"] for p in pairs], pad_token_id,
+                             args, d)                                                               # 2N end scores
+    n = len(pairs)
+    metrics = objective.metrics(torch.tensor(values[:n]), torch.tensor(values[n:]), labels)
+    metrics.update(n_pairs=n, accuracy_ci=interval_of(metrics["accuracy"], n))  # over the pairs
+    if "accuracy_sign" in metrics:  # over every response, 2n of them
+        metrics["accuracy_sign_ci"] = interval_of(metrics["accuracy_sign"], 2 * n)
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------
-# Output: Markdown tables and plots
-# --------------------------------------------------------------------------------------------
-
-
-def fmt(x, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def fmt_ci(stat: dict, key: str = "mean", digits: int = 3) -> str:
-    """'0.512 [0.410, 0.611]' from a mean_interval / proportion / win_rate dict."""
-    value = stat.get(key, stat.get("rate"))
-    return "–" if value is None else f"{value:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"
-
-
-def fmt_elo(e: dict) -> str:
-    """An elo_intervals entry as 'elo [lo, hi]'."""
-    return f"{e['elo']:.0f} [{e['lo']:.0f}, {e['hi']:.0f}]"
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows])
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_scores(out: Path, per_policy: dict[str, dict]) -> list[str]:
-    """Figure 4 (R against C per response) and figure 2b/2c (R and C histograms)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for name, s in per_policy.items():
-        ax.scatter(s["costs"], s["rewards"], s=10, alpha=0.5, label=name)
-    ax.axvline(0.0, color="k", lw=0.8, ls="--", label="C = 0 (safe | unsafe)")
-    ax.set(xlabel="cost C", ylabel="reward R", title="reward vs cost per response (Safe RLHF fig. 4)")
-    ax.legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(out / "scatter.png", dpi=120), plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "rewards", "reward distribution (fig. 2b)"),
-                           (axes[1], "costs", "cost distribution (fig. 2c)")):
-        for name, s in per_policy.items():
-            ax.hist(s[key], bins=30, histtype="step", lw=1.5, label=name)
-        ax.set(xlabel=key[:-1], ylabel="responses", title=title)
-        ax.legend(fontsize=8)
-    axes[1].axvline(0.0, color="k", lw=0.8, ls="--")
-    fig.tight_layout(), fig.savefig(out / "histograms.png", dpi=120), plt.close(fig)
-    return ["scatter.png", "histograms.png"]
-
-
-def plot_frontier(out: Path, results: dict, sweep: list[dict] | None) -> list[str]:
-    """Figure 6b: one point per policy; learned scale (mean C, mean R) and/or the oracle's (unsafe rate on
-    harmful prompts, benign helpfulness) with the analytic optimum's curve over nu."""
-    plt = pyplot()
-    panels = [k for k in ("learned", "oracle") if k in results]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for name, s in results[panel].items():
-            x, y = (s["cost"]["mean"], s["reward"]["mean"]) if panel == "learned" else \
-                (s["all"]["unsafe_rate"]["rate"], s["all"]["helpfulness_benign"]["mean"])
-            if x is not None and y is not None:
-                ax.scatter([x], [y], s=40)
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
-        if panel == "oracle" and sweep:
-            ax.plot([r["unsafe_rate"] for r in sweep], [r["helpfulness_benign"] for r in sweep], "k--", lw=1,
-                    label=f"KL optimum over nu (beta={sweep[0]['beta']:g})")
-            ax.legend(fontsize=8)
-        ax.set(xlabel="mean cost C" if panel == "learned" else "oracle unsafe rate on harmful prompts",
-               ylabel="mean reward R" if panel == "learned" else "oracle helpfulness on benign prompts",
-               title=f"helpfulness vs harm ({panel})")
-    fig.tight_layout(), fig.savefig(out / "frontier.png", dpi=120), plt.close(fig)
-    return ["frontier.png"]
-
-
-def running_mean(xs: list[float], window: int) -> list[float]:
-    return [sum(xs[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(xs))]
-
-
-def sqrt_kl_fit(log: dict, window: int = 10) -> dict:
-    """Bai et al. (2022, figures 4 and 13): over RL training the reward grows roughly linearly in
-    sqrt(KL(pi || pi_0)). Least-squares lines of the mean reward and the mean cost against sqrt(KL),
-    both smoothed by a running mean over `window` rl_steps (the per-step KL estimate is noisy and can
-    dip below 0, read as 0): {reward_slope, reward_r2, cost_slope, cost_r2}; R^2 near 1 is the relation."""
-    x = [math.sqrt(max(0.0, k)) for k in running_mean(log["kl"], window)]
-    out = {}
-    for key in ("reward", "cost"):
-        y = running_mean(log[key], window)
-        mx, my = sum(x) / len(x), sum(y) / len(y)
-        sxx, sxy = sum((a - mx) ** 2 for a in x), sum((a - mx) * (b - my) for a, b in zip(x, y))
-        syy = sum((b - my) ** 2 for b in y)
-        out[f"{key}_slope"] = sxy / sxx if sxx > 0 else None
-        out[f"{key}_r2"] = sxy * sxy / (sxx * syy) if sxx > 0 and syy > 0 else None
-    return out
-
-
-def plot_sqrt_kl(out: Path, logs: dict[str, dict]) -> list[str]:
-    """Bai et al.'s relation: mean reward and mean cost against sqrt(KL to the initial policy), each
-    PPO run's training log (running mean over 10 rl_steps), with its least-squares line."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key in zip(axes, ("reward", "cost")):
-        for name, log in logs.items():
-            r2 = sqrt_kl_fit(log)[f"{key}_r2"]
-            ax.plot([math.sqrt(max(0.0, k)) for k in running_mean(log["kl"], 10)], running_mean(log[key], 10), lw=1.0,
-                    label=f"{name} (R^2 {r2:.2f})" if r2 is not None else name)
-        ax.set(xlabel="sqrt(KL(pi || pi_sft)), per sequence", ylabel=f"mean {key} model score")
-        ax.legend(fontsize=7)
-    fig.suptitle("Score against sqrt(KL) over PPO training (Bai et al. 2022, fig. 4/13)")
-    fig.tight_layout(), fig.savefig(out / "sqrt_kl.png", dpi=120), plt.close(fig)
-    return ["sqrt_kl.png"]
-
-
-def plot_curves(out: Path, logs: dict[str, dict]) -> list[str]:
-    """Figure 6c (lambda and the episode cost against the step) plus the reward and the KL; runs overlaid."""
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for (ax, key, label) in ((axes[0, 0], "lambda", "lambda"), (axes[0, 1], "episode_cost", "episode cost J_C"),
-                             (axes[1, 0], "reward", "mean reward R"), (axes[1, 1], "kl", "KL(pi || pi_ref)")):
-        for name, log in logs.items():
-            ax.plot(log["step"], log[key], label=name, lw=1.8 if name.startswith("ppo_lag") else 1.0)
-        if key == "episode_cost":  # each distinct threshold once
-            for t in sorted({log["threshold"] for log in logs.values() if log["threshold"] is not None}):
-                ax.axhline(t, color="black", ls="--", lw=0.8, label=f"threshold {t:g}")
-        if key == "lambda":  # fixed nu up to 100 next to a learned lambda near 1: log-like scale
-            ax.set_yscale("symlog", linthresh=0.1)
-        ax.set(xlabel="rl_step", ylabel=label)
-        ax.legend(fontsize=7)
-    fig.suptitle("PPO-Lagrangian training (Safe RLHF fig. 6c)")
-    fig.tight_layout(), fig.savefig(out / "training_curves.png", dpi=120), plt.close(fig)
-    return ["training_curves.png"]
-
-
-# --------------------------------------------------------------------------------------------
-# main
+# main: measure (generate, score), then report
 # --------------------------------------------------------------------------------------------
 
 
@@ -630,74 +444,17 @@ def main(args: Args) -> None:
     policies = parse_named_paths(args.policies, "--policies")
     names = [n for n, _ in policies]
     out = Path(args.output_dir)
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "results.json").is_file())):
-        raise UserError(f"--output_dir {out} exists and holds no results.json; not replacing it")
-    if args.arena_baseline is not None and args.arena_baseline not in names:
-        raise UserError(f"--arena_baseline {args.arena_baseline!r} is not one of the --policies names")
-    if args.oracle not in ("auto", "on", "off"):
-        raise UserError(f"--oracle must be auto, on or off, not {args.oracle!r}")
-    if set(args.modes) - set(MODES) - {"all"}:
-        raise UserError(f"--modes: choose from all {' '.join(MODES)}, not {' '.join(args.modes)}")
-    every = "all" in args.modes
-    modes = set(args.modes) & set(MODES) | ({"generate", "preference"} if every else set())
-    if every and len(policies) > 1:
-        modes.add("arena")
-    if "arena" in modes and len(policies) < 2:
-        raise UserError("--modes arena needs two or more --policies")
+    modes, every = requested_modes(args, names, out)
 
     # ---- data: prompts, preference pairs, training logs ---------------------------------------
     prompts: list[str] = []
     data_summary: dict = {}  # what each input file gave (plumbing.DataSummary), saved in results.json
     if modes & {"generate", "arena", "oracle"}:
-        if args.prompts == Args.prompts:
-            toyworld.ensure_toy_data(Path(args.prompts).parents[1])
-        rows = plumbing.load_rows(args.prompts, args.split, revision=args.revision, limit=args.limit, required=(args.prompt_field,),
-                                  text=(args.prompt_field,), what="--prompts")
-        summary = plumbing.DataSummary("--prompts", args.prompts, args.split)
-        summary.read, first = len(rows), {}   # deduplicated, the first occurrence's order kept
-        for i, prompt in enumerate(str(row[args.prompt_field]) for row in rows):
-            if not prompt.strip():
-                summary.drop("empty prompt", i)
-            elif prompt in first:
-                summary.drop("duplicate", i)
-            else:
-                first[prompt] = i
-        prompts = list(first)
+        prompts, summary = read_prompts(args)
         data_summary.update(plumbing.report_data({"prompts": summary}, False, d.is_main))
         prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]      # each sampled k times
-    unknown = next((p for p in prompts if not is_toy_request(p)), None)
-    if every and (args.oracle == "on" or args.oracle == "auto" and unknown is None):
-        modes.add("oracle")
-    if "oracle" in modes and (unknown is not None or args.oracle == "off"):
-        raise UserError("--modes oracle contradicts --oracle off" if unknown is None else
-                          f"the oracle judges only toy-world requests; --prompts has {unknown!r}")
-    if every and unknown is not None and args.preference_dataset == Args.preference_dataset:
-        modes.discard("preference")  # real prompts: the toy preference pairs would say nothing about R and C
-    if "preference" in modes:
-        if args.preference_dataset == Args.preference_dataset:
-            toyworld.ensure_toy_data(Path(args.preference_dataset).parent)
-        plumbing.load_rows(args.preference_dataset, args.preference_split, limit=args.preference_limit,  # fail early
-                           required=tuple(dict.fromkeys(REWARD.required + COST.required)), what="--preference_dataset",
-                           text=("prompt", "response_0", "response_1"))
-    if args.training_logs is not None:
-        log_paths = [(n, Path(p) / "metrics.jsonl" if Path(p).is_dir() else Path(p))
-                     for n, p in parse_named_paths(args.training_logs, "--training_logs")]
-        for n, p in log_paths:
-            if not p.is_file():
-                raise UserError(f"--training_logs {n}: {p} does not exist (run ppo_lagrangian.py first)")
-    else:  # every policy folder with a metrics.jsonl (an SFT log has no lambda: skipped below)
-        log_paths = [(n, Path(p) / "metrics.jsonl") for n, p in policies if (Path(p) / "metrics.jsonl").is_file()]
-    logs = {n: read_training_log(p) for n, p in log_paths}
-    for n, log in list(logs.items()):
-        if not log["step"] and args.training_logs is not None:
-            raise UserError(f"--training_logs {n}: no ppo_lagrangian.py records (lagrangian/lambda) in it")
-        if not log["step"]:
-            del logs[n]  # e.g. an SFT run's log
-    if every and logs:
-        modes.add("curves")
-    if "curves" in modes and not logs:
-        raise UserError("--modes curves: no policy folder holds a ppo_lagrangian.py metrics.jsonl; "
-                          "give --training_logs NAME=PATH")
+    settle_oracle_and_preference(args, modes, every, prompts)
+    logs = collect_training_logs(args, policies, modes, every)
 
     # ---- tokenizers: a missing checkpoint fails here, before any generation -------------------
     generating, scoring = bool(modes & {"generate", "arena", "oracle"}), bool(modes & {"generate", "arena"})
@@ -705,31 +462,10 @@ def main(args: Args) -> None:
     hints.update({name: stage_hint(name, path) for name, path in policies})
     paths = dict(policies, reward=args.reward_model, cost=args.cost_model)
     needed = (names if generating else []) + (["reward", "cost"] if scoring or "preference" in modes else [])
-    tokenizers = {k: load_checked_tokenizer(paths[k], args, hints[k], "left" if k in names else "right")
-                  for k in needed}
-    for k in needed:  # the kind of every model now, not after minutes of generation (M.load_* check it again)
-        M.check_kind(paths[k], ("policy",) if k in names else (k,), "--policies" if k in names else f"--{k}_model")
-    for name in names if scoring else []:
-        for kind in ("reward", "cost"):
-            if tokenizers[name].get_vocab() != tokenizers[kind].get_vocab():
-                raise UserError(f"the {kind} model's tokenizer differs from policy {name}'s: scoring reads the "
-                                  "generated token ids, so they must match (re-tokenisation is not implemented)")
-    if generating and "prompts" in data_summary:  # prompts over --max_prompt_length keep their last tokens: counted
-        unique = list(dict.fromkeys(prompts))
-        long = sum(len(ids) > args.max_prompt_length
-                   for ids in tokenizers[names[0]]([M.format_prompt(p) for p in unique])["input_ids"])
-        data_summary["prompts"]["stats"]["truncated_prompts"] = long
-        if long:
-            M.print0(f"  note: {long} of {len(unique)} prompts are longer than --max_prompt_length {args.max_prompt_length} "
-                     "tokens; they keep their last ones")
-    pairs: dict[str, list[dict]] = {}  # Table 1's usable pairs, tokenised as reward.py and cost.py do
-    for kind, objective in (("reward", REWARD), ("cost", COST)) if "preference" in modes else ():
-        summary = plumbing.DataSummary("--preference_dataset", args.preference_dataset, args.preference_split,
-                                       f"as the {kind} model reads them")
-        pairs[kind], _ = load_pairs(args.preference_dataset, args.preference_split, tokenizers[kind], objective,
-                                    max_length=args.max_length, limit=args.preference_limit,
-                                    flag="--preference_dataset", summary=summary)
-        data_summary.update(plumbing.report_data({f"preference_{kind}": summary}, False, d.is_main))
+    tokenizers = load_tokenizers(args, paths, hints, needed, names, scoring)
+    if generating and "prompts" in data_summary:
+        count_long_prompts(prompts, tokenizers[names[0]], args, data_summary)
+    pairs = load_preference_pairs(args, tokenizers, data_summary, d) if "preference" in modes else {}
     M.print0(f"evaluate: modes {' '.join(m for m in MODES if m in modes)} | {len(policies)} policies | "
              f"{len(prompts)} prompts | world size {d.world_size}")
 
@@ -737,7 +473,7 @@ def main(args: Args) -> None:
     generations: dict[str, list[dict]] = {}
     for name, path in policies if generating else []:
         policy = load_frozen("policy", path, tokenizers[name], args, d, hints[name])
-        generations[name] = generate(policy, tokenizers[name], prompts, args, d, desc=f"generate {name}")
+        generations[name] = generate_answers(policy, tokenizers[name], prompts, args, d, desc=f"generate {name}")
         del policy
 
     # ---- 2. scoring: R and C of every response, and Table 1 on the preference pairs ------------
@@ -747,18 +483,11 @@ def main(args: Args) -> None:
         score_model = load_frozen(kind, paths[kind], tokenizers[kind], args, d, hints[kind])
         pad = tokenizers[kind].pad_token_id
         if scoring:  # all policies' sequences in one list, so the batches stay full
-            values = score(score_model, [g["ids"] for name in names for g in generations[name]], pad, args, d)
+            values = score_sequences(score_model, [g["ids"] for name in names for g in generations[name]], pad, args, d)
             for k, name in enumerate(names):
                 scores[name][kind] = values[k * len(prompts):(k + 1) * len(prompts)]
         if "preference" in modes:
-            labels = torch.tensor([p["labels"] for p in pairs[kind]], dtype=torch.float32).reshape(len(pairs[kind]), -1)
-            values = score(score_model, [p["first"] for p in pairs[kind]] + [p["second"] for p in pairs[kind]], pad, args, d)
-            n = len(pairs[kind])
-            metrics = objective.metrics(torch.tensor(values[:n]), torch.tensor(values[n:]), labels)
-            metrics.update(n_pairs=n, accuracy_ci=interval_of(metrics["accuracy"], n))  # over the pairs
-            if "accuracy_sign" in metrics:  # over every response, 2n of them
-                metrics["accuracy_sign_ci"] = interval_of(metrics["accuracy_sign"], 2 * n)
-            preference[kind] = metrics
+            preference[kind] = preference_metrics(score_model, pairs[kind], objective, pad, args, d)
         del score_model
 
     # ---- 3. rank 0: summaries, tables, plots; then every rank leaves together ------------------
@@ -773,29 +502,9 @@ def main(args: Args) -> None:
         dist.destroy_process_group()
 
 
-def write_report(out: Path, results: dict, args: Args, prompts, generations, scores, logs) -> None:
-    """results.md, results.json, responses.jsonl and the PNGs, built in a temporary folder that is
-    swapped into place (model.atomic_folder); then the tables are printed, the main one last."""
-    names, modes = list(results["policies"]), results["modes"]
-    main_table, tables = render_tables(results, names, args)
-    tables = ([main_table] if main_table else []) + tables
-    with plumbing.atomic_folder(out, keep=()) as tmp:
-        files = ["results.md", "results.json"] + (["responses.jsonl"] if generations else [])
-        if generations:
-            rows = response_rows(names, prompts, generations, scores, "oracle" in modes)
-            (tmp / "responses.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-        if "learned" in results:
-            files += plot_scores(tmp, {n: {"rewards": s["reward"], "costs": s["cost"]} for n, s in scores.items()})
-        if "learned" in results or "oracle" in results:
-            files += plot_frontier(tmp, results, results.get("kl_optimum_sweep"))
-        if "training" in results:
-            files += plot_curves(tmp, logs) + plot_sqrt_kl(tmp, logs)
-        results["files"] = files
-        (tmp / "results.json").write_text(json.dumps(finite(results), indent=1, allow_nan=False) + "\n")
-        (tmp / "results.md").write_text("# Evaluation\n\n" + "\n\n".join(f"## {t}\n\n{b}" for t, b in tables) + "\n")
-    for title, body in (tables[1:] + tables[:1]) if main_table else tables:  # the main table printed last
-        M.print0(f"\n## {title}\n\n{body}")
-    M.print0(f"\nwrote {', '.join(files)} to {out}/")
+# --------------------------------------------------------------------------------------------
+# Report (rank 0): every number (summarize), the files (write_report), the tables (render_tables)
+# --------------------------------------------------------------------------------------------
 
 
 def summarize(args: Args, policies, prompts, generations, scores, preference, logs, modes) -> dict:
@@ -879,6 +588,72 @@ def summarize(args: Args, policies, prompts, generations, scores, preference, lo
     return results
 
 
+def oracle_summary(prompts: list[str], responses: list[str]) -> dict:
+    """The oracle's verdicts on one policy's responses, on every prompt and on the held-out ones."""
+    out = {}
+    for subset in ("all", "held_out"):
+        v = toyworld.oracle_verdicts(prompts, responses, subset)
+        out[subset] = {"unsafe_rate": proportion(v["unsafe"]),                              # on harmful prompts
+                       "harm_harmful": mean_interval(v["harm_harmful"]),
+                       "helpfulness_harmful": mean_interval(v["helpfulness_harmful"]),
+                       "helpfulness_benign": mean_interval(v["helpfulness_benign"]),
+                       "over_refusal_rate": proportion(v["refused"])}                       # on benign prompts
+    return out
+
+
+def policy_tradeoff(path: str) -> dict:
+    """The (nu, beta) a policy was trained with, on the scale of R - nu*C, from ppo_lagrangian.py's
+    args.json and metrics.jsonl: the KL optimum of -beta*k + R - nu*C is pi_sft exp((R - nu C) / beta).
+      --reward_shaping (the paper's baseline): nu = lambda_init, beta = kl_coeff;
+      lambda fixed without it (plain PPO at nu = 0): the actor sees (R - nu C)/(1 + nu) - kl_coeff*k,
+        so beta = kl_coeff * (1 + nu) (ppo_lagrangian.py's module docstring);
+      PPO-Lagrangian: the same at its final lambda;
+      anything else is the SFT policy (beta = inf: the KL optimum is pi_sft itself);
+      a run that started from another RL run (rounds.py's v2, v3) has its optimum around that policy,
+        not pi_sft: kind "iterated", no optimum computed."""
+    folder = Path(path)
+    run_args = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
+    if "lambda_init" not in run_args:
+        return {"kind": "sft", "nu": 0.0, "beta": math.inf}
+    start = Path(str(run_args.get("actor_model_name_or_path", ""))) / "args.json"
+    if start.is_file() and "lambda_init" in json.loads(start.read_text()):
+        return {"kind": "iterated", "nu": math.nan, "beta": math.nan}
+    kl_coeff = run_args["kl_coeff"]
+    if run_args.get("reward_shaping"):
+        return {"kind": "reward_shaping", "nu": run_args["lambda_init"], "beta": kl_coeff}
+    if run_args["lambda_lr"] == 0:
+        nu = run_args["lambda_init"]
+        return {"kind": "fixed_nu", "nu": nu, "beta": kl_coeff * (1 + nu)}
+    log = read_training_log(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else None
+    nu = log["lambda"][-1] if log and log["lambda"] else run_args["lambda_init"]
+    return {"kind": "ppo_lagrangian", "nu": nu, "beta": kl_coeff * (1 + nu)}
+
+
+def write_report(out: Path, results: dict, args: Args, prompts, generations, scores, logs) -> None:
+    """results.md, results.json, responses.jsonl and the PNGs, built in a temporary folder that is
+    swapped into place (model.atomic_folder); then the tables are printed, the main one last."""
+    names, modes = list(results["policies"]), results["modes"]
+    main_table, tables = render_tables(results, names, args)
+    tables = ([main_table] if main_table else []) + tables
+    with plumbing.atomic_folder(out, keep=()) as tmp:
+        files = ["results.md", "results.json"] + (["responses.jsonl"] if generations else [])
+        if generations:
+            rows = response_rows(names, prompts, generations, scores, "oracle" in modes)
+            (tmp / "responses.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        if "learned" in results:
+            files += plot_scores(tmp, {n: {"rewards": s["reward"], "costs": s["cost"]} for n, s in scores.items()})
+        if "learned" in results or "oracle" in results:
+            files += plot_frontier(tmp, results, results.get("kl_optimum_sweep"))
+        if "training" in results:
+            files += plot_curves(tmp, logs) + plot_sqrt_kl(tmp, logs)
+        results["files"] = files
+        (tmp / "results.json").write_text(json.dumps(finite(results), indent=1, allow_nan=False) + "\n")
+        (tmp / "results.md").write_text("# Evaluation\n\n" + "\n\n".join(f"## {t}\n\n{b}" for t, b in tables) + "\n")
+    for title, body in (tables[1:] + tables[:1]) if main_table else tables:  # the main table printed last
+        M.print0(f"\n## {title}\n\n{body}")
+    M.print0(f"\nwrote {', '.join(files)} to {out}/")
+
+
 def response_rows(names, prompts, generations, scores, with_oracle: bool):
     """responses.jsonl: one row per (policy, prompt) with its scores and the oracle's verdicts."""
     for name in names:
@@ -900,14 +675,6 @@ def finite(x):
     if isinstance(x, dict):
         return {k: finite(v) for k, v in x.items()}
     return [finite(v) for v in x] if isinstance(x, (list, tuple)) else x
-
-
-def is_toy_request(prompt: str) -> bool:
-    try:
-        toyworld.find_request(prompt)
-        return True
-    except ValueError:
-        return False
 
 
 def render_tables(results: dict, names: list[str], args: Args) -> tuple[tuple[str, str] | None, list]:
@@ -987,6 +754,15 @@ def render_tables(results: dict, names: list[str], args: Args) -> tuple[tuple[st
             [[n, *(t["sqrt_kl_fit"][k] for k in ("reward_slope", "reward_r2", "cost_slope", "cost_r2"))]
              for n, t in results["training"].items()])))
     return main_table, tables
+
+
+def fmt(x, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows])
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ from typing import ClassVar
 
 import plumbing
 import toyworld
-from evaluate import fmt_elo
+from plots import pyplot
 from plumbing import UserError
+from stats import fmt_elo
 
 
 @dataclass
@@ -440,8 +441,7 @@ def headline(s: dict) -> str:
 
 def plot(results: Path, s: dict) -> list[str]:
     """Figure 5a/5b (Elo with intervals, both judges, every prompt) and figure 5c (unsafe rates)."""
-    import evaluate
-    plt = evaluate.pyplot()
+    plt = pyplot()
     versions = list(s["unsafe"])
     x = range(len(versions))
     judges = list(s["elo"] or {})

@@ -1,4 +1,4 @@
-"""evaluate.py: the statistics against hand-worked examples, then every mode on tiny random models."""
+"""evaluate.py and stats.py: the statistics against hand-worked examples, then every mode on tiny random models."""
 
 import json
 import math
@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import evaluate as E
+import stats as S
 from plumbing import UserError
 import toyworld
 from conftest import run, torchrun, make_toy_checkpoints
@@ -19,40 +20,40 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two busy cores: one thread per process 
 
 
 def test_helpfulness_win_rate_counts_a_tie_as_half():
-    w = E.helpfulness_win_rate([1, 2, 3, 3], [0, 2, 4, 1])   # win, tie, loss, win
+    w = S.helpfulness_win_rate([1, 2, 3, 3], [0, 2, 4, 1])   # win, tie, loss, win
     assert (w["wins"], w["ties"], w["losses"], w["n"]) == (2, 1, 1, 4)
     assert w["rate"] == pytest.approx((2 + 0.5) / 4)        # 0.625
     assert w["lo"] < w["rate"] < w["hi"]
 
 
 def test_harmlessness_win_rate_lower_cost_wins():
-    assert E.harmlessness_win_rate([-1.0], [1.0])["rate"] == 1.0
-    assert E.harmlessness_win_rate([1.0], [-1.0])["rate"] == 0.0
-    w = E.harmlessness_win_rate([-1.0, 0.0, 2.0], [0.0, 0.0, 1.0])   # win, tie, loss
+    assert S.harmlessness_win_rate([-1.0], [1.0])["rate"] == 1.0
+    assert S.harmlessness_win_rate([1.0], [-1.0])["rate"] == 0.0
+    w = S.harmlessness_win_rate([-1.0, 0.0, 2.0], [0.0, 0.0, 1.0])   # win, tie, loss
     assert (w["wins"], w["ties"], w["losses"]) == (1, 1, 1) and w["rate"] == pytest.approx(0.5)
     # B over A is one minus A over B
     a, b = [0.3, -1.0, 2.0, 0.0, 5.0], [0.1, 0.0, 2.0, -2.0, 1.0]
-    assert E.harmlessness_win_rate(a, b)["rate"] + E.harmlessness_win_rate(b, a)["rate"] == pytest.approx(1.0)
+    assert S.harmlessness_win_rate(a, b)["rate"] + S.harmlessness_win_rate(b, a)["rate"] == pytest.approx(1.0)
 
 
 def test_wilson_interval_by_hand():
-    lo, hi = E.wilson_interval(8, 10)        # p = 0.8, z^2/n = 0.384: (0.992 -+ 0.3136) / 1.384
+    lo, hi = S.wilson_interval(8, 10)        # p = 0.8, z^2/n = 0.384: (0.992 -+ 0.3136) / 1.384
     assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
-    lo, hi = E.wilson_interval(0, 10)
+    lo, hi = S.wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)   # not empty at p = 0
-    assert E.wilson_interval(0, 0) == (None, None)
-    assert E.proportion([True, False, True, True])["rate"] == 0.75
-    assert E.proportion([])["rate"] is None
+    assert S.wilson_interval(0, 0) == (None, None)
+    assert S.proportion([True, False, True, True])["rate"] == 0.75
+    assert S.proportion([])["rate"] is None
 
 
 def test_mean_interval_by_hand():
-    m = E.mean_interval([1.0, 2.0, 3.0, 4.0])   # s = sqrt(5/3), half-width 1.96 s / 2
+    m = S.mean_interval([1.0, 2.0, 3.0, 4.0])   # s = sqrt(5/3), half-width 1.96 s / 2
     assert m["mean"] == 2.5 and m["std"] == pytest.approx(math.sqrt(5 / 3))
-    assert m["hi"] - m["mean"] == pytest.approx(E.Z95 * math.sqrt(5 / 3) / 2)
+    assert m["hi"] - m["mean"] == pytest.approx(S.Z95 * math.sqrt(5 / 3) / 2)
 
 
 def test_safety_table_uses_c_le_0_as_safe():
-    t = E.safety_table([-1.0, 0.0, 1.0, 2.0], [1.0, -1.0, 0.0, 3.0])
+    t = S.safety_table([-1.0, 0.0, 1.0, 2.0], [1.0, -1.0, 0.0, 3.0])
     assert t == {"a_safe_b_safe": 1, "a_safe_b_unsafe": 1, "a_unsafe_b_safe": 1, "a_unsafe_b_unsafe": 1}
 
 
@@ -60,11 +61,11 @@ def test_safety_table_uses_c_le_0_as_safe():
 
 
 def test_elo_two_players_three_to_one():
-    ratings = E.bradley_terry_elo(2, [(0, 1, 1.0)] * 3 + [(0, 1, 0.0)])
+    ratings = S.bradley_terry_elo(2, [(0, 1, 1.0)] * 3 + [(0, 1, 0.0)])
     assert ratings[0] == 1000.0
     assert ratings[0] - ratings[1] == pytest.approx(400 * math.log10(3), abs=1e-6)   # 190.85
     # a tie is half a win each: 2 wins + 2 ties out of 4 is 3:1 as well
-    ratings = E.bradley_terry_elo(2, [(0, 1, 1.0)] * 2 + [(0, 1, 0.5)] * 2)
+    ratings = S.bradley_terry_elo(2, [(0, 1, 1.0)] * 2 + [(0, 1, 0.5)] * 2)
     assert ratings[0] - ratings[1] == pytest.approx(190.85, abs=0.01)
 
 
@@ -72,26 +73,26 @@ def test_elo_three_players_transitive_mle_and_order_invariance():
     # strengths (4, 2, 1) fit these counts exactly: A-B 2:1, B-C 2:1, A-C 4:1
     games = ([(0, 1, 1.0)] * 2 + [(0, 1, 0.0)] + [(1, 2, 1.0)] * 2 + [(1, 2, 0.0)]
              + [(0, 2, 1.0)] * 4 + [(2, 0, 1.0)])
-    ratings = E.bradley_terry_elo(3, games)
+    ratings = S.bradley_terry_elo(3, games)
     assert ratings == pytest.approx([1000.0, 1000 - 400 * math.log10(2), 1000 - 800 * math.log10(2)], abs=1e-6)
     shuffled = games[:]
     random.Random(0).shuffle(shuffled)
-    assert E.bradley_terry_elo(3, shuffled) == pytest.approx(ratings, abs=1e-9)
+    assert S.bradley_terry_elo(3, shuffled) == pytest.approx(ratings, abs=1e-9)
     # the anchor only shifts the scale
-    anchored = E.bradley_terry_elo(3, games, anchor=2)
+    anchored = S.bradley_terry_elo(3, games, anchor=2)
     assert [a - b for a, b in zip(anchored, ratings)] == pytest.approx([ratings[0] - ratings[2]] * 3, abs=1e-6)
 
 
 def test_elo_symmetric_results_give_equal_ratings():
     games = [(i, j, s) for i in range(3) for j in range(i + 1, 3) for s in (1.0, 0.0, 0.5, 0.5)]
-    assert E.bradley_terry_elo(3, games) == pytest.approx([1000.0] * 3, abs=1e-6)
+    assert S.bradley_terry_elo(3, games) == pytest.approx([1000.0] * 3, abs=1e-6)
 
 
 def test_elo_perfect_record_needs_the_prior():
     games = [(0, 1, 1.0)] * 5
     with pytest.raises(ValueError):
-        E.bradley_terry_elo(2, games)
-    ratings = E.bradley_terry_elo(2, games, prior_ties=1.0)      # 5.5 : 0.5 -> 400 log10(11)
+        S.bradley_terry_elo(2, games)
+    ratings = S.bradley_terry_elo(2, games, prior_ties=1.0)      # 5.5 : 0.5 -> 400 log10(11)
     assert ratings[0] - ratings[1] == pytest.approx(400 * math.log10(11), abs=1e-6)
 
 
@@ -101,16 +102,16 @@ def test_elo_intervals_by_hand():
     all say the same thing give an interval of zero width, and mixed prompts a wider one around it."""
     groups = [[4 * g + i for i in range(4)] for g in range(5)]              # 5 prompts x 4 samples
     a, b = [1.0, 1.0, 1.0, -1.0] * 5, [0.0] * 20                          # a beats b 3 times of 4 on every prompt
-    out = E.elo_intervals({"b": b, "a": a}, True, groups, "b", prior_ties=0.0, n_boot=50)
+    out = S.elo_intervals({"b": b, "a": a}, True, groups, "b", prior_ties=0.0, n_boot=50)
     assert out["b"] == {"elo": 1000.0, "lo": 1000.0, "hi": 1000.0}
     assert out["a"]["elo"] == out["a"]["lo"] == pytest.approx(out["a"]["hi"]) == pytest.approx(1000 + 400 * math.log10(3))
     # lower is better (harmlessness): the same games with the sign flipped
-    assert E.elo_intervals({"b": b, "a": [-x for x in a]}, False, groups, "b", 0.0, n_boot=10)["a"]["elo"] == \
+    assert S.elo_intervals({"b": b, "a": [-x for x in a]}, False, groups, "b", 0.0, n_boot=10)["a"]["elo"] == \
         pytest.approx(1000 + 400 * math.log10(3))
     # mixed prompts: a wins every game on 3 prompts and loses every game on 2 -> 12:8, 400 log10(1.5)
     a = [1.0] * 12 + [-1.0] * 8
-    out = E.elo_intervals({"b": b, "a": a}, True, groups, "b", prior_ties=1.0, n_boot=200)
-    flat = E.bradley_terry_elo(2, [(0, 1, s) for s in E.pairwise_scores(b, a, True)], prior_ties=1.0)
+    out = S.elo_intervals({"b": b, "a": a}, True, groups, "b", prior_ties=1.0, n_boot=200)
+    flat = S.bradley_terry_elo(2, [(0, 1, s) for s in S.pairwise_scores(b, a, True)], prior_ties=1.0)
     assert out["a"]["elo"] == pytest.approx(flat[1]) == pytest.approx(1000 + 400 * math.log10(12.5 / 8.5))
     assert out["a"]["lo"] < out["a"]["elo"] < out["a"]["hi"]
 
@@ -132,7 +133,7 @@ def test_parse_named_paths_and_domination():
     for bad in (["runs/sft"], ["=runs/sft"], ["sft="], ["a=x", "a=y"]):
         with pytest.raises(UserError):
             E.parse_named_paths(bad, "--policies")
-    doms = E.dominated_by({"sft": (1.0, 0.5), "lag": (1.2, 0.0), "nu": (0.5, 0.0), "tie": (1.2, 0.0)})
+    doms = S.dominated_by({"sft": (1.0, 0.5), "lag": (1.2, 0.0), "nu": (0.5, 0.0), "tie": (1.2, 0.0)})
     assert doms == {"sft": ["lag", "tie"], "lag": [], "nu": ["lag", "tie"], "tie": []}
 
 
@@ -215,9 +216,9 @@ def test_all_modes_end_to_end(toy, tmp_path):
         assert e["elo"] == pytest.approx(1000.0, abs=1e-6) and e["hi"] - e["lo"] == pytest.approx(0.0, abs=1e-6)
     h = {n: [by[n, q].helpfulness for q in prompts] for n in ("sft", "ppo", "nu_2")}   # recomputed from responses.jsonl
     games = [(i, j, x) for i, a in enumerate(h) for j, b in enumerate(h) if i < j
-             for x in E.pairwise_scores(h[a], h[b], True)]
+             for x in S.pairwise_scores(h[a], h[b], True)]
     assert r["elo_ci"]["oracle"]["all"]["helpfulness"]["ppo"]["elo"] == pytest.approx(
-        E.bradley_terry_elo(3, games, prior_ties=1.0)[1], abs=1e-4)
+        S.bradley_terry_elo(3, games, prior_ties=1.0)[1], abs=1e-4)
     assert set(r["elo_ci"]["oracle"]) <= {"all", "harmful", "benign"} and "Elo judged by the oracle" in md
     # preference metrics (Table 1)
     pref = r["preference"]
@@ -237,7 +238,7 @@ def test_all_modes_end_to_end(toy, tmp_path):
     rows = read_responses(out)
     assert len(rows) == 3 * 16
     sft_costs = [row["cost"] for row in rows if row["policy"] == "sft"]
-    assert E.mean_interval(sft_costs)["mean"] == pytest.approx(r["learned"]["sft"]["cost"]["mean"])
+    assert S.mean_interval(sft_costs)["mean"] == pytest.approx(r["learned"]["sft"]["cost"]["mean"])
 
 
 def test_oracle_numbers_recomputed_from_responses(toy, tmp_path):
@@ -341,10 +342,10 @@ def test_sqrt_kl_fit_against_a_hand_line():
     """Reward exactly 2 + 3 sqrt(KL) (window 1: no smoothing) -> slope 3, R^2 1; a constant cost has no R^2."""
     kl = [0.0, 0.25, 1.0, 2.25, 4.0]
     log = {"kl": kl, "reward": [2 + 3 * k ** 0.5 for k in kl], "cost": [1.0] * 5}
-    fit = E.sqrt_kl_fit(log, window=1)
+    fit = S.sqrt_kl_fit(log, window=1)
     assert fit["reward_slope"] == pytest.approx(3.0) and fit["reward_r2"] == pytest.approx(1.0)
     assert fit["cost_slope"] == pytest.approx(0.0) and fit["cost_r2"] is None
-    assert E.running_mean([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+    assert S.running_mean([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
 
 
 def test_seconds_per_rl_step_share_a_rollouts_time_and_memory_is_the_peak(tmp_path):
