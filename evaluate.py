@@ -193,8 +193,7 @@ def parse_named_paths(items: list[str], flag: str) -> list[tuple[str, str]]:
 def requested_modes(args: Args, names: list[str], out: Path) -> tuple[set[str], bool]:
     """The modes --modes asks for, checked with --output_dir and --arena_baseline before anything is read, and
     whether it said `all` (then the oracle, preference and curves modes are settled once their inputs are read)."""
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "results.json").is_file())):
-        raise UserError(f"--output_dir {out} exists and holds no results.json; not replacing it")
+    plumbing.check_run_folder(out, kind="evaluation")  # new, empty or an earlier evaluation's, never a run's or the user's
     if args.arena_baseline is not None and args.arena_baseline not in names:
         raise UserError(f"--arena_baseline {args.arena_baseline!r} is not one of the --policies names")
     if args.oracle not in ("auto", "on", "off"):
@@ -635,7 +634,7 @@ def write_report(out: Path, results: dict, args: Args, prompts, generations, sco
     names, modes = list(results["policies"]), results["modes"]
     main_table, tables = render_tables(results, names, args)
     tables = ([main_table] if main_table else []) + tables
-    with plumbing.atomic_folder(out, keep=()) as tmp:
+    with plumbing.atomic_folder(out, keep=(), kind="evaluation") as tmp:
         files = ["results.md", "results.json"] + (["responses.jsonl"] if generations else [])
         if generations:
             rows = response_rows(names, prompts, generations, scores, "oracle" in modes)

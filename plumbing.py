@@ -587,10 +587,21 @@ def project_names(folder: Path) -> set[str] | None:
     return None
 
 
-def check_run_folder(folder: str | os.PathLike, flag: str = "--output_dir") -> None:
+def folder_kind(folder: Path) -> str | None:
+    """"run" (a training stage's), "evaluation" (evaluate.py's) or None (not the project's, or empty)."""
+    try:
+        return json.loads((folder / MARKER).read_text()).get("kind", "run")
+    except (ValueError, OSError, AttributeError):
+        pass
+    if project_names(folder) is None:
+        return None
+    return "evaluation" if (folder / "results.json").is_file() and not (folder / "args.json").is_file() else "run"
+
+
+def check_run_folder(folder: str | os.PathLike, flag: str = "--output_dir", kind: str = "run") -> None:
     """Refuse, in one line and before anything is read or written, an output folder that is neither
-    new, nor empty, nor the project's: a user's folder, a data folder, ".", "/" or "~" is never
-    written into, --overwrite or not."""
+    new, nor empty, nor the project's of this kind (a training run's, or an evaluation's): a user's
+    folder, a data folder, ".", "/" or "~" is never written into, --overwrite or not."""
     folder = Path(folder)
     where = Path(os.path.abspath(folder))
     if where == Path(where.anchor):
@@ -604,6 +615,9 @@ def check_run_folder(folder: str | os.PathLike, flag: str = "--output_dir") -> N
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise UserError(f"{flag} {folder} holds files this project did not write ({shown}); nothing was read "
                         "or written: choose a new or empty folder")
+    if entries and folder_kind(folder) != kind:
+        raise UserError(f"{flag} {folder} holds {'an evaluation' if kind == 'run' else 'a training run'}, not "
+                        f"{'a training run' if kind == 'run' else 'an evaluation'}; not replacing it: choose another folder")
 
 
 def _foreign(folder: Path) -> list[str]:
@@ -843,7 +857,8 @@ def _readable_modes(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ("metrics.jsonl", "args.json", "samples.jsonl", "data_summary.json")):
+def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ("metrics.jsonl", "args.json", "samples.jsonl", "data_summary.json"),
+                  kind: str = "run"):
     """Write a checkpoint into `<folder>.tmp-<pid>`, then swap it into place.
 
     A crash while writing leaves the previous `folder` untouched (the temporary folder is removed
@@ -853,7 +868,7 @@ def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ("metrics.j
     not write (the new folder's MARKER lists what it did): a save never removes a user's file.
     """
     folder = Path(os.path.abspath(folder))
-    check_run_folder(folder)
+    check_run_folder(folder, kind=kind)
     recover_checkpoint(folder)
     tmp = _sibling(folder, f".tmp-{os.getpid()}")
     if tmp.exists():
@@ -865,7 +880,7 @@ def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ("metrics.j
             if (folder / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(folder / name, tmp / name)
         names = sorted(entry.name for entry in tmp.iterdir())
-        (tmp / MARKER).write_text(json.dumps({"written_by": "nano-safe-rlhf", "files": names}) + "\n")
+        (tmp / MARKER).write_text(json.dumps({"written_by": "nano-safe-rlhf", "kind": kind, "files": names}) + "\n")
         _readable_modes(tmp)
     except BaseException:  # e.g. the disk filled up: the previous folder is untouched
         shutil.rmtree(tmp, ignore_errors=True)

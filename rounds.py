@@ -37,8 +37,10 @@ paper's GPT-4 role) and by the oracle (the human role); on the red-team evaluati
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
+import os
 import random
 import shlex
 import shutil
@@ -232,8 +234,25 @@ def balanced(rows_by_round: list[list[dict]], n: int, rng: random.Random) -> lis
     return out
 
 
+# What rounds.py writes into its two folders (fnmatch patterns): --overwrite removes these, nothing else.
+ROUNDS_FILES = ("rounds_state.json", "round[0-9]*", "unified", "greedy", "sampled", "rounds.json", "rounds.md",
+                "rounds_headline.md", "rounds.png", "rounds_scatter.png")
+
+
 def check_inputs(args: Args) -> None:
-    """Everything the rounds read, before anything is written."""
+    """Everything the rounds read, before anything is written: the two output folders (rounds.py's own,
+    or new or empty), the flags passed on to each stage (parsed by that stage's own Args now, not when
+    a round reaches it minutes later), the red team's pool, the round-1 runs and the data."""
+    for flag, folder in (("--output_dir", Path(args.output_dir)), ("--results_dir", Path(args.results_dir))):
+        if Path(os.path.abspath(folder)) == Path(os.path.abspath(folder)).parent:
+            raise UserError(f"{flag} {folder}: choose a folder, not the file-system root")
+        if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
+            if not (folder / "rounds_state.json").is_file():
+                raise UserError(f"{flag} {folder} exists and is not a rounds.py folder (no rounds_state.json); "
+                                "not touching it")
+            if not args.overwrite:
+                raise UserError(f"{flag} {folder} holds an earlier rounds.py run; give --overwrite to replace it")
+    check_stage_flags(args)
     if args.red_team_tries * (args.rounds - 1) > len(toyworld.RED_TEAM_REQUESTS):
         raise UserError(f"--red_team_tries {args.red_team_tries} x {args.rounds - 1} rounds exceeds the pool of "
                         f"{len(toyworld.RED_TEAM_REQUESTS)} phrasings (each is tried once)")
@@ -244,22 +263,45 @@ def check_inputs(args: Args) -> None:
     for path in (Path(args.data) / "preference" / "train.jsonl", Path(args.data) / "eval" / "prompts.jsonl"):
         if not path.is_file():
             raise UserError(f"--data {args.data}: {path} is missing; python toyworld.py --out {args.data} writes it")
-    for flag, folder in (("--output_dir", Path(args.output_dir)), ("--results_dir", Path(args.results_dir))):
-        if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
-            if not (folder / "rounds_state.json").is_file():
-                raise UserError(f"{flag} {folder} exists and is not a rounds.py folder (no rounds_state.json); "
-                                "not touching it")
-            if not args.overwrite:
-                raise UserError(f"{flag} {folder} holds an earlier rounds.py run; give --overwrite to replace it")
+
+
+def check_stage_flags(args: Args) -> None:
+    """--preference_args, --ppo_args and --evaluate_args, each parsed by the stages it goes to (their
+    Args only: the stages still run as programs), so a typo is one line before round 1, not a failure
+    in round 2."""
+    import cost
+    import evaluate
+    import ppo_lagrangian
+    import reward
+
+    for flag, value, stages in (("--preference_args", args.preference_args, (reward, cost)),
+                                ("--ppo_args", args.ppo_args, (ppo_lagrangian,)),
+                                ("--evaluate_args", args.evaluate_args, (evaluate,))):
+        for stage in stages:
+            try:
+                plumbing.parse_args(stage.Args, ["--recipe", "toy"] * hasattr(stage.Args, "PAPER") + shlex.split(value))
+            except UserError as e:
+                raise UserError(f"{flag}: {e} ({stage.__name__}.py)") from None
+            except ValueError as e:  # shlex: an unclosed quote
+                raise UserError(f"{flag} {value!r}: {e}") from None
+
+
+def clear_earlier_run(folder: Path) -> None:
+    """--overwrite: remove what an earlier rounds.py run wrote there (ROUNDS_FILES); a file of the
+    user's in that folder stays."""
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if any(fnmatch.fnmatch(entry.name, pattern) for pattern in ROUNDS_FILES):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def main(args: Args) -> None:
     check_inputs(args)
     out, results, runs = Path(args.output_dir), Path(args.results_dir), Path(args.runs)
     for folder in (out, results):
-        shutil.rmtree(folder, ignore_errors=True)
+        clear_earlier_run(folder)
     for folder in (out, results):
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         plumbing.write_json_atomic(folder / "rounds_state.json", {"args": asdict(args), "done": False})
     started = time.time()
     train_requests = [r.text for r in toyworld.TRAIN_REQUESTS]

@@ -326,7 +326,7 @@ def test_bad_input_messages(toy, tmp_path):
     assert "toy-world requests" in in_process_error(toy, tmp_path, modes=["oracle"], prompts=str(tmp_path / "real.jsonl"))
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "notes.txt").write_text("mine")
-    assert "not replacing it" in in_process_error(toy, tmp_path, output_dir=str(tmp_path / "keep"))
+    assert "holds files this project did not write (notes.txt)" in in_process_error(toy, tmp_path, output_dir=str(tmp_path / "keep"))
     assert not (tmp_path / "out").exists()
 
 

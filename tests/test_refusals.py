@@ -166,7 +166,7 @@ def run_probes(cases, tmp_path, ckpt):
         folder = tmp_path / f"run_{i}"
         shutil.copytree(ckpt / "previous_run", folder)
         before = folder_digest(folder)
-        # evaluate.py refuses a folder that holds no results.json anyway: give it a new one
+        # evaluate.py refuses a training run's folder anyway (it replaces only its own results): give it a new one
         out = tmp_path / f"results_{i}" if cmd[0] == "evaluate.py" else folder
         recipe = [] if cmd[0] == "evaluate.py" else ["--recipe", "toy"]  # the probes' own data are not the toy world's
         p = run([sys.executable, *cmd, "--output_dir", out, *recipe, *extra], cwd=ROOT)

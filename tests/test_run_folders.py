@@ -276,7 +276,7 @@ def test_malformed_rows_and_blank_prompts_are_named(toy, tmp_path):
     out = tmp_path / "never"
     argv = stage_argv("ppo_lagrangian", toy, out)
     argv[argv.index("--dataset") + 1] = str(blank)
-    with pytest.raises(UserError, match=r"no usable row.*blank prompt"):
+    with pytest.raises(UserError, match=r"no usable row.*empty prompt"):
         ppo_lagrangian.main(plumbing.parse_args(ppo_lagrangian.Args, argv + ["--recipe", "toy"]))
     assert not out.exists()
 
@@ -319,3 +319,17 @@ def test_a_lock_in_a_folder_made_read_only_is_left_quietly(tmp_path):
     path.mkdir()
     plumbing._release(lock)   # no exception
     assert lock.closed and lock not in plumbing._HELD
+
+
+def test_an_evaluation_and_a_training_run_never_replace_each_other(toy, tmp_path):
+    """Both are the project's folders, but evaluate.py replaces only an evaluation and a training stage
+    only a run: `evaluate.py --output_dir runs/sft` would otherwise swap the SFT model for a table."""
+    before = digest(toy / "sft")
+    with pytest.raises(UserError, match=r"holds a training run, not an evaluation; not replacing it"):
+        run_stage(evaluate, stage_argv("evaluate", toy, toy / "sft"))
+    assert digest(toy / "sft") == before
+    results = tmp_path / "results"
+    with plumbing.atomic_folder(results, keep=(), kind="evaluation") as tmp:
+        (tmp / "results.json").write_text("{}")
+    with pytest.raises(UserError, match=r"holds an evaluation, not a training run"):
+        run_stage(sft, stage_argv("sft", toy, results) + ["--overwrite"])
