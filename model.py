@@ -381,8 +381,12 @@ class ScoreModel(nn.Module):
         attention_mask (B, 1, L, L) bool, with position_ids (B, L): rows that pack several sequences
         (reward.pack_pairs); returns the per-token scores (B, L) only, the caller knows the ends."""
         packed = attention_mask.dim() == 4
-        masking = {"attention_mask": attention_mask, "position_ids": position_ids} if packed \
-            else backbone_masking(attention_mask, right_padded)
+        if packed:
+            mask = packed_attention_mask(attention_mask, self.model.config._attn_implementation,
+                                         next(self.model.parameters()).dtype)
+            masking = {"attention_mask": mask, "position_ids": position_ids}
+        else:
+            masking = backbone_masking(attention_mask, right_padded)
         hidden = self.model(input_ids=input_ids, **masking, use_cache=False).last_hidden_state  # (B, L, E)
         scores = self.score_head(hidden).squeeze(-1).float()              # (B, L) in fp32
         if packed:
@@ -407,6 +411,33 @@ class ScoreModel(nn.Module):
         family = type(self.model).__name__.removesuffix("Model")
         cfg.update(architectures=[f"{family}ForScore"], score_type=self.score_type, score_dim=1, score_bias=True)
         return cfg
+
+
+# Attention implementations that honour a 4D mask of packed rows, and the form each needs it in.
+PACKING_BACKENDS = ("sdpa", "eager")
+
+
+def check_packing(model: nn.Module, flag: str = "--share_prompt") -> None:
+    """Refuse packed pairs on a backend that cannot take their 4D mask (e.g. flash attention, which
+    knows only padding), in one line, before training: its scores would be silently wrong."""
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    if implementation not in PACKING_BACKENDS:
+        raise UserError(f"{flag}: packed pairs need a 4D attention mask, which {implementation} attention does not "
+                        f"take; give --no-share_prompt (or load the model with {' or '.join(PACKING_BACKENDS)})")
+
+
+def packed_attention_mask(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A packed row's (B, 1, L, L) boolean mask (True = may attend) in the form the backend honours.
+    transformers hands a 4D mask to the attention unchanged: SDPA reads a boolean mask as such, but
+    eager attention ADDS it to the logits (True = +1, False = +0, so nothing would be masked and the
+    second response would see the first); it gets 0 where attending and the dtype's lowest number
+    elsewhere, which softmax turns into an exact 0."""
+    if implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)  # (B, 1, L, L)
+    if implementation not in PACKING_BACKENDS:
+        raise UserError(f"packed pairs: {implementation} attention does not take a 4D mask; give --no-share_prompt")
+    return mask                                                                        # (B, 1, L, L) bool
 
 
 def last_attended_index(attention_mask: torch.Tensor) -> torch.Tensor:

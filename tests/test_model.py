@@ -335,3 +335,35 @@ def test_activation_checkpointing_gives_the_same_gradients(tok):
     assert policy.model.gradient_checkpointing
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_packed_pairs_score_as_separate_rows_on_every_attention_backend(tokenizer_dir, implementation):
+    """--share_prompt's packed rows (reward.pack_pairs, a 4D boolean mask) give each response the score
+    it gets in a row of its own, under SDPA and under eager attention, which adds a 4D mask to the
+    logits instead of masking with it (a boolean mask there masked nothing: scores moved by ~0.04 on
+    this model, by up to 1.4 on the toy world's trained reward model)."""
+    import reward
+
+    tok = M.load_tokenizer(tokenizer_dir, "right")
+    torch.manual_seed(0)
+    model = M.load_score_model("toy-tiny", tok, "reward")
+    model.model.set_attn_implementation(implementation)
+    assert model.model.config._attn_implementation == implementation
+    ids = lambda text: tok(M.format_prompt("how do i bake bread") + " " + text)["input_ids"] + [tok.eos_token_id]  # noqa: E731
+    pairs = [{"first": ids("knead the dough"), "second": ids("sorry cannot help with that"), "labels": [1.0]},
+             {"first": ids("call a professional first"), "second": ids("fix a bike"), "labels": [0.0]}]
+    d = M.Dist(0, 0, 1, torch.device("cpu"))
+    packed = reward.forward_pairs(model, reward.pack_pairs(pairs, tok.pad_token_id), d)
+    separate = reward.forward_pairs(model, reward.collate_pairs(pairs, tok.pad_token_id), d)
+    torch.testing.assert_close(packed[0], separate[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(packed[1], separate[1], rtol=0, atol=1e-6)
+
+
+def test_packing_is_refused_where_the_backend_cannot_take_a_4d_mask(tokenizer_dir):
+    tok = M.load_tokenizer(tokenizer_dir, "right")
+    model = M.load_score_model("toy-tiny", tok, "reward")
+    M.check_packing(model)
+    model.config._attn_implementation = "flash_attention_2"   # what a GPU user may load (no flash kernels on CPU)
+    with pytest.raises(UserError, match="^--share_prompt: packed pairs need a 4D attention mask, which flash_attention_2"):
+        M.check_packing(model)
