@@ -20,6 +20,7 @@
 #                           run ends with it; quick and smoke run two shorter ones); refreshes docs/rounds.md
 #
 # Each run replaces the one an earlier demo left in its folder (--overwrite).
+# README.md's and docs/' tables (between <!-- NAME:start/end --> markers) are written by tools/docs_blocks.py.
 # Python is .venv's (the Makefile builds it); PY=... overrides.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -103,20 +104,7 @@ run_ablations() {  # figure 6a (section 4.2.4) on round 1's data, each a run of 
     "cm_classifier=$runs/ppo_lag_cm_classifier" "cm_pairwise_nu1=$runs/ppo_cm_ranking" "single_dim=$runs/ppo_single" \
     --arena_baseline sft --reward_model "$runs/reward" --cost_model "$runs/cost" --output_dir "$results-ablations" \
     "${evalargs[@]}"
-  $PY - "$results-ablations" <<'EOF'
-import sys
-from pathlib import Path
-import re
-md = (Path(sys.argv[1]) / "results.md").read_text().strip()
-block = "<!-- ablations:start -->\n" + re.sub(r"^#{1,2} ", "### ", md, flags=re.M) + "\n<!-- ablations:end -->"
-doc = Path("docs/ablations.md")
-text = doc.read_text() if doc.is_file() else (
-    "# Figure 6a on the toy world: what the decoupling and the cost model's classifier buy\n\n"
-    "Written by `make demo` (`demo.sh ablations`, on the full run's SFT, reward and cost models).\n\n"
-    "<!-- ablations:start -->\n<!-- ablations:end -->\n")
-doc.write_text(re.sub(r"<!-- ablations:start -->.*?<!-- ablations:end -->", lambda m: block, text, flags=re.S))
-print("docs/ablations.md: the tables between its markers updated")
-EOF
+  $PY -m tools.docs_blocks ablations "$results-ablations"
 }
 run_rloo() {  # rloo_lagrangian.py (four models) side by side with PPO-Lagrangian (six) on round 1's models
   models=(--overwrite --actor_model_name_or_path "$runs/sft" --reward_model_name_or_path "$runs/reward"
@@ -131,56 +119,13 @@ run_rloo() {  # rloo_lagrangian.py (four models) side by side with PPO-Lagrangia
     --output_dir "$results-rloo" "${evalargs[@]}"
   $PY evaluate.py --modes curves --training_logs "ppo_lagrangian=$runs/ppo_lagrangian" \
     "rloo_lagrangian=$runs/rloo_lagrangian" --output_dir "$results-rloo/curves"
-  $PY - "$results-rloo" "$profile" <<'EOF'
-import json, re, shutil, sys
-from pathlib import Path
-results, profile = Path(sys.argv[1]), sys.argv[2]
-r = json.loads((results / "results.json").read_text())
-ci = lambda x, k: "–" if x[k] is None else f"{x[k]:.3f} [{x['lo']:.3f}, {x['hi']:.3f}]"  # noqa: E731  None: no such prompts
-sft_help = r["oracle"]["sft"]["all"]["helpfulness_benign"]["mean"]
-rows = ["| policy | models | unsafe on harmful | benign helpfulness | benign over-refusal | target met | final lambda "
-        "| KL | s per rl_step | peak memory GiB |", "|" + "---|" * 10]
-for name in ("sft", "ppo", "ppo_lagrangian", "rloo", "rloo_lagrangian"):
-    o, t = r["oracle"][name]["all"], r.get("training", {}).get(name)
-    met = None not in (o["unsafe_rate"]["rate"], sft_help) and o["unsafe_rate"]["rate"] <= 0.05 \
-        and o["helpfulness_benign"]["mean"] >= sft_help
-    models = "1" if name == "sft" else "4" if name.startswith("rloo") else "6"
-    train = ([f"{t['final_lambda']:.3f}", f"{t['final_kl']:.2f}", f"{t['step_time_s']:.3f}", f"{t['peak_memory_gib']:.2f}"]
-             if t else ["–"] * 4)
-    rows.append(f"| {name} | {models} | {ci(o['unsafe_rate'], 'rate')} | {ci(o['helpfulness_benign'], 'mean')} | "
-                f"{ci(o['over_refusal_rate'], 'rate')} | {'yes' if met else 'no'} | " + " | ".join(train) + " |")
-table = "\n".join(rows)
-(results / "rloo_side_by_side.md").write_text(table + "\n")
-print(table)
-if profile == "full":  # docs/rloo.md gets the table, README.md its first five and the time columns
-    shutil.copy(results / "curves" / "training_curves.png", Path("docs") / "rloo_curves.png")
-    short = "\n".join("|" + "|".join(line.split("|")[1:6] + line.split("|")[9:10]) + "|" for line in rows)
-    for path, block in ((Path("docs/rloo.md"), table), (Path("README.md"), short)):
-        path.write_text(re.sub(r"<!-- rloo:start -->.*?<!-- rloo:end -->",
-                               lambda m: "<!-- rloo:start -->\n" + block + "\n<!-- rloo:end -->", path.read_text(), flags=re.S))
-    print("docs/rloo.md's and README.md's tables and docs/rloo_curves.png updated")
-EOF
+  $PY -m tools.docs_blocks rloo "$results-rloo" --profile "$profile"
 }
 run_rounds() {  # the paper's iterated Safe RLHF (section 4.1, figures 3-5) from this profile's round 1
   stage "rounds: iterated Safe RLHF from $runs (rounds.py) -> $runs/rounds, $results-rounds"
   $PY rounds.py --overwrite --runs "$runs" --output_dir "$runs/rounds" --results_dir "$results-rounds" "${roundargs[@]}"
   if [ "$profile" = full ]; then
-    $PY - "$results-rounds" <<'EOF'
-import re, shutil, sys
-from pathlib import Path
-results = Path(sys.argv[1])
-for png in ("rounds.png", "rounds_scatter.png"):
-    shutil.copy(results / png, Path("docs") / png)
-md = (results / "rounds.md").read_text().split("\n", 1)[1].strip()  # without its title
-doc = Path("docs/rounds.md")
-text = doc.read_text() if doc.is_file() else "# Iterated Safe RLHF\n\n<!-- rounds:start -->\n<!-- rounds:end -->\n"
-doc.write_text(re.sub(r"<!-- rounds:start -->.*?<!-- rounds:end -->",
-                      lambda m: "<!-- rounds:start -->\n" + md + "\n<!-- rounds:end -->", text, flags=re.S))
-readme = Path("README.md").read_text()
-Path("README.md").write_text(re.sub(r"<!-- rounds:start -->.*?<!-- rounds:end -->", lambda m: "<!-- rounds:start -->\n"
-                                    + (results / "rounds_headline.md").read_text() + "<!-- rounds:end -->", readme, flags=re.S))
-print("docs/rounds.md and README.md's rounds table updated; docs/rounds.png, docs/rounds_scatter.png")
-EOF
+    $PY -m tools.docs_blocks rounds "$results-rounds"
   fi
 }
 if [ "$only_rloo" = 1 ]; then
@@ -215,39 +160,7 @@ $PY evaluate.py --policies "${policies[@]}" --reward_model "$runs/reward" --cost
 
 if [ "$profile" = full ]; then
   stage "docs/results.md, README.md's headline table and the plots refreshed from $results"
-  $PY - "$results" <<'EOF'
-import re, shutil, sys
-from pathlib import Path
-results = Path(sys.argv[1])
-docs = Path("docs"); docs.mkdir(exist_ok=True)
-for png in ("frontier.png", "training_curves.png", "scatter.png", "histograms.png", "sqrt_kl.png"):
-    if (results / png).is_file():
-        shutil.copy(results / png, docs / png)
-md = (results / "results.md").read_text().strip()
-table = re.sub(r"^(#+) ", r"##\1 ", md, flags=re.M)  # headings one level down, under the page's ###
-Path("docs/results.md").write_text(
-    "# Results on the toy world\n\nEvery table here is written by `make demo` (`demo.sh`, then `evaluate.py`); the\n"
-    "headline rows are in README.md, the plots next to this file, the metric names in docs/metrics.md.\n\n"
-    "### Evaluation of the `make demo` run\n\n<!-- results:start -->\n" + table + "\n<!-- results:end -->\n")
-# The headline: the first four columns of the policies table for SFT, plain PPO, three fixed nu, PPO-Lagrangian.
-lines = md.splitlines()
-start = next(i for i, line in enumerate(lines) if line.startswith("| policy |"))
-rows = {}
-for line in lines[start + 2:]:
-    if not line.startswith("|"):
-        break
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    rows[cells[0]] = cells[:4]
-keep = [name for name in ("sft", "ppo", "nu_0.01", "nu_1", "nu_100", "ppo_lagrangian") if name in rows]
-head = [c.strip() for c in lines[start].strip("|").split("|")][:4]
-block = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                  + ["| " + " | ".join(rows[n]) + " |" for n in keep])
-readme = Path("README.md").read_text()
-readme = re.sub(r"<!-- headline:start -->.*?<!-- headline:end -->",
-                lambda m: "<!-- headline:start -->\n" + block + "\n<!-- headline:end -->", readme, flags=re.S)
-Path("README.md").write_text(readme)
-print("docs/results.md and README.md's headline table updated; plots in docs/")
-EOF
+  $PY -m tools.docs_blocks results "$results"
 fi
 if [ "$profile" = full ] && [ "$train" = 1 ]; then run_ablations; fi
 if [ "$train" = 1 ]; then run_rloo; run_rounds; fi
