@@ -44,7 +44,7 @@ HINT = {"sft": "run sft.py first", "reward": "run reward.py first", "cost": "run
 class PolicyRun:
     """What a policy stage set up, handed from phase to phase. Filled in the order of the stage's
     main: open_run (the folder, tokenizer, data), load_models and prepare_models (the models),
-    add_optimizer (one per trained model), start (lambda, the resume, the logs); `step` counts rl_steps."""
+    add_optimizer (one per trained model), start_run (lambda, the resume, the logs); `step` counts rl_steps."""
     args: Any                      # the stage's Args (ppo_lagrangian.PolicyArgs or a subclass)
     d: M.Dist                      # the ranks (model.init_distributed)
     stage: str                     # "ppo_lagrangian" or "rloo_lagrangian": which stage writes (and may resume) the folder
@@ -77,7 +77,7 @@ class PolicyRun:
     meter: Any = None
 
     @property
-    def load(self) -> dict:
+    def load_options(self) -> dict:
         """model.py's loading options: fp32 weights; only rank 0 reads the checkpoints, the other ranks
         build meta skeletons and receive the weights when prepare_model shards them (one CPU copy per
         node instead of one per rank)."""
@@ -198,7 +198,7 @@ def load_models(run: PolicyRun) -> None:
     .cost_model): the actor (from --output_dir on resume), the frozen reference (the SFT policy) and the
     frozen reward and cost models. Each model must be the kind its slot takes (a cost model as the
     reward model is refused, not trained on), and the frozen scorers must share the actor's tokenizer."""
-    args, tokenizer, load = run.args, run.tokenizer, run.load
+    args, tokenizer, load = run.args, run.tokenizer, run.load_options
     M.seed_everything(args.seed)  # same on every rank: identical initial weights
     actor = M.load_causal_lm(args.output_dir if args.resume else args.actor_model_name_or_path, tokenizer,
                              stage_hint=HINT["sft"], flag="--output_dir" if args.resume else "--actor_model_name_or_path",
@@ -241,7 +241,7 @@ def add_optimizer(run: PolicyRun, name: str, model, lr: float, weight_decay: flo
     run.trained[name] = (model, opt, sched)
 
 
-def start(run: PolicyRun, desc: str) -> None:
+def start_run(run: PolicyRun, desc: str) -> None:
     """log(lambda) as a parameter, its SGD optimiser and this rank's window of raw episode costs; then a
     fresh run seeds sampling per rank, and --resume restores what save_run wrote on this rank
     (plumbing.open_run_folder has checked that this stage wrote it): every trained model's optimiser and

@@ -36,6 +36,10 @@ accumulation inside one rl_step (the official default is 1), evaluation during t
 sampling without the implicit top_k=50, position ids from the attention mask, gamma and GAE lambda
 exposed as arguments, lambda identical on every rank by an all-reduce (not reduce + broadcast).
 
+This file is the algorithm and its loop; the run machinery it shares with rloo_lagrangian.py (loading
+the data and models, the rollout and its scoring, logging, checkpoint and resume) is policy_run.py's,
+called by name at each step of the loop.
+
 Run (the toy world, after sft.py, reward.py and cost.py):
     python ppo_lagrangian.py
     torchrun --nproc_per_node 2 ppo_lagrangian.py
@@ -44,8 +48,8 @@ actor PKU-Alignment/alpaca-7b-reproduced, prompts PKU-SafeRLHF/train, PTX on tat
     torchrun --nproc_per_node 8 ppo_lagrangian.py --recipe paper --reward_model_name_or_path runs/reward-7b \\
         --cost_model_name_or_path runs/cost-7b --output_dir runs/ppo-lag-7b
 
-Shape letters: B batch (sequences per rank), S padded prompt length, L = S + generated length,
-T = L - 1 - start response positions in the RL arrays, V vocabulary.
+Shape letters: B batch (sequences per rank), b sequences per micro-batch, S padded prompt length,
+L = S + generated length, T = L - 1 - start response positions in the RL arrays, V vocabulary.
 """
 
 from __future__ import annotations
@@ -446,23 +450,19 @@ def main(args: Args) -> None:
     derivation = None
     if args.threshold is None:   # derived here, so a resumed run derives the same number
         args.threshold, derivation = derived_threshold(args.cost_model_name_or_path, args.target_unsafe_share)
-    # Claim the folder before reading anything: locked for this run, never another run's without
-    # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
+    # Claim the folder before reading anything (locked; with --resume the saved arguments must match).
     run = policy_run.open_run(args, d, STAGE, derivation)
 
     # ---- models: actor, reference, reward, cost (policy_run.load_models), two critics -------
-    # Only rank 0 reads the checkpoints; the other ranks build meta skeletons and receive the
-    # weights when prepare_model shards them (one CPU copy per node instead of one per rank).
+    # Only rank 0 reads the checkpoints (run.load_options); the others get the weights when prepare_model shards them.
     policy_run.load_models(run)
-    out = Path(args.output_dir)
-    critics = {"reward_critic": M.load_score_model(
-                   str(out / "reward_critic") if args.resume else args.reward_critic_model_name_or_path or
-                   args.reward_model_name_or_path, run.tokenizer, "critic", stage_hint=policy_run.HINT["reward"],
-                   accept=("policy", "reward", "critic"), flag="--reward_critic_model_name_or_path", **run.load),
-               "cost_critic": M.load_score_model(
-                   str(out / "cost_critic") if args.resume else args.cost_critic_model_name_or_path or
-                   args.cost_model_name_or_path, run.tokenizer, "critic", stage_hint=policy_run.HINT["cost"],
-                   accept=("policy", "cost", "critic"), flag="--cost_critic_model_name_or_path", **run.load)}
+    critics = {}   # by default each critic starts as its score model, head included (resume: the saved one)
+    for signal, init in (("reward", args.reward_critic_model_name_or_path or args.reward_model_name_or_path),
+                         ("cost", args.cost_critic_model_name_or_path or args.cost_model_name_or_path)):
+        critics[f"{signal}_critic"] = M.load_score_model(
+            str(Path(args.output_dir) / f"{signal}_critic") if args.resume else init, run.tokenizer, "critic",
+            stage_hint=policy_run.HINT[signal], accept=("policy", signal, "critic"),
+            flag=f"--{signal}_critic_model_name_or_path", **run.load_options)
     critics = policy_run.prepare_models(run, critics)   # actor and critics trained, the other three frozen
     actor, reward_critic, cost_critic = run.actor, critics["reward_critic"], critics["cost_critic"]
     M.print0(f"actor {plumbing.count_parameters(actor) * d.world_size / 1e6:.2f}M parameters (x6 models) | "
@@ -472,11 +472,10 @@ def main(args: Args) -> None:
     policy_run.add_optimizer(run, "actor", actor, args.actor_lr, args.actor_weight_decay, args.actor_lr_scheduler)
     for name, critic in critics.items():
         policy_run.add_optimizer(run, name, critic, args.critic_lr, args.critic_weight_decay, args.critic_lr_scheduler)
-    policy_run.start(run, desc="ppo-lag")   # log(lambda), the resume (--resume), the logs, the progress bar
+    policy_run.start_run(run, desc="ppo-lag")   # log(lambda), the resume (--resume), the logs, the progress bar
 
     # ---- the loop -------------------------------------------------------------------------
     for epoch, batch_prompts in policy_run.rollout_batches(run):
-
         # ======== 1. rollout (no grad, eval mode) ========================================
         t0 = time.perf_counter()
         actor.eval(), reward_critic.eval(), cost_critic.eval()   # rollout and scoring: no dropout anywhere

@@ -172,11 +172,10 @@ def main(args: Args) -> None:
 
     # ---- optimisers: the actor's, plus SGD on log(lambda) ----------------------------------
     policy_run.add_optimizer(run, "actor", actor, args.actor_lr, args.actor_weight_decay, args.actor_lr_scheduler)
-    policy_run.start(run, desc="rloo-lag")   # log(lambda), the resume (--resume), the logs, the progress bar
+    policy_run.start_run(run, desc="rloo-lag")   # log(lambda), the resume (--resume), the logs, the progress bar
 
     # ---- the loop -------------------------------------------------------------------------
     for epoch, batch_prompts in policy_run.rollout_batches(run):
-
         # ======== 1. rollout: K answers per prompt (no grad, eval mode) ==================
         t0 = time.perf_counter()
         actor.eval()
