@@ -62,10 +62,11 @@ import torch
 
 import model as M
 import plumbing
+import policy_run
 from plumbing import UserError
-from ppo_lagrangian import (PolicyArgs, actor_step, check_args, checkpoint_due, combined_advantage, dual_step, generate,
-                            load_data, load_models, log_step, make_lambda, open_logs, per_token_rewards_and_costs,
-                            rollout_batches, save_run, score, shaped_score, start_run, step_record)
+# ppo_lagrangian.py's flags and Lagrangian math (the shared run machinery is policy_run.py's)
+from ppo_lagrangian import (PolicyArgs, actor_objective, combined_advantage, derived_threshold, dual_step,
+                            per_token_rewards_and_costs, shaped_score)
 
 STAGE = "rloo_lagrangian"
 
@@ -146,7 +147,7 @@ def leave_one_out_advantages(returns: torch.Tensor, samples_per_prompt: int, sca
 
 
 def main(args: Args) -> None:
-    # ---- distributed set-up (model.py), checks ---------------------------------------------
+    # ---- distributed set-up (model.py), checks, the run folder, tokenizer and data ----------
     d = M.init_distributed(args.device)
     K = args.samples_per_prompt
     if K < 2:
@@ -154,70 +155,53 @@ def main(args: Args) -> None:
     if args.per_device_train_batch_size % K:
         raise UserError(f"--per_device_train_batch_size {args.per_device_train_batch_size}: must be a multiple of "
                         f"--samples_per_prompt {K}, so that every rl_step updates on whole groups")
-    derivation = check_args(args, d, sequences_per_prompt=K)
-    bf16 = d.device.type == "cuda"
+    policy_run.check_args(args, d, sequences_per_prompt=K)
+    derivation = None
+    if args.threshold is None:   # derived as ppo_lagrangian.py does, before the run folder compares the arguments
+        args.threshold, derivation = derived_threshold(args.cost_model_name_or_path, args.target_unsafe_share)
     # Claim the folder before reading anything (as ppo_lagrangian.py; nothing written before the checks).
-    lock, state = plumbing.open_run_folder(args, d.world_size, d.is_main, STAGE)  # noqa: F841 - held to the end
-
-    # ---- tokenizer and data (validated before anything is written) -------------------------
-    tokenizer, prompts, ptx_examples, data_summary, rollouts_per_epoch, total_rollouts = load_data(args, d)
+    run = policy_run.open_run(args, d, STAGE, derivation)
 
     # ---- models: actor, reference, reward, cost (no critics) -------------------------------
     # Only rank 0 reads the checkpoints; the others receive the weights when prepare_model shards them.
-    load = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code, meta=d.enabled and not d.is_main)
-    actor, reference, reward_model, cost_model = load_models(args, d, tokenizer, **load)
-    actor = M.prepare_model(actor, d, trainable=True, bf16=bf16, activation_checkpointing=args.gradient_checkpointing)
-    reference = M.prepare_model(reference, d, trainable=False, bf16=bf16)
-    reward_model = M.prepare_model(reward_model, d, trainable=False, bf16=bf16)
-    cost_model = M.prepare_model(cost_model, d, trainable=False, bf16=bf16)
+    policy_run.load_models(run)
+    policy_run.prepare_models(run)   # the actor trained, the other three frozen
+    actor = run.actor
     M.print0(f"actor {plumbing.count_parameters(actor) * d.world_size / 1e6:.2f}M parameters (x4 models) | "
-             f"{len(prompts)} unique prompts x {K} answers | {args.total_steps} rl_steps | world size {d.world_size}")
+             f"{len(run.prompts)} unique prompts x {K} answers | {args.total_steps} rl_steps | world size {d.world_size}")
 
     # ---- optimisers: the actor's, plus SGD on log(lambda) ----------------------------------
-    actor_opt = plumbing.make_optimizer(actor, args.actor_lr, args.actor_weight_decay,
-                                        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    actor_sched = plumbing.make_scheduler(actor_opt, args.actor_lr_scheduler,
-                                          int(args.actor_warmup_ratio * args.total_steps), args.total_steps)
-    trained = {"actor": (actor, actor_opt, actor_sched)}
-    log_lambda, lambda_opt, episode_costs = make_lambda(args, d)
-
-    step, position = start_run(args, d, state, trained, log_lambda, episode_costs)
-    logger, samples_log = open_logs(args, d, step, data_summary)
-    M.print0(plumbing.recipe_line(args))
-    M.print0(derivation or f"threshold {args.threshold:+.3f} (--threshold)")
+    policy_run.add_optimizer(run, "actor", actor, args.actor_lr, args.actor_weight_decay, args.actor_lr_scheduler)
+    policy_run.start_run(run, desc="rloo-lag")   # log(lambda), the resume (--resume), the logs, the progress bar
 
     # ---- the loop -------------------------------------------------------------------------
-    bar = plumbing.progress(total=args.total_steps, initial=step, enabled=d.is_main, desc="rloo-lag")
-    meter = plumbing.Throughput(step, args.total_steps)
-    for epoch, batch_prompts in rollout_batches(args, d, prompts, position, rollouts_per_epoch, total_rollouts):
-        answered = [p for p in batch_prompts for _ in range(K)]   # the prompt of each of the B sequences
-        timer = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
-
+    for epoch, batch_prompts in policy_run.rollout_batches(run):
         # ======== 1. rollout: K answers per prompt (no grad, eval mode) ==================
         t0 = time.perf_counter()
         actor.eval()
-        sequences, attention_mask, S = generate(args, d, tokenizer, actor, batch_prompts, K)   # (B, L)
-        timer["generation"] = time.perf_counter() - t0
+        rollout = policy_run.generate_responses(run, epoch, batch_prompts, K)   # a prompt's K answers side by side
+        sequences, attention_mask, S = rollout.sequences, rollout.attention_mask, rollout.S   # (B, L)
+        rollout.timer["generation"] = time.perf_counter() - t0
 
         # ======== 2. score and record the old policy (no grad) ===========================
         t0 = time.perf_counter()
-        # EOS, reward and cost, missing-EOS penalty, old and reference log-probs (ppo_lagrangian.score)
-        rollout = score(args, d, tokenizer, sequences, attention_mask, S, actor, reference, reward_model, cost_model)
-        reward, cost, old_logprobs, mask = rollout["reward"], rollout["cost"], rollout["old_logprobs"], rollout["mask"]
+        # EOS, reward and cost, missing-EOS penalty, old and reference log-probs (as ppo_lagrangian.py)
+        scores = policy_run.score_responses(run, rollout)
+        reward, cost, old_logprobs, mask = scores["reward"], scores["cost"], scores["old_logprobs"], scores["mask"]
         # the episode-cost window holds the cost-model scores, as in ppo_lagrangian.py
-        episode_costs.extend(cost.tolist())
-        timer["scoring"] = time.perf_counter() - t0
+        run.episode_costs.extend(cost.tolist())
+        rollout.timer["scoring"] = time.perf_counter() - t0
 
         # ======== 3. sequence returns and each signal's leave-one-out advantage ==========
         score_ = shaped_score(reward, cost, args.lambda_init) if args.reward_shaping else reward  # (B,)
-        rewards, costs = per_token_rewards_and_costs(score_, cost, old_logprobs, rollout["ref_logprobs"], mask,
+        rewards, costs = per_token_rewards_and_costs(score_, cost, old_logprobs, scores["ref_logprobs"], mask,
                                                      args.kl_coeff, args.clip_range_score)  # (B, T) as ppo_lagrangian.py
         reward_returns, cost_returns = sequence_returns(rewards, costs)                   # (B,) each
         group = dict(samples_per_prompt=K, scale_by_std=args.scale_by_std, std_epsilon=args.std_epsilon)
         reward_advantages = leave_one_out_advantages(reward_returns, **group)            # (B,)
         cost_advantages = leave_one_out_advantages(cost_returns, **group)                # (B,)
-        rollout.update(rewards=rewards, costs=costs,  # for the diagnostics: the advantages on every token
-                       reward_advantages=reward_advantages[:, None] * mask, cost_advantages=cost_advantages[:, None] * mask)
+        scores.update(rewards=rewards, costs=costs,  # for the diagnostics: the advantages on every token
+                      reward_advantages=reward_advantages[:, None] * mask, cost_advantages=cost_advantages[:, None] * mask)
 
         # ======== 4. actor updates: epochs x micro-batches (whole groups) of rl_steps ====
         t0 = time.perf_counter()
@@ -227,42 +211,27 @@ def main(args: Args) -> None:
             for lo in range(0, B, mb):
                 sl = slice(lo, lo + mb)
                 # -- 4a. the dual step first (eq. 12): the same lambda on every rank ---------
-                lagrange_multiplier, episode_cost = dual_step(args, d, log_lambda, lambda_opt, episode_costs, step)
+                lagrange_multiplier, episode_cost = dual_step(run)
                 # -- 4b. actor (+ PTX): the sequence advantage on every token of its answer -----
                 advantages = (reward_advantages[sl] if args.reward_shaping else  # shaping: one return
                               combined_advantage(reward_advantages[sl], cost_advantages[sl], lagrange_multiplier))
                 advantages = advantages[:, None].expand_as(mask[sl])                                # (b, T)
-                losses = actor_step(args, d, tokenizer, actor, actor_opt, actor_sched, sequences[sl],
-                                    attention_mask[sl], S - 1, old_logprobs[sl], advantages, mask[sl],
-                                    ptx_examples, step)
-                step += 1
-                bar.update(1)
-                meter.add(tokens=M.all_reduce(attention_mask[sl].sum().float()).item(),
-                          sequences=mb * d.world_size, rl_steps=1)
+                logprobs, ptx = policy_run.actor_forward(run, rollout, sl)   # (b, T); PTX's log-probs, labels
+                loss, losses = actor_objective(logprobs, old_logprobs[sl], advantages, mask[sl], args.clip_range_ratio,
+                                               ptx, args.ptx_coeff)
+                plumbing.check_finite(losses["actor"], "actor loss", run.step)
+                policy_run.optimizer_step(run, "actor", loss)
+                run.step += 1
 
                 # ======== 5. diagnostics: one record per rl_step, averaged over ranks ===========
-                timer["training"] = time.perf_counter() - t0
-                micro = {k: v[sl] for k, v in rollout.items()}
-                record = step_record(step, epoch, micro, losses, update_iter == 0 and lo == 0, lagrange_multiplier,
-                                     episode_cost, args.threshold)
-                record.update({"lr/actor": actor_sched.get_last_lr()[0],
-                               "memory/peak_gib": plumbing.peak_memory_gib(d.device),
-                               **{f"time/{k}": v for k, v in timer.items()}})
-                log_step(args, record, bar, meter, logger, samples_log, tokenizer, step, answered[lo:lo + 4],
-                         sequences[sl], S, reward[sl], cost[sl])
-        # stop only at a rollout boundary, so a resumed run continues with the next rollout
-        stop = args.stop_at_step is not None and step >= args.stop_at_step
-        if args.save and not stop and checkpoint_due(args, step):
-            save_run(args, d, tokenizer, trained, log_lambda, episode_costs, {**position, "step": step}, STAGE)
-        if stop:
+                rollout.timer["training"] = time.perf_counter() - t0
+                policy_run.log_step(run, rollout, sl, losses, update_iter == 0 and lo == 0, lagrange_multiplier,
+                                    episode_cost)
+        if policy_run.end_of_rollout(run):   # a checkpoint when due; --stop_at_step stops at a rollout's end
             break
-    bar.close()
-    M.print0(f"trained: {meter.summary(step)}")
 
     # ---- saving, then tearing down ----------------------------------------------------------
-    if args.save:
-        save_run(args, d, tokenizer, trained, log_lambda, episode_costs, {**position, "step": step}, STAGE)
-        M.print0(f"saved the actor to {args.output_dir}")
+    policy_run.finish_run(run)
     M.teardown_distributed()
 
 

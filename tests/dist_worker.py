@@ -10,7 +10,8 @@ step:     (ARG: the init checkpoint) one FSDP2 training step of a tiny LLaMA on 
 generate: sampling where rows (and ranks) reach EOS at different steps; writes per-rank results.
 rloo_step: (ARG: a policy checkpoint) one actor update of rloo_lagrangian.py on a fixed rollout of 2
           prompts x 4 answers with fixed reward and cost scores: each rank takes whole groups, computes
-          their leave-one-out advantages and runs ppo_lagrangian.actor_step (plain SGD, no clip, so the
+          their leave-one-out advantages and runs the stages' actor update (policy_run.actor_forward,
+          ppo_lagrangian.actor_objective, policy_run.optimizer_step; plain SGD, no clip, so the
           update is the gradient itself; the old log-probs off by a per-token amount, so ratios vary and
           the loss is not the zero a group's advantages sum to); writes loss and checkpoint.
 """
@@ -69,6 +70,7 @@ def step(out: Path, init: str):
 
 
 def rloo_step(out: Path, init: str):
+    import policy_run
     import ppo_lagrangian as P
     import rloo_lagrangian as R
 
@@ -95,8 +97,13 @@ def rloo_step(out: Path, init: str):
     rewards, costs = P.per_token_rewards_and_costs(reward, cost, old, old - 0.1, response_mask, 0.1, 50.0)
     g_r, g_c = R.sequence_returns(rewards, costs)
     advantage = P.combined_advantage(R.leave_one_out_advantages(g_r, 4), R.leave_one_out_advantages(g_c, 4), 0.5)
-    losses = P.actor_step(args, d, tokenizer, policy, opt, sched, ids, mask, start, old,
-                          advantage[:, None].expand_as(response_mask), response_mask, None, 0)
+    run = policy_run.PolicyRun(args=args, d=d, stage="rloo_lagrangian", tokenizer=tokenizer, actor=policy,
+                               trained={"actor": (policy, opt, sched)})
+    rollout = policy_run.Rollout(epoch=0, prompts=[], sequences=ids, attention_mask=mask, S=start + 1)
+    logprobs, ptx = policy_run.actor_forward(run, rollout, slice(None))
+    loss, losses = P.actor_objective(logprobs, old, advantage[:, None].expand_as(response_mask), response_mask,
+                                     args.clip_range_ratio, ptx)
+    policy_run.optimizer_step(run, "actor", loss)
     global_loss = M.all_reduce(losses["actor"].detach(), "mean")
     M.save_checkpoint(out / "ckpt", d, tokenizer, {"": policy})
     if d.is_main:
