@@ -705,7 +705,7 @@ def begin_run_folder(args, is_main: bool) -> Path:
     if not is_main:
         return folder
     aside = _sibling(folder, ".replaced")
-    if not args.resume and folder.is_dir() and any((folder / name).exists() for name in RUN_FILES):
+    if not args.resume and folder.is_dir() and any((folder / name).exists() for name in project_names(folder) or ()):
         if aside.exists():
             shutil.rmtree(aside)
         aside.mkdir()

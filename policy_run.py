@@ -174,8 +174,8 @@ def open_run(args, d: M.Dist, stage: str, derivation: str | None = None) -> Poli
     summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.split)}
     prompts = load_prompts(args, summaries["train"])
     # a prompt longer than max_length // 2 tokens keeps its last ones (M.encode_prompts): counted, not dropped
-    summaries["train"].stats["truncated_prompts"] = sum(
-        len(ids) > args.max_length // 2 for ids in tokenizer([M.format_prompt(p) for p in prompts])["input_ids"])
+    summaries["train"].stats["truncated_prompts"] = sum(  # (no prompt at all: report_data refuses below)
+        len(ids) > args.max_length // 2 for ids in (tokenizer([M.format_prompt(p) for p in prompts])["input_ids"] if prompts else []))
     ptx_examples = load_ptx(args, tokenizer, summaries)
     data_summary = plumbing.report_data(summaries, args.strict, d.is_main)
     global_prompt_batch = args.per_device_prompt_batch_size * d.world_size
@@ -203,6 +203,7 @@ def load_models(run: PolicyRun) -> None:
     actor = M.load_causal_lm(args.output_dir if args.resume else args.actor_model_name_or_path, tokenizer,
                              stage_hint=HINT["sft"], flag="--output_dir" if args.resume else "--actor_model_name_or_path",
                              **load)
+    M.check_max_length(actor, args.max_length)
     M.seed_everything(args.seed)  # a preset (random-init) actor and its reference are then the same model
     reference = M.load_causal_lm(args.actor_model_name_or_path, tokenizer, stage_hint=HINT["sft"],
                                  flag="--actor_model_name_or_path", **load)
@@ -266,6 +267,7 @@ def start_run(run: PolicyRun, desc: str) -> None:
         M.print0(f"resumed from {args.output_dir} at rl_step {state['json']['step']}")
         run.step = state["json"]["step"]
         run.position = {"epoch": state["json"]["epoch"], "rollout_in_epoch": state["json"]["rollout_in_epoch"]}
+        plumbing.check_not_finished(args.output_dir, run.step, args.total_steps)
     run.logger, run.samples_log = open_logs(run)
     M.print0(plumbing.recipe_line(args))
     M.print0(run.derivation or f"threshold {args.threshold:+.3f} (--threshold)")
@@ -279,11 +281,8 @@ def open_logs(run: PolicyRun) -> tuple:
     args, is_main = run.args, run.d.is_main
     out = Path(args.output_dir)
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                (out / name).unlink(missing_ok=True)
-        else:
+        plumbing.begin_run_folder(args, is_main)  # --overwrite: the old run waits aside until the first save
+        if args.resume:
             plumbing.trim_logs(out, run.step)
         (out / "args.json").write_text(json.dumps(asdict(args), indent=1) + "\n")
         plumbing.write_json_atomic(out / "data_summary.json", run.data_summary)

@@ -393,6 +393,7 @@ def derived_threshold(cost_model: str, target_unsafe_share: float) -> tuple[floa
     the expected cost of a policy whose answers are unsafe with probability u and otherwise cost what
     a safe answer costs. The two conditional means are measured by cost.py on its held-out labelled
     responses (eval.json, `eval/safe_cost_mean` and `eval/unsafe_cost_mean`). Returns (d', how)."""
+    M.check_kind(cost_model, ("cost",), "--cost_model_name_or_path")  # a policy has no calibration: say what it is
     path = Path(cost_model) / "eval.json"
     try:
         ev = json.loads(path.read_text())
