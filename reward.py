@@ -457,7 +457,7 @@ class Run:
     step: int
     """optimiser steps taken: the data position, all --resume needs to continue the data"""
     last_step: int
-    """where this process stops: --total_steps, or --stop_at_step before it"""
+    """where this process stops: args.total_steps, or --stop_at_step before it"""
 
 
 def stage_hint(args: Args) -> str:
@@ -467,13 +467,14 @@ def stage_hint(args: Args) -> str:
 
 def load_tokenizer(args: Args):
     """The initial model's tokenizer (or --tokenizer_name_or_path's), once its folder is known to exist."""
-    if stage_hint(args) and not Path(args.model_name_or_path).exists():
+    hint = stage_hint(args)
+    if hint and not Path(args.model_name_or_path).exists():
         # The default "runs/sft" has one slash, so it would pass for a hub name "org/name" and end in a
         # hub-connection error; the default is always a local folder: say what is wrong instead.
-        raise UserError(f"checkpoint {args.model_name_or_path} does not exist ({stage_hint(args)})")
+        raise UserError(f"checkpoint {args.model_name_or_path} does not exist ({hint})")
     if args.model_name_or_path not in M.PRESETS:
         # The folder before its tokenizer: a wrong folder gets the checkpoint message, not a tokenizer one.
-        M.check_checkpoint_path(args.model_name_or_path, stage_hint(args))
+        M.check_checkpoint_path(args.model_name_or_path, hint)
     return M.load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path, "right",
                             trust_remote_code=args.trust_remote_code)
 

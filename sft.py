@@ -333,7 +333,7 @@ class Run:
     step: int
     """optimiser steps taken: the data position, all --resume needs to continue the data"""
     last_step: int
-    """where this process stops: --total_steps, or --stop_at_step before it"""
+    """where this process stops: args.total_steps, or --stop_at_step before it"""
 
 
 def tokenizer_path(args: Args, root: Path | None) -> str:
