@@ -50,7 +50,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -426,35 +426,61 @@ def evaluate(model, pairs: list[dict], args: Args, d: M.Dist, tokenizer, objecti
 
 
 # --------------------------------------------------------------------------------------------
-# The loop shared by reward.py and cost.py
+# Run phases: the steps train() takes, in its order, each a small function of the run's state
 # --------------------------------------------------------------------------------------------
 
 
-def train(args: Args, objective: Objective) -> None:
-    # ---- distributed setup ---------------------------------------------------------------------
-    if objective.score_type == "reward" and args.cost_terms != "both":
-        raise UserError(f"--cost_terms {args.cost_terms} is a cost.py setting; reward.py trains eq. 5")
-    d = M.init_distributed()
-    if args.dataset == Args.dataset:  # the default data: create the toy world if missing
-        import toyworld
-        toyworld.ensure_toy_data(Path(args.dataset).parent)
-    output_dir = Path(args.output_dir or f"runs/{objective.score_type}")
-    args.output_dir = str(output_dir)
-    # Claim the folder before reading anything: locked for this run, never another run's without
-    # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
-    lock, resume_state = plumbing.open_run_folder(args, d.world_size, d.is_main)  # noqa: F841 - held to the end
+@dataclass
+class Data:
+    """The training and held-out pairs (load_pairs), validated before the output folder is touched."""
+    train: list[dict]
+    train_truncated: int
+    """training sequences cut at --max_length"""
+    eval: list[dict]
+    """held-out pairs ([] with --eval_split '')"""
+    eval_truncated: int
+    summary: dict
+    """data_summary.json: rows read, used and dropped by reason (plumbing.report_data)"""
 
-    # ---- tokenizer and data (validated before the output folder is touched) -------------------
-    stage_hint = "run sft.py first" if args.model_name_or_path == Args.model_name_or_path else ""
-    if stage_hint and not Path(args.model_name_or_path).exists():
+
+@dataclass
+class Run:
+    """What the phases share: the set-up, the data, the trained score model and where the loop stands."""
+    args: Args
+    d: M.Dist
+    tokenizer: object
+    objective: Objective
+    data: Data
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int
+    """optimiser steps taken: the data position, all --resume needs to continue the data"""
+    last_step: int
+    """where this process stops: args.total_steps, or --stop_at_step before it"""
+
+
+def stage_hint(args: Args) -> str:
+    """What to do when the default initial model, runs/sft, is missing."""
+    return "run sft.py first" if args.model_name_or_path == Args.model_name_or_path else ""
+
+
+def load_tokenizer(args: Args):
+    """The initial model's tokenizer (or --tokenizer_name_or_path's), once its folder is known to exist."""
+    hint = stage_hint(args)
+    if hint and not Path(args.model_name_or_path).exists():
         # The default "runs/sft" has one slash, so it would pass for a hub name "org/name" and end in a
         # hub-connection error; the default is always a local folder: say what is wrong instead.
-        raise UserError(f"checkpoint {args.model_name_or_path} does not exist ({stage_hint})")
+        raise UserError(f"checkpoint {args.model_name_or_path} does not exist ({hint})")
     if args.model_name_or_path not in M.PRESETS:
         # The folder before its tokenizer: a wrong folder gets the checkpoint message, not a tokenizer one.
-        M.check_checkpoint_path(args.model_name_or_path, stage_hint)
-    tokenizer = M.load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path, "right",
-                                 trust_remote_code=args.trust_remote_code)
+        M.check_checkpoint_path(args.model_name_or_path, hint)
+    return M.load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path, "right",
+                            trust_remote_code=args.trust_remote_code)
+
+
+def load_data(args: Args, d: M.Dist, tokenizer, objective: Objective) -> Data:
+    """The training split and the held-out one (refused where it holds training rows), summarised."""
     summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.train_split)}
     load = dict(max_length=args.max_length, drop_duplicates=args.drop_duplicates)
     train_pairs, train_truncated = load_pairs(args.dataset, args.train_split, tokenizer, objective, limit=args.limit,
@@ -470,24 +496,31 @@ def train(args: Args, objective: Objective) -> None:
         plumbing.check_eval_rows(args, {p["key"] for p in train_pairs}, [p["key"] for p in eval_pairs], summaries["eval"])
     else:
         summaries["train"].notes.append("no held-out evaluation (--eval_split ''): give --eval_dataset for one")
-    data_summary = plumbing.report_data(summaries, args.strict, d.is_main)
+    return Data(train_pairs, train_truncated, eval_pairs, eval_truncated,
+                plumbing.report_data(summaries, args.strict, d.is_main))
 
+
+def derive_sizes(args: Args, d: M.Dist, train_pairs: int) -> None:
+    """Fill in the sizes derived from the others (logged in args.json); refuse a run without a step."""
     args.global_batch_size = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
-    args.steps_per_epoch = len(train_pairs) // args.global_batch_size
+    args.steps_per_epoch = train_pairs // args.global_batch_size
     args.total_steps = args.max_steps or int(args.epochs * args.steps_per_epoch)
     if args.steps_per_epoch == 0:
-        raise UserError(f"--dataset {args.dataset}: {len(train_pairs)} usable training pairs, fewer than one global "
+        raise UserError(f"--dataset {args.dataset}: {train_pairs} usable training pairs, fewer than one global "
                           f"batch of {args.global_batch_size}; lower --per_device_train_batch_size or --gradient_accumulation_steps")
     if args.total_steps == 0:
         raise UserError(f"--epochs {args.epochs}: less than one optimiser step ({args.steps_per_epoch} per epoch)")
 
-    # ---- model: same seed on every rank (identical head initialisation), then shard -------------
+
+def start_training(args: Args, d: M.Dist, tokenizer, objective: Objective, data: Data, resume_state: dict | None) -> Run:
+    """The score model (same seed on every rank: identical head initialisation; then sharded), its
+    optimiser and schedule; with --resume, their saved states, the data position and the RNG states."""
     M.seed_everything(args.seed)
-    init_from = str(output_dir) if resume_state else args.model_name_or_path
+    init_from = args.output_dir if resume_state else args.model_name_or_path
     # Under torchrun only rank 0 reads the weights; the others build a meta skeleton and receive
     # rank 0's weights when prepare_model shards the model (one CPU copy per node).
     model = M.load_score_model(init_from, tokenizer, objective.score_type, trust_remote_code=args.trust_remote_code,
-                               stage_hint=stage_hint, meta=d.enabled and not d.is_main,
+                               stage_hint=stage_hint(args), meta=d.enabled and not d.is_main,
                                accept=("policy", objective.score_type),
                                flag="--output_dir" if resume_state else "--model_name_or_path")
     M.print0(f"{objective.score_type} model from {init_from}: {plumbing.count_parameters(model) / 1e6:.2f}M parameters")
@@ -501,75 +534,154 @@ def train(args: Args, objective: Objective) -> None:
     step = 0
     if resume_state:
         trainer_state = resume_state["json"]["trainer"]
-        plumbing.check_same_run(trainer_state, {"train_rows": len(train_pairs), "global_batch_size": args.global_batch_size,
+        plumbing.check_same_run(trainer_state, {"train_rows": len(data.train), "global_batch_size": args.global_batch_size,
                                          "total_steps": args.total_steps, "group_by_length": args.group_by_length})
         plumbing.load_optimizer_state(model, optimizer, "optimizer", resume_state)
         scheduler.load_state_dict(trainer_state["scheduler"])
         plumbing.restore_rng_states(resume_state, d)
         step = trainer_state["step"]
-        M.print0(f"resuming {output_dir} at step {step}/{args.total_steps}")
+        M.print0(f"resuming {args.output_dir} at step {step}/{args.total_steps}")
     else:
         M.seed_everything(args.seed + d.rank)  # per-rank seed for anything random from here on
+    last_step = min(args.total_steps, args.stop_at_step) if args.stop_at_step else args.total_steps
+    return Run(args, d, tokenizer, objective, data, model, optimizer, scheduler, step, last_step)
 
-    # ---- the output folder: only now, after every input was validated --------------------------
-    logger = plumbing.JsonlLogger(output_dir / "metrics.jsonl", enabled=d.is_main)
-    if d.is_main:
+
+def open_output_folder(run: Run, resumed: bool) -> plumbing.JsonlLogger:
+    """Write the run's arguments and data summary, and open metrics.jsonl (trimmed to the checkpoint
+    with --resume; a fresh run replaces an older run's files)."""
+    args, data, output_dir = run.args, run.data, Path(run.args.output_dir)
+    logger = plumbing.JsonlLogger(output_dir / "metrics.jsonl", enabled=run.d.is_main)
+    if run.d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:  # a fresh run (--overwrite) replaces the run files of an older one
             for name in ("metrics.jsonl", "eval.json"):
                 (output_dir / name).unlink(missing_ok=True)
         else:  # the killed run may have logged past its checkpoint
-            plumbing.trim_logs(output_dir, step)
+            plumbing.trim_logs(output_dir, run.step)
         (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1) + "\n")
-        plumbing.write_json_atomic(output_dir / "data_summary.json", data_summary)
+        plumbing.write_json_atomic(output_dir / "data_summary.json", data.summary)
     M.print0(plumbing.recipe_line(args))
-    M.print0(f"data: {len(train_pairs)} train pairs ({train_truncated} sequences truncated at {args.max_length} "
-             f"tokens), {len(eval_pairs)} eval pairs ({eval_truncated} truncated) | global batch "
+    M.print0(f"data: {len(data.train)} train pairs ({data.train_truncated} sequences truncated at {args.max_length} "
+             f"tokens), {len(data.eval)} eval pairs ({data.eval_truncated} truncated) | global batch "
              f"{args.global_batch_size} pairs | {args.total_steps} steps")
-    if not resume_state:  # a resumed run's data are checked equal to the ones logged here
-        logger.log({"step": step, "data/train_pairs": len(train_pairs), "data/train_truncated": train_truncated,
-                    "data/eval_pairs": len(eval_pairs), "data/eval_truncated": eval_truncated})
+    if not resumed:  # a resumed run's data are checked equal to the ones logged here
+        logger.log({"step": run.step, "data/train_pairs": len(data.train), "data/train_truncated": data.train_truncated,
+                    "data/eval_pairs": len(data.eval), "data/eval_truncated": data.eval_truncated})
+    return logger
 
-    def save(final: bool = False) -> None:
-        train_state = plumbing.merge_states(
-            plumbing.optimizer_state(model, optimizer, "optimizer"),
-            {"tensors": {}, "json": {"trainer": {"step": step, "scheduler": scheduler.state_dict(),
-                                                 "total_steps": args.total_steps, "train_rows": len(train_pairs),
-                                                 "global_batch_size": args.global_batch_size,
-                                                 "group_by_length": args.group_by_length, "final": final}}},
-            plumbing.gather_rng_states(d))
-        M.save_checkpoint(output_dir, d, tokenizer, {"": model}, train_state=train_state)
+
+def global_batches(args: Args, n_pairs: int, lengths: list[int] | None, start: int, stop: int) -> Iterator[list[int]]:
+    """The global batch (pair indices) of every optimiser step from `start` to `stop`: the same on every
+    rank, each epoch in its own order (plumbing.epoch_order), the last incomplete batch dropped."""
+    order, order_epoch = None, -1
+    for step in range(start, stop):
+        epoch, k = divmod(step, args.steps_per_epoch)
+        if epoch != order_epoch:
+            order = plumbing.epoch_order(n_pairs, args.seed, epoch, lengths=lengths,
+                                  global_batch_size=args.global_batch_size)
+            order_epoch = epoch
+        yield order[k * args.global_batch_size:(k + 1) * args.global_batch_size]
+
+
+def save_checkpoint(run: Run, final: bool = False) -> None:
+    """The score model (model.load_score_model reads it) and what --resume needs: optimiser, schedule,
+    step, RNG states."""
+    args = run.args
+    train_state = plumbing.merge_states(
+        plumbing.optimizer_state(run.model, run.optimizer, "optimizer"),
+        {"tensors": {}, "json": {"trainer": {"step": run.step, "scheduler": run.scheduler.state_dict(),
+                                             "total_steps": args.total_steps, "train_rows": len(run.data.train),
+                                             "global_batch_size": args.global_batch_size,
+                                             "group_by_length": args.group_by_length, "final": final}}},
+        plumbing.gather_rng_states(run.d))
+    M.save_checkpoint(Path(args.output_dir), run.d, run.tokenizer, {"": run.model}, train_state=train_state)
+
+
+def evaluate_log_save(run: Run, record: dict, logger: plumbing.JsonlLogger, bar, meter: plumbing.Throughput) -> None:
+    """After a step: the held-out metrics every --eval_every steps, the record every --log_every steps,
+    a resumable checkpoint every --save_every steps; the last step logs and saves."""
+    args, step = run.args, run.step
+    if args.eval_every and step % args.eval_every == 0 and run.data.eval and step < args.total_steps:
+        record.update(evaluate(run.model, run.data.eval, args, run.d, run.tokenizer, run.objective)[0])
+    if step % args.log_every == 0 or step == run.last_step:
+        record.update(meter.rates(step))
+        logger.log(record)
+        if run.d.is_main:
+            bar.write(plumbing.log_line(record))
+    if args.save and ((args.save_every and step % args.save_every == 0) or step == run.last_step):
+        save_checkpoint(run, final=step == args.total_steps)
+
+
+def final_evaluation(run: Run, logger: plumbing.JsonlLogger) -> None:
+    """The objective's metrics on the held-out pairs -> eval.json, and a few scored pairs to read."""
+    if not run.data.eval:
+        return
+    results, table = evaluate(run.model, run.data.eval, run.args, run.d, run.tokenizer, run.objective)
+    results = {"step": run.step, **results}
+    logger.log(results)
+    M.print0("eval | " + plumbing.log_line(results))
+    for prompt, first, second, s1, s2 in table:
+        M.print0(f"  {prompt!r}: {s1:+.2f} {first!r} | {s2:+.2f} {second!r}")
+    if run.d.is_main:
+        plumbing.write_json_atomic(Path(run.args.output_dir) / "eval.json", results)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop shared by reward.py and cost.py
+# --------------------------------------------------------------------------------------------
+
+
+def train(args: Args, objective: Objective) -> None:
+    # ---- distributed setup, the run folder -----------------------------------------------------
+    if objective.score_type == "reward" and args.cost_terms != "both":
+        raise UserError(f"--cost_terms {args.cost_terms} is a cost.py setting; reward.py trains eq. 5")
+    d = M.init_distributed()
+    if args.dataset == Args.dataset:  # the default data: create the toy world if missing
+        import toyworld
+        toyworld.ensure_toy_data(Path(args.dataset).parent)
+    args.output_dir = str(Path(args.output_dir or f"runs/{objective.score_type}"))
+    # Claim the folder before reading anything: locked for this run, never another run's without
+    # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
+    lock, resume_state = plumbing.open_run_folder(args, d.world_size, d.is_main)  # noqa: F841 - held to the end
+
+    # ---- tokenizer and data (validated before the output folder is touched) -------------------
+    tokenizer = load_tokenizer(args)
+    data = load_data(args, d, tokenizer, objective)
+    derive_sizes(args, d, len(data.train))
+
+    # ---- model, optimiser, schedule (or the saved ones, with --resume) --------------------------
+    run = start_training(args, d, tokenizer, objective, data, resume_state)
+    model = run.model
+
+    # ---- the output folder: only now, after every input was validated --------------------------
+    logger = open_output_folder(run, bool(resume_state))
 
     # ---- the loop: optimiser steps, each over gradient_accumulation_steps micro-batches --------
     b, world, accum = args.per_device_train_batch_size, d.world_size, args.gradient_accumulation_steps
-    last_step = min(args.total_steps, args.stop_at_step) if args.stop_at_step else args.total_steps
-    bar = plumbing.progress(total=last_step, initial=step, enabled=d.is_main, desc=objective.score_type)
+    bar = plumbing.progress(total=run.last_step, initial=run.step, enabled=d.is_main, desc=objective.score_type)
     # a pair's row length: both responses after one prompt (--share_prompt), else the longer sequence
     row_length = packed_length if args.share_prompt else (lambda p: max(len(p["first"]), len(p["second"])))
-    row_lengths = [row_length(p) for p in train_pairs]     # once: grouping and the token counts read them
+    row_lengths = [row_length(p) for p in data.train]     # once: grouping and the token counts read them
     rows_per_pair = 1 if args.share_prompt else 2
-    order, order_epoch = None, -1
     t0 = time.time()
-    meter = plumbing.Throughput(step, last_step)
-    while step < last_step:
-        epoch, k = divmod(step, args.steps_per_epoch)
-        if epoch != order_epoch:  # the same order on every rank (model.epoch_order)
-            order = plumbing.epoch_order(len(train_pairs), args.seed, epoch,
-                                  lengths=row_lengths if args.group_by_length else None,
-                                  global_batch_size=args.global_batch_size)
-            order_epoch = epoch
-        global_batch = order[k * args.global_batch_size:(k + 1) * args.global_batch_size]
+    meter = plumbing.Throughput(run.step, run.last_step)
+    for global_batch in global_batches(args, len(data.train), row_lengths if args.group_by_length else None,
+                                       run.step, run.last_step):
+        # ======== 1. the step's token counts ======================================================
         # Token counts (every rank knows every micro-batch: no communication): the tokens of the step's
         # 2 x pairs sequences, and the token positions its forwards computed (padding included, each
         # shared prompt once): a micro-batch is rows_per_pair x pairs rows as long as its longest row.
         micro = [global_batch[lo:lo + b] for lo in range(0, len(global_batch), b)]
-        real_tokens = sum(len(train_pairs[i]["first"]) + len(train_pairs[i]["second"]) for i in global_batch)
+        real_tokens = sum(len(data.train[i]["first"]) + len(data.train[i]["second"]) for i in global_batch)
         computed_tokens = sum(rows_per_pair * len(mb) * max(row_lengths[i] for i in mb) for mb in micro)
+
+        # ======== 2. forward and backward, this rank's micro-batches one by one ===================
         firsts, seconds, labels = [], [], []
         step_loss = torch.zeros((), device=d.device)
         for m in range(accum):
             mine = global_batch[(m * world + d.rank) * b:(m * world + d.rank + 1) * b]   # this rank's micro-batch
-            batch = make_batch(args)([train_pairs[i] for i in mine], tokenizer.pad_token_id)
+            batch = make_batch(args)([data.train[i] for i in mine], tokenizer.pad_token_id)
             first, second, lab = forward_pairs(model, batch, d)
             # Loss normalisation under accumulation: the mean over the pairs of the whole optimiser step
             # (all micro-batches, all ranks): each micro-batch's mean is weighted by its pair count over
@@ -578,51 +690,37 @@ def train(args: Args, objective: Objective) -> None:
             (loss * world).backward()
             step_loss += loss.detach()
             firsts.append(first.detach()), seconds.append(second.detach()), labels.append(lab)
+
+        # ======== 3. the optimiser step ============================================================
         grad_norm = plumbing.clip_grad_norm(model, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
         meter.add(tokens=real_tokens, pairs=len(global_batch))
         step_loss = M.all_reduce(step_loss)  # the mean loss over the step's pairs
-        plumbing.check_finite(step_loss, "train/loss", step)
+        plumbing.check_finite(step_loss, "train/loss", run.step)
 
-        # ---- logging, evaluation, checkpoints ------------------------------------------------
+        # ======== 4. logging, evaluation, checkpoints ==============================================
         step_pairs = M.gather_in_order({d.rank: [torch.cat(x).tolist() for x in (firsts, seconds, labels)]}, world)
         first, second, lab = (torch.tensor([v for part in step_pairs for v in part[k]]) for k in range(3))  # all ranks'
-        record = {"step": step, "epoch": step / args.steps_per_epoch, "train/loss": step_loss.item(),
+        record = {"step": run.step, "epoch": run.step / args.steps_per_epoch, "train/loss": step_loss.item(),
                   **{f"train/{k}": v for k, v in objective.metrics(first, second, lab).items()},
-                  "train/grad_norm": grad_norm.item(), "train/lr": scheduler.get_last_lr()[0],
+                  "train/grad_norm": grad_norm.item(), "train/lr": run.scheduler.get_last_lr()[0],
                   "train/real_tokens": real_tokens, "train/computed_tokens": computed_tokens,
                   "memory/peak_gib": plumbing.peak_memory_gib(d.device), "time": time.time() - t0}
         bar.update(1)
         bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.2f}")
-        if args.eval_every and step % args.eval_every == 0 and eval_pairs and step < args.total_steps:
-            record.update(evaluate(model, eval_pairs, args, d, tokenizer, objective)[0])
-        if step % args.log_every == 0 or step == last_step:
-            record.update(meter.rates(step))
-            logger.log(record)
-            if d.is_main:
-                bar.write(plumbing.log_line(record))
-        if args.save and ((args.save_every and step % args.save_every == 0) or step == last_step):
-            save(final=step == args.total_steps)
+        evaluate_log_save(run, record, logger, bar, meter)
     bar.close()
-    M.print0(f"trained: {meter.summary(step)}")
-    if step < args.total_steps:
-        M.print0(f"stopped at step {step}/{args.total_steps}; continue with --resume")
+    M.print0(f"trained: {meter.summary(run.step)}")
+    if run.step < args.total_steps:
+        M.print0(f"stopped at step {run.step}/{args.total_steps}; continue with --resume")
         return
 
     # ---- final evaluation on the held-out split ----------------------------------------------
-    if eval_pairs:
-        results, table = evaluate(model, eval_pairs, args, d, tokenizer, objective)
-        results = {"step": step, **results}
-        logger.log(results)
-        M.print0("eval | " + plumbing.log_line(results))
-        for prompt, first, second, s1, s2 in table:
-            M.print0(f"  {prompt!r}: {s1:+.2f} {first!r} | {s2:+.2f} {second!r}")
-        if d.is_main:
-            plumbing.write_json_atomic(output_dir / "eval.json", results)
-    M.print0(f"{'saved' if args.save else 'done (--no-save)'} {output_dir} ({time.time() - t0:.0f}s)")
+    final_evaluation(run, logger)
+    M.print0(f"{'saved' if args.save else 'done (--no-save)'} {args.output_dir} ({time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterator
 from pathlib import Path
 
 import torch
@@ -303,36 +303,55 @@ def evaluate_toy_world(policy, tokenizer, root: Path, args: Args, d: M.Dist) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# Main: setup, models, data, loop, evaluation, saving
+# Run phases: the steps main() takes, in its order, each a small function of the run's state
 # --------------------------------------------------------------------------------------------
 
 
-def main(args: Args) -> None:
-    # ---- distributed setup and seeds ---------------------------------------------------------
-    d = M.init_distributed()
-    is_toy_default = args.dataset == Args.dataset
-    if is_toy_default:  # the default data: create the toy world if missing (same files on every rank)
-        import toyworld
-        toyworld.ensure_toy_data(Path(args.dataset).parent)
-    root = toy_root(args.dataset)
-    output_dir = Path(args.output_dir)
-    # Claim the folder before reading anything: locked for this run, never another run's without
-    # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
-    lock, resume_state = plumbing.open_run_folder(args, d.world_size, d.is_main)  # noqa: F841 - held to the end
+@dataclass
+class Data:
+    """The training and held-out rows (load_examples), validated before the output folder is touched."""
+    train: list[dict]
+    train_truncated: int
+    """training sequences cut at --max_length"""
+    eval: list[dict]
+    """held-out rows ([] with --eval_split '')"""
+    eval_truncated: int
+    summary: dict
+    """data_summary.json: rows read, used and dropped by reason (plumbing.report_data)"""
 
-    # ---- tokenizer and data (validated before the output folder is touched) -------------------
-    tokenizer_path = args.tokenizer_name_or_path
-    if tokenizer_path is None:
-        if args.model_name_or_path in M.PRESETS:
-            if root is None:
-                raise UserError(f"--model_name_or_path {args.model_name_or_path} is a preset: "
-                                  "give --tokenizer_name_or_path (or toy-world data, which carries one)")
-            tokenizer_path = str(root / "tokenizer")
-        else:
-            # The folder before its tokenizer: a missing model gets the checkpoint message.
-            M.check_checkpoint_path(args.model_name_or_path)
-            tokenizer_path = args.model_name_or_path
-    tokenizer = M.load_tokenizer(tokenizer_path, "right", trust_remote_code=args.trust_remote_code)
+
+@dataclass
+class Run:
+    """What the phases share: the set-up, the data, the trained policy and where the loop stands."""
+    args: Args
+    d: M.Dist
+    tokenizer: object
+    data: Data
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int
+    """optimiser steps taken: the data position, all --resume needs to continue the data"""
+    last_step: int
+    """where this process stops: args.total_steps, or --stop_at_step before it"""
+
+
+def tokenizer_path(args: Args, root: Path | None) -> str:
+    """--tokenizer_name_or_path, else the model's folder; a preset (random init) has none: the toy world's."""
+    if args.tokenizer_name_or_path is not None:
+        return args.tokenizer_name_or_path
+    if args.model_name_or_path in M.PRESETS:
+        if root is None:
+            raise UserError(f"--model_name_or_path {args.model_name_or_path} is a preset: "
+                            "give --tokenizer_name_or_path (or toy-world data, which carries one)")
+        return str(root / "tokenizer")
+    # The folder before its tokenizer: a missing model gets the checkpoint message.
+    M.check_checkpoint_path(args.model_name_or_path)
+    return args.model_name_or_path
+
+
+def load_data(args: Args, d: M.Dist, tokenizer) -> Data:
+    """The training split and the held-out one (refused where it holds training rows), summarised."""
     summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.train_split)}
     load = dict(max_length=args.max_length, drop_duplicates=args.drop_duplicates)
     train_examples, train_truncated = load_examples(args.dataset, args.train_split, tokenizer, limit=args.limit,
@@ -349,20 +368,27 @@ def main(args: Args) -> None:
                                  summaries["eval"])
     else:
         summaries["train"].notes.append("no held-out evaluation (--eval_split ''): give --eval_dataset for one")
-    data_summary = plumbing.report_data(summaries, args.strict, d.is_main)
+    return Data(train_examples, train_truncated, eval_examples, eval_truncated,
+                plumbing.report_data(summaries, args.strict, d.is_main))
 
+
+def derive_sizes(args: Args, d: M.Dist, train_rows: int) -> None:
+    """Fill in the sizes derived from the others (logged in args.json); refuse a run without a step."""
     args.global_batch_size = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
-    args.steps_per_epoch = len(train_examples) // args.global_batch_size
+    args.steps_per_epoch = train_rows // args.global_batch_size
     args.total_steps = args.max_steps or int(args.epochs * args.steps_per_epoch)
     if args.steps_per_epoch == 0:
-        raise UserError(f"--dataset {args.dataset}: {len(train_examples)} usable training rows, fewer than one global "
+        raise UserError(f"--dataset {args.dataset}: {train_rows} usable training rows, fewer than one global "
                           f"batch of {args.global_batch_size}; lower --per_device_train_batch_size or --gradient_accumulation_steps")
     if args.total_steps == 0:
         raise UserError(f"--epochs {args.epochs}: less than one optimiser step ({args.steps_per_epoch} per epoch)")
 
-    # ---- model: same seed on every rank (identical initial weights), then shard ----------------
+
+def start_training(args: Args, d: M.Dist, tokenizer, data: Data, resume_state: dict | None) -> Run:
+    """The policy (same seed on every rank: identical initial weights; then sharded), its optimiser and
+    schedule; with --resume, their saved states, the data position and the RNG states."""
     M.seed_everything(args.seed)
-    init_from = str(output_dir) if resume_state else args.model_name_or_path
+    init_from = str(Path(args.output_dir)) if resume_state else args.model_name_or_path
     # Under torchrun only rank 0 reads the weights; the others build a meta skeleton and receive
     # rank 0's weights when prepare_model shards the model (one CPU copy per node).
     policy = M.load_causal_lm(init_from, tokenizer, trust_remote_code=args.trust_remote_code,
@@ -381,67 +407,151 @@ def main(args: Args) -> None:
     step = 0
     if resume_state:
         trainer_state = resume_state["json"]["trainer"]
-        plumbing.check_same_run(trainer_state, {"train_rows": len(train_examples), "global_batch_size": args.global_batch_size,
+        plumbing.check_same_run(trainer_state, {"train_rows": len(data.train), "global_batch_size": args.global_batch_size,
                                          "total_steps": args.total_steps, "group_by_length": args.group_by_length})
         plumbing.load_optimizer_state(policy, optimizer, "optimizer", resume_state)
         scheduler.load_state_dict(trainer_state["scheduler"])
         plumbing.restore_rng_states(resume_state, d)
         step = trainer_state["step"]
-        M.print0(f"resuming {output_dir} at step {step}/{args.total_steps}")
+        M.print0(f"resuming {Path(args.output_dir)} at step {step}/{args.total_steps}")
     else:
         M.seed_everything(args.seed + d.rank)  # per-rank seed for anything random from here on
+    last_step = min(args.total_steps, args.stop_at_step) if args.stop_at_step else args.total_steps
+    return Run(args, d, tokenizer, data, policy, optimizer, scheduler, step, last_step)
 
-    # ---- the output folder: only now, after every input was validated --------------------------
-    logger = plumbing.JsonlLogger(output_dir / "metrics.jsonl", enabled=d.is_main)
-    if d.is_main:
+
+def open_output_folder(run: Run, resumed: bool) -> plumbing.JsonlLogger:
+    """Write the run's arguments and data summary, and open metrics.jsonl (trimmed to the checkpoint
+    with --resume; a fresh run replaces an older run's files)."""
+    args, data, output_dir = run.args, run.data, Path(run.args.output_dir)
+    logger = plumbing.JsonlLogger(output_dir / "metrics.jsonl", enabled=run.d.is_main)
+    if run.d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:  # a fresh run (--overwrite) replaces the run files of an older one
             for name in ("metrics.jsonl", "eval.json", "samples.jsonl"):
                 (output_dir / name).unlink(missing_ok=True)
         else:  # the killed run may have logged past its checkpoint
-            plumbing.trim_logs(output_dir, step)
+            plumbing.trim_logs(output_dir, run.step)
         (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1) + "\n")
-        plumbing.write_json_atomic(output_dir / "data_summary.json", data_summary)
+        plumbing.write_json_atomic(output_dir / "data_summary.json", data.summary)
     M.print0(plumbing.recipe_line(args))
-    M.print0(f"data: {len(train_examples)} train rows ({train_truncated} truncated at {args.max_length} tokens), "
-             f"{len(eval_examples)} eval rows ({eval_truncated} truncated) | global batch {args.global_batch_size} | "
+    M.print0(f"data: {len(data.train)} train rows ({data.train_truncated} truncated at {args.max_length} tokens), "
+             f"{len(data.eval)} eval rows ({data.eval_truncated} truncated) | global batch {args.global_batch_size} | "
              f"{args.total_steps} steps")
-    if not resume_state:  # a resumed run's data are checked equal to the ones logged here
-        logger.log({"step": step, "data/train_rows": len(train_examples), "data/train_truncated": train_truncated,
-                    "data/eval_rows": len(eval_examples), "data/eval_truncated": eval_truncated})
+    if not resumed:  # a resumed run's data are checked equal to the ones logged here
+        logger.log({"step": run.step, "data/train_rows": len(data.train), "data/train_truncated": data.train_truncated,
+                    "data/eval_rows": len(data.eval), "data/eval_truncated": data.eval_truncated})
+    return logger
 
-    def save(final: bool = False) -> None:
-        train_state = plumbing.merge_states(
-            plumbing.optimizer_state(policy, optimizer, "optimizer"),
-            {"tensors": {}, "json": {"trainer": {"step": step, "scheduler": scheduler.state_dict(),
-                                                 "total_steps": args.total_steps, "train_rows": len(train_examples),
-                                                 "global_batch_size": args.global_batch_size,
-                                                 "group_by_length": args.group_by_length, "final": final}}},
-            plumbing.gather_rng_states(d))
-        M.save_checkpoint(output_dir, d, tokenizer, {"": policy}, train_state=train_state)
+
+def global_batches(args: Args, n_rows: int, lengths: list[int] | None, start: int, stop: int) -> Iterator[list[int]]:
+    """The global batch (row indices) of every optimiser step from `start` to `stop`: the same on every
+    rank, each epoch in its own order (plumbing.epoch_order), the last incomplete batch dropped."""
+    order, order_epoch = None, -1
+    for step in range(start, stop):
+        epoch, k = divmod(step, args.steps_per_epoch)
+        if epoch != order_epoch:
+            order = plumbing.epoch_order(n_rows, args.seed, epoch, lengths=lengths,
+                                  global_batch_size=args.global_batch_size)
+            order_epoch = epoch
+        yield order[k * args.global_batch_size:(k + 1) * args.global_batch_size]
+
+
+def save_checkpoint(run: Run, final: bool = False) -> None:
+    """The policy (a Hugging Face folder) and what --resume needs: optimiser, schedule, step, RNG states."""
+    args = run.args
+    train_state = plumbing.merge_states(
+        plumbing.optimizer_state(run.policy, run.optimizer, "optimizer"),
+        {"tensors": {}, "json": {"trainer": {"step": run.step, "scheduler": run.scheduler.state_dict(),
+                                             "total_steps": args.total_steps, "train_rows": len(run.data.train),
+                                             "global_batch_size": args.global_batch_size,
+                                             "group_by_length": args.group_by_length, "final": final}}},
+        plumbing.gather_rng_states(run.d))
+    M.save_checkpoint(Path(args.output_dir), run.d, run.tokenizer, {"": run.policy}, train_state=train_state)
+
+
+def evaluate_log_save(run: Run, record: dict, logger: plumbing.JsonlLogger, bar, meter: plumbing.Throughput) -> None:
+    """After a step: the held-out loss every --eval_every steps, the record every --log_every steps,
+    a resumable checkpoint every --save_every steps; the last step logs and saves."""
+    args, step = run.args, run.step
+    if args.eval_every and step % args.eval_every == 0 and run.data.eval and step < args.total_steps:
+        record.update(evaluate_loss(run.policy, run.data.eval, args, run.d, run.tokenizer.pad_token_id))
+    if step % args.log_every == 0 or step == run.last_step:
+        record.update(meter.rates(step))
+        logger.log(record)
+        if run.d.is_main:
+            bar.write(plumbing.log_line(record))
+    if args.save and ((args.save_every and step % args.save_every == 0) or step == run.last_step):
+        save_checkpoint(run, final=step == args.total_steps)
+
+
+def final_evaluation(run: Run, logger: plumbing.JsonlLogger, root: Path | None) -> None:
+    """The held-out loss and, on the toy world, the oracle's verdict on sampled responses -> eval.json,
+    samples.jsonl."""
+    args, d, output_dir = run.args, run.d, Path(run.args.output_dir)
+    results = {"step": run.step}
+    if run.data.eval:
+        results.update(evaluate_loss(run.policy, run.data.eval, args, d, run.tokenizer.pad_token_id))
+    samples = []
+    if root is not None and args.toy_eval_samples > 0:
+        toy, samples = evaluate_toy_world(run.policy, run.tokenizer, root, args, d)
+        results.update(toy)
+    if len(results) > 1:
+        logger.log(results)
+        M.print0("eval | " + plumbing.log_line(results))
+        for s in samples[::max(1, len(samples) // 4)][:4]:  # a few samples, benign and harmful
+            M.print0(f"  {s['prompt']!r} -> {s['response']!r} (safe {s['is_safe']}, h {s['helpfulness']:.2f})")
+    if d.is_main:
+        plumbing.write_json_atomic(output_dir / "eval.json", results)
+        if samples:
+            (output_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+
+
+# --------------------------------------------------------------------------------------------
+# Main: setup, data, model, the loop, evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> None:
+    # ---- distributed setup, the run folder -----------------------------------------------------
+    d = M.init_distributed()
+    if args.dataset == Args.dataset:  # the default data: create the toy world if missing (same files on every rank)
+        import toyworld
+        toyworld.ensure_toy_data(Path(args.dataset).parent)
+    root = toy_root(args.dataset)
+    # Claim the folder before reading anything: locked for this run, never another run's without
+    # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
+    lock, resume_state = plumbing.open_run_folder(args, d.world_size, d.is_main)  # noqa: F841 - held to the end
+
+    # ---- tokenizer and data (validated before the output folder is touched) -------------------
+    tokenizer = M.load_tokenizer(tokenizer_path(args, root), "right", trust_remote_code=args.trust_remote_code)
+    data = load_data(args, d, tokenizer)
+    derive_sizes(args, d, len(data.train))
+
+    # ---- model, optimiser, schedule (or the saved ones, with --resume) --------------------------
+    run = start_training(args, d, tokenizer, data, resume_state)
+    policy = run.policy
+
+    # ---- the output folder: only now, after every input was validated --------------------------
+    logger = open_output_folder(run, bool(resume_state))
 
     # ---- the loop: optimiser steps, each over gradient_accumulation_steps micro-batches --------
     b, world, accum = args.per_device_train_batch_size, d.world_size, args.gradient_accumulation_steps
-    last_step = min(args.total_steps, args.stop_at_step) if args.stop_at_step else args.total_steps
-    bar = plumbing.progress(total=last_step, initial=step, enabled=d.is_main, desc="sft")
-    lengths = [len(e["input_ids"]) for e in train_examples] if args.group_by_length else None
-    order, order_epoch = None, -1
+    bar = plumbing.progress(total=run.last_step, initial=run.step, enabled=d.is_main, desc="sft")
+    lengths = [len(e["input_ids"]) for e in data.train] if args.group_by_length else None
     t0 = time.time()
-    meter = plumbing.Throughput(step, last_step)
-    while step < last_step:
-        epoch, k = divmod(step, args.steps_per_epoch)
-        if epoch != order_epoch:  # the same order on every rank (model.epoch_order)
-            order = plumbing.epoch_order(len(train_examples), args.seed, epoch, lengths=lengths,
-                                  global_batch_size=args.global_batch_size)
-            order_epoch = epoch
-        global_batch = order[k * args.global_batch_size:(k + 1) * args.global_batch_size]
+    meter = plumbing.Throughput(run.step, run.last_step)
+    for global_batch in global_batches(args, len(data.train), lengths, run.step, run.last_step):
+        # ======== 1. the step's rows: token counts, this rank's micro-batches ======================
         # token counts (every rank knows every micro-batch: no communication): real tokens, and the
         # token positions computed (a micro-batch is right-padded to its longest row)
-        lengths_mb = [[len(train_examples[i]["input_ids"]) for i in global_batch[lo:lo + b]]
+        lengths_mb = [[len(data.train[i]["input_ids"]) for i in global_batch[lo:lo + b]]
                       for lo in range(0, len(global_batch), b)]
         real_tokens, computed_tokens = sum(map(sum, lengths_mb)), sum(len(mb) * max(mb) for mb in lengths_mb)
-        micro_batches = [M.collate_right([train_examples[i] for i in global_batch[(m * world + d.rank) * b:(m * world + d.rank + 1) * b]],
+        micro_batches = [M.collate_right([data.train[i] for i in global_batch[(m * world + d.rank) * b:(m * world + d.rank + 1) * b]],
                                  tokenizer.pad_token_id) for m in range(accum)]
+
+        # ======== 2. forward and backward, micro-batch by micro-batch ==============================
         # Loss normalisation under accumulation: the target-token count of the whole optimiser step
         # (all micro-batches, all ranks), so the step's loss is sum(token NLL) / N_step. FSDP averages
         # gradients over ranks, hence the factor world_size (tests/dist_worker.py does the same).
@@ -456,56 +566,35 @@ def main(args: Args) -> None:
             loss = loss_sum / n_step                                                 # this micro-batch's share
             (loss * world).backward()
             step_loss += loss.detach()
+
+        # ======== 3. the optimiser step ============================================================
         grad_norm = plumbing.clip_grad_norm(policy, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
         meter.add(tokens=real_tokens, sequences=len(global_batch))
         step_loss = M.all_reduce(step_loss)  # = sum over ranks of each rank's share = the step's token mean
-        plumbing.check_finite(step_loss, "train/loss", step)
+        plumbing.check_finite(step_loss, "train/loss", run.step)
 
-        # ---- logging, evaluation, checkpoints ------------------------------------------------
-        record = {"step": step, "epoch": step / args.steps_per_epoch, "train/loss": step_loss.item(),
-                  "train/grad_norm": grad_norm.item(), "train/lr": scheduler.get_last_lr()[0],
+        # ======== 4. logging, evaluation, checkpoints ==============================================
+        record = {"step": run.step, "epoch": run.step / args.steps_per_epoch, "train/loss": step_loss.item(),
+                  "train/grad_norm": grad_norm.item(), "train/lr": run.scheduler.get_last_lr()[0],
                   "train/tokens": n_step.item(), "train/real_tokens": real_tokens,
                   "train/computed_tokens": computed_tokens, "memory/peak_gib": plumbing.peak_memory_gib(d.device),
                   "time": time.time() - t0}
         bar.update(1)
         bar.set_postfix(loss=f"{record['train/loss']:.3f}")
-        if args.eval_every and step % args.eval_every == 0 and eval_examples and step < args.total_steps:
-            record.update(evaluate_loss(policy, eval_examples, args, d, tokenizer.pad_token_id))
-        if step % args.log_every == 0 or step == last_step:
-            record.update(meter.rates(step))
-            logger.log(record)
-            if d.is_main:
-                bar.write(plumbing.log_line(record))
-        if args.save and ((args.save_every and step % args.save_every == 0) or step == last_step):
-            save(final=step == args.total_steps)
+        evaluate_log_save(run, record, logger, bar, meter)
     bar.close()
-    M.print0(f"trained: {meter.summary(step)}")
-    if step < args.total_steps:
-        M.print0(f"stopped at step {step}/{args.total_steps}; continue with --resume")
+    M.print0(f"trained: {meter.summary(run.step)}")
+    if run.step < args.total_steps:
+        M.print0(f"stopped at step {run.step}/{args.total_steps}; continue with --resume")
         return
 
     # ---- final evaluation on the held-out split (and, on the toy world, by the oracle) ---------
-    results = {"step": step}
-    if eval_examples:
-        results.update(evaluate_loss(policy, eval_examples, args, d, tokenizer.pad_token_id))
-    samples = []
-    if root is not None and args.toy_eval_samples > 0:
-        toy, samples = evaluate_toy_world(policy, tokenizer, root, args, d)
-        results.update(toy)
-    if len(results) > 1:
-        logger.log(results)
-        M.print0("eval | " + plumbing.log_line(results))
-        for s in samples[::max(1, len(samples) // 4)][:4]:  # a few samples, benign and harmful
-            M.print0(f"  {s['prompt']!r} -> {s['response']!r} (safe {s['is_safe']}, h {s['helpfulness']:.2f})")
-    if d.is_main:
-        plumbing.write_json_atomic(output_dir / "eval.json", results)
-        if samples:
-            (output_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    M.print0(f"{'saved' if args.save else 'done (--no-save)'} {output_dir} ({time.time() - t0:.0f}s)")
+    final_evaluation(run, logger, root)
+    M.print0(f"{'saved' if args.save else 'done (--no-save)'} {Path(args.output_dir)} ({time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":
