@@ -754,7 +754,9 @@ def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: d
                     if train_state is not None:
                         plumbing.write_train_state(tmp, train_state)
             except (OSError, SafetensorError) as e:  # disk full, read-only: the previous checkpoint is untouched
-                raise UserError(f"cannot save to {folder}: {first_line(e)}; it keeps its previous checkpoint") from None
+                reason = first_line(e)  # safetensors wraps the OS error: 'IoError(Os { ..., message: "No space left on device" })'
+                reason = reason.split('message: "', 1)[1].split('"', 1)[0] if 'message: "' in reason else reason
+                raise UserError(f"cannot save to {folder}: {reason}; it keeps its previous checkpoint") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -545,6 +545,19 @@ def rank_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[tu
     return [(order[s:s + batch_size], real[s:s + batch_size]) for s in range(rank * batch_size, total, per_round)]
 
 
+def global_batches(args, n_rows: int, lengths: list[int] | None, start: int, stop: int):
+    """The global batch (row indices) of every optimiser step from `start` to `stop` of a supervised
+    stage (args: steps_per_epoch, seed, global_batch_size): the same on every rank, each epoch in its own
+    order (epoch_order), the last incomplete batch dropped."""
+    order, order_epoch = None, -1
+    for step in range(start, stop):
+        epoch, k = divmod(step, args.steps_per_epoch)
+        if epoch != order_epoch:
+            order = epoch_order(n_rows, args.seed, epoch, lengths=lengths, global_batch_size=args.global_batch_size)
+            order_epoch = epoch
+        yield order[k * args.global_batch_size:(k + 1) * args.global_batch_size]
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Run folders: whose they are, atomic checkpoint folders, train state, atomic JSON
 # --------------------------------------------------------------------------------------------
@@ -970,8 +983,11 @@ def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Global-norm clipping; works on FSDP2 DTensor gradients (the norm is reduced over ranks)."""
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    """Global-norm clipping; works on FSDP2 DTensor gradients (the norm is reduced over ranks). Returns the
+    norm before clipping. max_norm 0 means no clipping (as in HF's Trainer): clipping to 0 would zero
+    every gradient, a run that trains nothing without a word."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                          max_norm if max_norm > 0 else math.inf)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return norm
@@ -1001,6 +1017,18 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, pre
             per_param.setdefault(pname, {})[k] = value
     osd = {"state": per_param, "param_groups": state["json"][f"{prefix}.param_groups"]}
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+
+
+def trainer_state(args, d, model: nn.Module, optimizer, scheduler, step: int, train_rows: int, final: bool) -> dict:
+    """What --resume needs of a supervised stage (sft.py, reward.py, cost.py): the optimiser and schedule,
+    the step (the data position), the sizes a resumed run must match, and every rank's RNG state."""
+    return merge_states(
+        optimizer_state(model, optimizer, "optimizer"),
+        {"tensors": {}, "json": {"trainer": {"step": step, "scheduler": scheduler.state_dict(),
+                                             "total_steps": args.total_steps, "train_rows": train_rows,
+                                             "global_batch_size": args.global_batch_size,
+                                             "group_by_length": args.group_by_length, "final": final}}},
+        gather_rng_states(d))
 
 
 def rng_state() -> dict:

@@ -166,7 +166,7 @@ class PolicyArgs:
     clip_range_score: float = 50.0
     """clip of every per-token reward / cost entry"""
     max_grad_norm: float = 1.0
-    """global gradient-norm clip for every trained model"""
+    """global gradient-norm clip for every trained model (0: none)"""
     ptx_dataset: str | None = None
     """optional SFT-style data (alpaca schema) for the PTX loss ("" or none: off); toy: off (paper tatsu-lab/alpaca)"""
     ptx_coeff: float = 16.0

@@ -50,7 +50,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +150,7 @@ class Args:
     warmup_ratio: float = 0.03
     """fraction of the optimiser steps spent warming up (paper 0.03)"""
     max_grad_norm: float = 1.0
-    """global gradient-norm clipping"""
+    """global gradient-norm clipping (0: none)"""
     seed: int = 42
     """seed for the score head's initialisation (all ranks) and the data order"""
     group_by_length: bool = True
@@ -524,6 +524,9 @@ def start_training(args: Args, d: M.Dist, tokenizer, objective: Objective, data:
                                accept=("policy", objective.score_type),
                                flag="--output_dir" if resume_state else "--model_name_or_path")
     M.print0(f"{objective.score_type} model from {init_from}: {plumbing.count_parameters(model) / 1e6:.2f}M parameters")
+    M.check_max_length(model, args.max_length)
+    if args.share_prompt:
+        M.check_packing(model)  # packed pairs need an attention that takes their 4D mask
     model = M.prepare_model(model, d, trainable=True, bf16=d.device.type == "cuda",
                             activation_checkpointing=args.gradient_checkpointing)
     model.train()
@@ -540,6 +543,7 @@ def start_training(args: Args, d: M.Dist, tokenizer, objective: Objective, data:
         scheduler.load_state_dict(trainer_state["scheduler"])
         plumbing.restore_rng_states(resume_state, d)
         step = trainer_state["step"]
+        plumbing.check_not_finished(args.output_dir, step, args.total_steps)
         M.print0(f"resuming {args.output_dir} at step {step}/{args.total_steps}")
     else:
         M.seed_everything(args.seed + d.rank)  # per-rank seed for anything random from here on
@@ -553,11 +557,8 @@ def open_output_folder(run: Run, resumed: bool) -> plumbing.JsonlLogger:
     args, data, output_dir = run.args, run.data, Path(run.args.output_dir)
     logger = plumbing.JsonlLogger(output_dir / "metrics.jsonl", enabled=run.d.is_main)
     if run.d.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if not args.resume:  # a fresh run (--overwrite) replaces the run files of an older one
-            for name in ("metrics.jsonl", "eval.json"):
-                (output_dir / name).unlink(missing_ok=True)
-        else:  # the killed run may have logged past its checkpoint
+        plumbing.begin_run_folder(args, run.d.is_main)  # --overwrite: the old run waits aside until the first save
+        if args.resume:  # the killed run may have logged past its checkpoint
             plumbing.trim_logs(output_dir, run.step)
         (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1) + "\n")
         plumbing.write_json_atomic(output_dir / "data_summary.json", data.summary)
@@ -571,31 +572,12 @@ def open_output_folder(run: Run, resumed: bool) -> plumbing.JsonlLogger:
     return logger
 
 
-def global_batches(args: Args, n_pairs: int, lengths: list[int] | None, start: int, stop: int) -> Iterator[list[int]]:
-    """The global batch (pair indices) of every optimiser step from `start` to `stop`: the same on every
-    rank, each epoch in its own order (plumbing.epoch_order), the last incomplete batch dropped."""
-    order, order_epoch = None, -1
-    for step in range(start, stop):
-        epoch, k = divmod(step, args.steps_per_epoch)
-        if epoch != order_epoch:
-            order = plumbing.epoch_order(n_pairs, args.seed, epoch, lengths=lengths,
-                                  global_batch_size=args.global_batch_size)
-            order_epoch = epoch
-        yield order[k * args.global_batch_size:(k + 1) * args.global_batch_size]
-
-
 def save_checkpoint(run: Run, final: bool = False) -> None:
     """The score model (model.load_score_model reads it) and what --resume needs: optimiser, schedule,
     step, RNG states."""
-    args = run.args
-    train_state = plumbing.merge_states(
-        plumbing.optimizer_state(run.model, run.optimizer, "optimizer"),
-        {"tensors": {}, "json": {"trainer": {"step": run.step, "scheduler": run.scheduler.state_dict(),
-                                             "total_steps": args.total_steps, "train_rows": len(run.data.train),
-                                             "global_batch_size": args.global_batch_size,
-                                             "group_by_length": args.group_by_length, "final": final}}},
-        plumbing.gather_rng_states(run.d))
-    M.save_checkpoint(Path(args.output_dir), run.d, run.tokenizer, {"": run.model}, train_state=train_state)
+    train_state = plumbing.trainer_state(run.args, run.d, run.model, run.optimizer, run.scheduler, run.step,
+                                         len(run.data.train), final)
+    M.save_checkpoint(Path(run.args.output_dir), run.d, run.tokenizer, {"": run.model}, train_state=train_state)
 
 
 def evaluate_log_save(run: Run, record: dict, logger: plumbing.JsonlLogger, bar, meter: plumbing.Throughput) -> None:
@@ -666,7 +648,7 @@ def train(args: Args, objective: Objective) -> None:
     rows_per_pair = 1 if args.share_prompt else 2
     t0 = time.time()
     meter = plumbing.Throughput(run.step, run.last_step)
-    for global_batch in global_batches(args, len(data.train), row_lengths if args.group_by_length else None,
+    for global_batch in plumbing.global_batches(args, len(data.train), row_lengths if args.group_by_length else None,
                                        run.step, run.last_step):
         # ======== 1. the step's token counts ======================================================
         # Token counts (every rank knows every micro-batch: no communication): the tokens of the step's
