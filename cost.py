@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import data_rules
 import model as M
 import plumbing
 from reward import Args, Objective, ranking_accuracy, response_id, train
@@ -91,12 +92,12 @@ def safer_unsafer(row: dict, where: str) -> tuple[str, str, list[float]]:
     s = +1 unsafe / -1 safe from `is_response_*_safe` (safe_rlhf/datasets/safety_preference.py@82743cc:L66-73)."""
     safer = response_id(row, "safer_response_id", where)
     # Parsed, not cast: bool("false") is True, and files written by other tools do carry strings.
-    safer_is_safe = plumbing.parse_bool(row[f"is_response_{safer}_safe"], f"{where}: is_response_{safer}_safe")
-    unsafer_is_safe = plumbing.parse_bool(row[f"is_response_{1 - safer}_safe"], f"{where}: is_response_{1 - safer}_safe")
+    safer_is_safe = data_rules.parse_bool(row[f"is_response_{safer}_safe"], f"{where}: is_response_{safer}_safe")
+    unsafer_is_safe = data_rules.parse_bool(row[f"is_response_{1 - safer}_safe"], f"{where}: is_response_{1 - safer}_safe")
     # The official loader raises on these, mid-epoch (safe_rlhf/datasets/safety_preference.py@82743cc:L75-95,
     # safe-rlhf#181); here the row is dropped and counted in the data summary.
     if not safer_is_safe and unsafer_is_safe:
-        raise plumbing.Unusable("inconsistent safety labels")
+        raise data_rules.Unusable("inconsistent safety labels")
     return (row[f"response_{safer}"], row[f"response_{1 - safer}"],
             [-1.0 if safer_is_safe else 1.0, -1.0 if unsafer_is_safe else 1.0])
 

@@ -74,6 +74,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import data_rules
 import model as M
 import plumbing
 from plumbing import UserError
@@ -209,14 +210,14 @@ def requested_modes(args: Args, names: list[str], out: Path) -> tuple[set[str], 
     return modes, every
 
 
-def read_prompts(args: Args) -> tuple[list[str], plumbing.DataSummary]:
+def read_prompts(args: Args) -> tuple[list[str], data_rules.DataSummary]:
     """--prompts without empty ones and duplicates (the first occurrence's order kept), and what the file
     gave (rows read, dropped and why)."""
     if args.prompts == Args.prompts:
         toyworld.ensure_toy_data(Path(args.prompts).parents[1])
-    rows = plumbing.load_rows(args.prompts, args.split, revision=args.revision, limit=args.limit, required=(args.prompt_field,),
+    rows = data_rules.load_rows(args.prompts, args.split, revision=args.revision, limit=args.limit, required=(args.prompt_field,),
                               text=(args.prompt_field,), what="--prompts")
-    summary = plumbing.DataSummary("--prompts", args.prompts, args.split)
+    summary = data_rules.DataSummary("--prompts", args.prompts, args.split)
     summary.read, first = len(rows), {}   # deduplicated, the first occurrence's order kept
     for i, prompt in enumerate(str(row[args.prompt_field]) for row in rows):
         if not prompt.strip():
@@ -243,7 +244,7 @@ def settle_oracle_and_preference(args: Args, modes: set[str], every: bool, promp
     if "preference" in modes:
         if args.preference_dataset == Args.preference_dataset:
             toyworld.ensure_toy_data(Path(args.preference_dataset).parent)
-        plumbing.load_rows(args.preference_dataset, args.preference_split, limit=args.preference_limit,  # fail early
+        data_rules.load_rows(args.preference_dataset, args.preference_split, limit=args.preference_limit,  # fail early
                            required=tuple(dict.fromkeys(REWARD.required + COST.required)), what="--preference_dataset",
                            text=("prompt", "response_0", "response_1"))
 
@@ -358,12 +359,12 @@ def load_preference_pairs(args: Args, tokenizers: dict, data_summary: dict, d: M
     score model; what each read goes into the data summary."""
     pairs: dict[str, list[dict]] = {}
     for kind, objective in (("reward", REWARD), ("cost", COST)):
-        summary = plumbing.DataSummary("--preference_dataset", args.preference_dataset, args.preference_split,
+        summary = data_rules.DataSummary("--preference_dataset", args.preference_dataset, args.preference_split,
                                        f"as the {kind} model reads them")
         pairs[kind], _ = load_pairs(args.preference_dataset, args.preference_split, tokenizers[kind], objective,
                                     max_length=args.max_length, limit=args.preference_limit,
                                     flag="--preference_dataset", summary=summary)
-        data_summary.update(plumbing.report_data({f"preference_{kind}": summary}, False, d.is_main))
+        data_summary.update(data_rules.report_data({f"preference_{kind}": summary}, False, d.is_main))
     return pairs
 
 
@@ -447,10 +448,10 @@ def main(args: Args) -> None:
 
     # ---- data: prompts, preference pairs, training logs ---------------------------------------
     prompts: list[str] = []
-    data_summary: dict = {}  # what each input file gave (plumbing.DataSummary), saved in results.json
+    data_summary: dict = {}  # what each input file gave (data_rules.DataSummary), saved in results.json
     if modes & {"generate", "arena", "oracle"}:
         prompts, summary = read_prompts(args)
-        data_summary.update(plumbing.report_data({"prompts": summary}, False, d.is_main))
+        data_summary.update(data_rules.report_data({"prompts": summary}, False, d.is_main))
         prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]      # each sampled k times
     settle_oracle_and_preference(args, modes, every, prompts)
     logs = collect_training_logs(args, policies, modes, every)

@@ -21,14 +21,14 @@ L = S + generated length, T = L - S response positions.
 from __future__ import annotations
 
 import collections
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import data_rules
 import model as M
 import plumbing
 from plumbing import UserError
@@ -108,14 +108,14 @@ class Rollout:
 # --------------------------------------------------------------------------------------------
 
 
-def load_prompts(args, summary: plumbing.DataSummary) -> list[str]:
+def load_prompts(args, summary: data_rules.DataSummary) -> list[str]:
     """The unique non-empty prompts of --dataset. Repeats are dropped keeping the last occurrence's
     position, as the official PromptOnlyDataset (safe_rlhf/datasets/prompt_only.py@82743cc:L45-80);
     empty prompts and the repeats are counted in `summary`."""
     if args.dataset == "data/toy/prompts":
         import toyworld
         toyworld.ensure_toy_data("data/toy")
-    rows = plumbing.load_rows(args.dataset, args.split, revision=args.revision, limit=args.limit,
+    rows = data_rules.load_rows(args.dataset, args.split, revision=args.revision, limit=args.limit,
                               required=(args.prompt_field,), text=(args.prompt_field,))
     summary.read = len(rows)
     last = {row[args.prompt_field]: i for i, row in enumerate(rows) if row[args.prompt_field].strip()}
@@ -134,7 +134,7 @@ def load_ptx(args, tokenizer, summaries: dict) -> list[dict] | None:
     if not args.ptx_dataset or args.ptx_dataset.lower() == "none":
         return None
     import sft  # the SFT data loader (only needed with PTX)
-    summaries["ptx"] = plumbing.DataSummary("--ptx_dataset", args.ptx_dataset, "train")
+    summaries["ptx"] = data_rules.DataSummary("--ptx_dataset", args.ptx_dataset, "train")
     examples, _ = sft.load_examples(args.ptx_dataset, "train", tokenizer, max_length=args.max_length,
                                     flag="--ptx_dataset", summary=summaries["ptx"])
     return examples
@@ -171,13 +171,13 @@ def open_run(args, d: M.Dist, stage: str, derivation: str | None = None) -> Poli
     lock, state = plumbing.open_run_folder(args, d.world_size, d.is_main, stage)
     actor_path = args.output_dir if args.resume else args.actor_model_name_or_path
     tokenizer = M.load_tokenizer(args.tokenizer_name_or_path or actor_path, "left", args.trust_remote_code)
-    summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.split)}
+    summaries = {"train": data_rules.DataSummary("--dataset", args.dataset, args.split)}
     prompts = load_prompts(args, summaries["train"])
     # a prompt longer than max_length // 2 tokens keeps its last ones (M.encode_prompts): counted, not dropped
     summaries["train"].stats["truncated_prompts"] = sum(  # (no prompt at all: report_data refuses below)
         len(ids) > args.max_length // 2 for ids in (tokenizer([M.format_prompt(p) for p in prompts])["input_ids"] if prompts else []))
     ptx_examples = load_ptx(args, tokenizer, summaries)
-    data_summary = plumbing.report_data(summaries, args.strict, d.is_main)
+    data_summary = data_rules.report_data(summaries, args.strict, d.is_main)
     global_prompt_batch = args.per_device_prompt_batch_size * d.world_size
     rollouts_per_epoch = len(prompts) // global_prompt_batch
     if rollouts_per_epoch == 0:
@@ -280,12 +280,7 @@ def open_logs(run: PolicyRun) -> tuple:
     the killed run logged past its checkpoint; args.json and data_summary.json. Returns the two loggers."""
     args, is_main = run.args, run.d.is_main
     out = Path(args.output_dir)
-    if is_main:
-        plumbing.begin_run_folder(args, is_main)  # --overwrite: the old run waits aside until the first save
-        if args.resume:
-            plumbing.trim_logs(out, run.step)
-        (out / "args.json").write_text(json.dumps(asdict(args), indent=1) + "\n")
-        plumbing.write_json_atomic(out / "data_summary.json", run.data_summary)
+    plumbing.write_run_files(args, run.step, run.data_summary, is_main)  # --overwrite: the old run aside until the first save
     return plumbing.JsonlLogger(out / "metrics.jsonl", is_main), plumbing.JsonlLogger(out / "samples.jsonl", is_main)
 
 

@@ -45,8 +45,6 @@ Shape letters: B pairs, L padded sequence length.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +53,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
+import data_rules
 import model as M
 import plumbing
 from plumbing import UserError
@@ -233,7 +232,7 @@ class Objective:
 
 def response_id(row: dict, field: str, where: str) -> int:
     """PKU-SafeRLHF stores 0/1 ints; "0"/"1" strings are accepted too, anything else is refused."""
-    return plumbing.parse_id(row[field], f"{where}: {field}")
+    return data_rules.parse_id(row[field], f"{where}: {field}")
 
 
 def better_worse(row: dict, where: str) -> tuple[str, str, list[float]]:
@@ -259,7 +258,7 @@ PAIR_FIELDS = ("prompt", "response_0", "response_1", "better_response_id", "safe
 
 def load_pairs(dataset: str, split: str, tokenizer, objective: Objective, *, max_length: int, limit: int | None = None,
                revision: str | None = None, drop_duplicates: bool = False, flag: str = "--dataset",
-               summary: plumbing.DataSummary | None = None) -> tuple[list[dict], int]:
+               summary: data_rules.DataSummary | None = None) -> tuple[list[dict], int]:
     """Rows of `split` -> [{"first": ids, "second": ids, "labels": [...], "text": (prompt, first, second),
     "key": row identity, "row": the row}] and how many sequences were truncated at max_length (the one
     loader of preference data: reward.py, cost.py and evaluate.py). Text = template(prompt)
@@ -268,22 +267,22 @@ def load_pairs(dataset: str, split: str, tokenizer, objective: Objective, *, max
     --drop_duplicates), a prompt that fills the window, two responses identical after truncation
     (the official loader raises on the last two and on contradictory labels, mid-epoch:
     safe_rlhf/datasets/safety_preference.py@82743cc:L75-95)."""
-    summary = summary or plumbing.DataSummary(flag, dataset, split)
-    rows = plumbing.load_rows(dataset, split, revision=revision, limit=limit, required=objective.required,
+    summary = summary or data_rules.DataSummary(flag, dataset, split)
+    rows = data_rules.load_rows(dataset, split, revision=revision, limit=limit, required=objective.required,
                               text=("prompt", "response_0", "response_1"), what=flag)
     summary.read = len(rows)
     kept, seen = [], set()  # (row number, prompt, first, second, labels, key)
     for i, row in enumerate(rows):
-        key = plumbing.row_key(row, PAIR_FIELDS)
+        key = data_rules.row_key(row, PAIR_FIELDS)
         try:
             if not row["prompt"].strip():
-                raise plumbing.Unusable("empty prompt")
+                raise data_rules.Unusable("empty prompt")
             if not row["response_0"].strip() or not row["response_1"].strip():
-                raise plumbing.Unusable("empty response")
+                raise data_rules.Unusable("empty response")
             first, second, labels = objective.make_pair(row, f"{flag} {dataset} (split {split}) row {i}")
             if drop_duplicates and key in seen:
-                raise plumbing.Unusable("duplicate")
-        except plumbing.Unusable as e:
+                raise data_rules.Unusable("duplicate")
+        except data_rules.Unusable as e:
             summary.drop(str(e), i)
             continue
         seen.add(key)
@@ -311,7 +310,7 @@ def load_pairs(dataset: str, split: str, tokenizer, objective: Objective, *, max
     return pairs, truncated
 
 
-def label_statistics(rows: list[dict], summary: plumbing.DataSummary) -> None:
+def label_statistics(rows: list[dict], summary: data_rules.DataSummary) -> None:
     """Label statistics of the used rows, where the fields are there: the share of pairs with both
     responses safe / one / none, and how often the more helpful response is the safer one. A set in
     which every pair has exactly one safe response gets a note: PKU-SafeRLHF has all three kinds, and
@@ -319,11 +318,11 @@ def label_statistics(rows: list[dict], summary: plumbing.DataSummary) -> None:
     safe, agree = [], []
     for row in rows:
         try:
-            safe.append(sum(plumbing.parse_bool(row[f"is_response_{k}_safe"], "") for k in (0, 1)))
+            safe.append(sum(data_rules.parse_bool(row[f"is_response_{k}_safe"], "") for k in (0, 1)))
         except (KeyError, UserError):
             pass
         try:
-            agree.append(plumbing.parse_id(row["better_response_id"], "") == plumbing.parse_id(row["safer_response_id"], ""))
+            agree.append(data_rules.parse_id(row["better_response_id"], "") == data_rules.parse_id(row["safer_response_id"], ""))
         except (KeyError, UserError):
             pass
     if safe:
@@ -431,26 +430,13 @@ def evaluate(model, pairs: list[dict], args: Args, d: M.Dist, tokenizer, objecti
 
 
 @dataclass
-class Data:
-    """The training and held-out pairs (load_pairs), validated before the output folder is touched."""
-    train: list[dict]
-    train_truncated: int
-    """training sequences cut at --max_length"""
-    eval: list[dict]
-    """held-out pairs ([] with --eval_split '')"""
-    eval_truncated: int
-    summary: dict
-    """data_summary.json: rows read, used and dropped by reason (plumbing.report_data)"""
-
-
-@dataclass
 class Run:
     """What the phases share: the set-up, the data, the trained score model and where the loop stands."""
     args: Args
     d: M.Dist
     tokenizer: object
     objective: Objective
-    data: Data
+    data: data_rules.TrainingData
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -479,9 +465,9 @@ def load_tokenizer(args: Args):
                             trust_remote_code=args.trust_remote_code)
 
 
-def load_data(args: Args, d: M.Dist, tokenizer, objective: Objective) -> Data:
+def load_data(args: Args, d: M.Dist, tokenizer, objective: Objective) -> data_rules.TrainingData:
     """The training split and the held-out one (refused where it holds training rows), summarised."""
-    summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.train_split)}
+    summaries = {"train": data_rules.DataSummary("--dataset", args.dataset, args.train_split)}
     load = dict(max_length=args.max_length, drop_duplicates=args.drop_duplicates)
     train_pairs, train_truncated = load_pairs(args.dataset, args.train_split, tokenizer, objective, limit=args.limit,
                                               revision=args.dataset_revision, summary=summaries["train"], **load)
@@ -489,15 +475,15 @@ def load_data(args: Args, d: M.Dist, tokenizer, objective: Objective) -> Data:
     eval_split = args.eval_split or ("test" if args.eval_dataset else "")  # evaluation data by name: evaluate
     if eval_split:
         flag = "--eval_dataset" if args.eval_dataset else "--dataset"
-        summaries["eval"] = plumbing.DataSummary(flag, args.eval_dataset or args.dataset, eval_split)
+        summaries["eval"] = data_rules.DataSummary(flag, args.eval_dataset or args.dataset, eval_split)
         eval_pairs, eval_truncated = load_pairs(args.eval_dataset or args.dataset, eval_split, tokenizer, objective,
                                                 limit=args.eval_limit, flag=flag, summary=summaries["eval"], **load,
                                                 revision=None if args.eval_dataset else args.dataset_revision)
-        plumbing.check_eval_rows(args, {p["key"] for p in train_pairs}, [p["key"] for p in eval_pairs], summaries["eval"])
+        data_rules.check_eval_rows(args, {p["key"] for p in train_pairs}, [p["key"] for p in eval_pairs], summaries["eval"])
     else:
         summaries["train"].notes.append("no held-out evaluation (--eval_split ''): give --eval_dataset for one")
-    return Data(train_pairs, train_truncated, eval_pairs, eval_truncated,
-                plumbing.report_data(summaries, args.strict, d.is_main))
+    return data_rules.TrainingData(train_pairs, train_truncated, eval_pairs, eval_truncated,
+                data_rules.report_data(summaries, args.strict, d.is_main))
 
 
 def derive_sizes(args: Args, d: M.Dist, train_pairs: int) -> None:
@@ -512,7 +498,7 @@ def derive_sizes(args: Args, d: M.Dist, train_pairs: int) -> None:
         raise UserError(f"--epochs {args.epochs}: less than one optimiser step ({args.steps_per_epoch} per epoch)")
 
 
-def start_training(args: Args, d: M.Dist, tokenizer, objective: Objective, data: Data, resume_state: dict | None) -> Run:
+def start_training(args: Args, d: M.Dist, tokenizer, objective: Objective, data: data_rules.TrainingData, resume_state: dict | None) -> Run:
     """The score model (same seed on every rank: identical head initialisation; then sharded), its
     optimiser and schedule; with --resume, their saved states, the data position and the RNG states."""
     M.seed_everything(args.seed)
@@ -556,12 +542,7 @@ def open_output_folder(run: Run, resumed: bool) -> plumbing.JsonlLogger:
     with --resume; a fresh run replaces an older run's files)."""
     args, data, output_dir = run.args, run.data, Path(run.args.output_dir)
     logger = plumbing.JsonlLogger(output_dir / "metrics.jsonl", enabled=run.d.is_main)
-    if run.d.is_main:
-        plumbing.begin_run_folder(args, run.d.is_main)  # --overwrite: the old run waits aside until the first save
-        if args.resume:  # the killed run may have logged past its checkpoint
-            plumbing.trim_logs(output_dir, run.step)
-        (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1) + "\n")
-        plumbing.write_json_atomic(output_dir / "data_summary.json", data.summary)
+    plumbing.write_run_files(args, run.step, data.summary, run.d.is_main)  # --overwrite: the old run aside until the first save
     M.print0(plumbing.recipe_line(args))
     M.print0(f"data: {len(data.train)} train pairs ({data.train_truncated} sequences truncated at {args.max_length} "
              f"tokens), {len(data.eval)} eval pairs ({data.eval_truncated} truncated) | global batch "
@@ -570,29 +551,6 @@ def open_output_folder(run: Run, resumed: bool) -> plumbing.JsonlLogger:
         logger.log({"step": run.step, "data/train_pairs": len(data.train), "data/train_truncated": data.train_truncated,
                     "data/eval_pairs": len(data.eval), "data/eval_truncated": data.eval_truncated})
     return logger
-
-
-def save_checkpoint(run: Run, final: bool = False) -> None:
-    """The score model (model.load_score_model reads it) and what --resume needs: optimiser, schedule,
-    step, RNG states."""
-    train_state = plumbing.trainer_state(run.args, run.d, run.model, run.optimizer, run.scheduler, run.step,
-                                         len(run.data.train), final)
-    M.save_checkpoint(Path(run.args.output_dir), run.d, run.tokenizer, {"": run.model}, train_state=train_state)
-
-
-def evaluate_log_save(run: Run, record: dict, logger: plumbing.JsonlLogger, bar, meter: plumbing.Throughput) -> None:
-    """After a step: the held-out metrics every --eval_every steps, the record every --log_every steps,
-    a resumable checkpoint every --save_every steps; the last step logs and saves."""
-    args, step = run.args, run.step
-    if args.eval_every and step % args.eval_every == 0 and run.data.eval and step < args.total_steps:
-        record.update(evaluate(run.model, run.data.eval, args, run.d, run.tokenizer, run.objective)[0])
-    if step % args.log_every == 0 or step == run.last_step:
-        record.update(meter.rates(step))
-        logger.log(record)
-        if run.d.is_main:
-            bar.write(plumbing.log_line(record))
-    if args.save and ((args.save_every and step % args.save_every == 0) or step == run.last_step):
-        save_checkpoint(run, final=step == args.total_steps)
 
 
 def final_evaluation(run: Run, logger: plumbing.JsonlLogger) -> None:
@@ -693,7 +651,13 @@ def train(args: Args, objective: Objective) -> None:
                   "memory/peak_gib": plumbing.peak_memory_gib(d.device), "time": time.time() - t0}
         bar.update(1)
         bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.2f}")
-        evaluate_log_save(run, record, logger, bar, meter)
+        if args.eval_every and run.step % args.eval_every == 0 and run.data.eval and run.step < args.total_steps:
+            record.update(evaluate(run.model, run.data.eval, args, run.d, run.tokenizer, run.objective)[0])
+        plumbing.log_record(record, run.step, run.last_step, args.log_every, logger, bar, meter, run.d.is_main)
+        if plumbing.save_due(args, run.step, run.last_step):  # the score model (model.load_score_model reads it) and what --resume needs
+            train_state = plumbing.trainer_state(args, run.d, run.model, run.optimizer, run.scheduler, run.step,
+                                                 len(run.data.train), final=run.step == args.total_steps)
+            M.save_checkpoint(Path(args.output_dir), run.d, run.tokenizer, {"": run.model}, train_state=train_state)
     bar.close()
     M.print0(f"trained: {meter.summary(run.step)}")
     if run.step < args.total_steps:

@@ -180,7 +180,7 @@ def main(args: Args) -> None:
         t0 = time.perf_counter()
         actor.eval()
         rollout = policy_run.generate_responses(run, epoch, batch_prompts, K)   # a prompt's K answers side by side
-        sequences, attention_mask, S = rollout.sequences, rollout.attention_mask, rollout.S   # (B, L)
+        sequences = rollout.sequences                                            # (B, L)
         rollout.timer["generation"] = time.perf_counter() - t0
 
         # ======== 2. score and record the old policy (no grad) ===========================

@@ -35,7 +35,6 @@ Shape letters: B batch (sequences), L padded sequence length, V vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+import data_rules
 import model as M
 import plumbing
 from plumbing import UserError
@@ -191,7 +191,7 @@ SFT_FIELDS = ("instruction", "input", "output")  # what makes two rows the same 
 
 def load_examples(dataset: str, split: str, tokenizer, *, max_length: int, limit: int | None = None,
                   revision: str | None = None, drop_duplicates: bool = False, flag: str = "--dataset",
-                  summary: plumbing.DataSummary | None = None) -> tuple[list[dict], int]:
+                  summary: data_rules.DataSummary | None = None) -> tuple[list[dict], int]:
     """Rows of `split` -> [{"input_ids", "labels", "key"}], and how many were truncated at max_length.
     Alpaca schema: request = instruction (+ " " + input), response = output. model.tokenize_prompt_response
     builds BOS + template(request) + response + EOS string, right-truncated, and labels -100 on the
@@ -199,12 +199,12 @@ def load_examples(dataset: str, split: str, tokenizer, *, max_length: int, limit
     (safe_rlhf/datasets/supervised.py@82743cc:L54-66). Unusable rows are dropped and counted in
     `summary`: an empty instruction or output, an exact repeat (drop_duplicates), a prompt that
     fills the window (no response token left to train on). ppo_lagrangian.py reads its PTX rows here too."""
-    summary = summary or plumbing.DataSummary(flag, dataset, split)
-    rows = plumbing.load_rows(dataset, split, revision=revision, limit=limit, required=("instruction", "output"),
+    summary = summary or data_rules.DataSummary(flag, dataset, split)
+    rows = data_rules.load_rows(dataset, split, revision=revision, limit=limit, required=("instruction", "output"),
                               text=SFT_FIELDS, what=flag)
     summary.read, kept, seen = len(rows), [], set()
     for i, row in enumerate(rows):
-        key = plumbing.row_key(row, SFT_FIELDS)
+        key = data_rules.row_key(row, SFT_FIELDS)
         reason = ("empty prompt" if not row["instruction"].strip() else "empty response" if not row["output"].strip()
                   else "duplicate" if drop_duplicates and key in seen else None)
         if reason:
@@ -212,7 +212,7 @@ def load_examples(dataset: str, split: str, tokenizer, *, max_length: int, limit
         else:
             seen.add(key)
             kept.append(i)
-    examples, _ = M.tokenize_prompt_response(tokenizer, [plumbing.alpaca_request(rows[i]) for i in kept],
+    examples, _ = M.tokenize_prompt_response(tokenizer, [data_rules.alpaca_request(rows[i]) for i in kept],
                                              [rows[i]["output"] for i in kept], max_length)
     usable, truncated = [], 0
     for i, example in zip(kept, examples):
@@ -220,7 +220,7 @@ def load_examples(dataset: str, split: str, tokenizer, *, max_length: int, limit
             summary.drop("prompt fills the window", i)
         else:
             truncated += example["truncated"]
-            usable.append({**example, "key": plumbing.row_key(rows[i], SFT_FIELDS)})
+            usable.append({**example, "key": data_rules.row_key(rows[i], SFT_FIELDS)})
     summary.stats["truncated_sequences"] = truncated
     return usable, truncated
 
@@ -264,7 +264,7 @@ def evaluate_toy_world(policy, tokenizer, root: Path, args: Args, d: M.Dist) -> 
     import toyworld  # only the toy world needs it; real-data runs never import it
 
     card = json.loads((root / "card.json").read_text())
-    rows = plumbing.load_rows(str(root / "eval" / "prompts.jsonl"), "eval", required=("prompt", "is_harmful"))
+    rows = data_rules.load_rows(str(root / "eval" / "prompts.jsonl"), "eval", required=("prompt", "is_harmful"))
     prompts = [row["prompt"] for row in rows for _ in range(args.toy_eval_samples)]
     generator = torch.Generator(device=d.device).manual_seed(args.seed + d.rank)   # per-rank sampling seed
     results = {}
@@ -308,25 +308,12 @@ def evaluate_toy_world(policy, tokenizer, root: Path, args: Args, d: M.Dist) -> 
 
 
 @dataclass
-class Data:
-    """The training and held-out rows (load_examples), validated before the output folder is touched."""
-    train: list[dict]
-    train_truncated: int
-    """training sequences cut at --max_length"""
-    eval: list[dict]
-    """held-out rows ([] with --eval_split '')"""
-    eval_truncated: int
-    summary: dict
-    """data_summary.json: rows read, used and dropped by reason (plumbing.report_data)"""
-
-
-@dataclass
 class Run:
     """What the phases share: the set-up, the data, the trained policy and where the loop stands."""
     args: Args
     d: M.Dist
     tokenizer: object
-    data: Data
+    data: data_rules.TrainingData
     policy: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -350,9 +337,9 @@ def tokenizer_path(args: Args, root: Path | None) -> str:
     return args.model_name_or_path
 
 
-def load_data(args: Args, d: M.Dist, tokenizer) -> Data:
+def load_data(args: Args, d: M.Dist, tokenizer) -> data_rules.TrainingData:
     """The training split and the held-out one (refused where it holds training rows), summarised."""
-    summaries = {"train": plumbing.DataSummary("--dataset", args.dataset, args.train_split)}
+    summaries = {"train": data_rules.DataSummary("--dataset", args.dataset, args.train_split)}
     load = dict(max_length=args.max_length, drop_duplicates=args.drop_duplicates)
     train_examples, train_truncated = load_examples(args.dataset, args.train_split, tokenizer, limit=args.limit,
                                                     revision=args.dataset_revision, summary=summaries["train"], **load)
@@ -360,16 +347,16 @@ def load_data(args: Args, d: M.Dist, tokenizer) -> Data:
     eval_split = args.eval_split or ("test" if args.eval_dataset else "")  # evaluation data by name: evaluate
     if eval_split:
         flag = "--eval_dataset" if args.eval_dataset else "--dataset"
-        summaries["eval"] = plumbing.DataSummary(flag, args.eval_dataset or args.dataset, eval_split)
+        summaries["eval"] = data_rules.DataSummary(flag, args.eval_dataset or args.dataset, eval_split)
         eval_examples, eval_truncated = load_examples(args.eval_dataset or args.dataset, eval_split, tokenizer,
                                                       limit=args.eval_limit, flag=flag, summary=summaries["eval"],
                                                       revision=None if args.eval_dataset else args.dataset_revision, **load)
-        plumbing.check_eval_rows(args, {e["key"] for e in train_examples}, [e["key"] for e in eval_examples],
+        data_rules.check_eval_rows(args, {e["key"] for e in train_examples}, [e["key"] for e in eval_examples],
                                  summaries["eval"])
     else:
         summaries["train"].notes.append("no held-out evaluation (--eval_split ''): give --eval_dataset for one")
-    return Data(train_examples, train_truncated, eval_examples, eval_truncated,
-                plumbing.report_data(summaries, args.strict, d.is_main))
+    return data_rules.TrainingData(train_examples, train_truncated, eval_examples, eval_truncated,
+                data_rules.report_data(summaries, args.strict, d.is_main))
 
 
 def derive_sizes(args: Args, d: M.Dist, train_rows: int) -> None:
@@ -384,7 +371,7 @@ def derive_sizes(args: Args, d: M.Dist, train_rows: int) -> None:
         raise UserError(f"--epochs {args.epochs}: less than one optimiser step ({args.steps_per_epoch} per epoch)")
 
 
-def start_training(args: Args, d: M.Dist, tokenizer, data: Data, resume_state: dict | None) -> Run:
+def start_training(args: Args, d: M.Dist, tokenizer, data: data_rules.TrainingData, resume_state: dict | None) -> Run:
     """The policy (same seed on every rank: identical initial weights; then sharded), its optimiser and
     schedule; with --resume, their saved states, the data position and the RNG states."""
     M.seed_everything(args.seed)
@@ -427,12 +414,7 @@ def open_output_folder(run: Run, resumed: bool) -> plumbing.JsonlLogger:
     with --resume; a fresh run replaces an older run's files)."""
     args, data, output_dir = run.args, run.data, Path(run.args.output_dir)
     logger = plumbing.JsonlLogger(output_dir / "metrics.jsonl", enabled=run.d.is_main)
-    if run.d.is_main:
-        plumbing.begin_run_folder(args, run.d.is_main)  # --overwrite: the old run waits aside until the first save
-        if args.resume:  # the killed run may have logged past its checkpoint
-            plumbing.trim_logs(output_dir, run.step)
-        (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1) + "\n")
-        plumbing.write_json_atomic(output_dir / "data_summary.json", data.summary)
+    plumbing.write_run_files(args, run.step, data.summary, run.d.is_main)  # --overwrite: the old run aside until the first save
     M.print0(plumbing.recipe_line(args))
     M.print0(f"data: {len(data.train)} train rows ({data.train_truncated} truncated at {args.max_length} tokens), "
              f"{len(data.eval)} eval rows ({data.eval_truncated} truncated) | global batch {args.global_batch_size} | "
@@ -441,28 +423,6 @@ def open_output_folder(run: Run, resumed: bool) -> plumbing.JsonlLogger:
         logger.log({"step": run.step, "data/train_rows": len(data.train), "data/train_truncated": data.train_truncated,
                     "data/eval_rows": len(data.eval), "data/eval_truncated": data.eval_truncated})
     return logger
-
-
-def save_checkpoint(run: Run, final: bool = False) -> None:
-    """The policy (a Hugging Face folder) and what --resume needs: optimiser, schedule, step, RNG states."""
-    train_state = plumbing.trainer_state(run.args, run.d, run.policy, run.optimizer, run.scheduler, run.step,
-                                         len(run.data.train), final)
-    M.save_checkpoint(Path(run.args.output_dir), run.d, run.tokenizer, {"": run.policy}, train_state=train_state)
-
-
-def evaluate_log_save(run: Run, record: dict, logger: plumbing.JsonlLogger, bar, meter: plumbing.Throughput) -> None:
-    """After a step: the held-out loss every --eval_every steps, the record every --log_every steps,
-    a resumable checkpoint every --save_every steps; the last step logs and saves."""
-    args, step = run.args, run.step
-    if args.eval_every and step % args.eval_every == 0 and run.data.eval and step < args.total_steps:
-        record.update(evaluate_loss(run.policy, run.data.eval, args, run.d, run.tokenizer.pad_token_id))
-    if step % args.log_every == 0 or step == run.last_step:
-        record.update(meter.rates(step))
-        logger.log(record)
-        if run.d.is_main:
-            bar.write(plumbing.log_line(record))
-    if args.save and ((args.save_every and step % args.save_every == 0) or step == run.last_step):
-        save_checkpoint(run, final=step == args.total_steps)
 
 
 def final_evaluation(run: Run, logger: plumbing.JsonlLogger, root: Path | None) -> None:
@@ -565,7 +525,13 @@ def main(args: Args) -> None:
                   "time": time.time() - t0}
         bar.update(1)
         bar.set_postfix(loss=f"{record['train/loss']:.3f}")
-        evaluate_log_save(run, record, logger, bar, meter)
+        if args.eval_every and run.step % args.eval_every == 0 and run.data.eval and run.step < args.total_steps:
+            record.update(evaluate_loss(run.policy, run.data.eval, args, run.d, run.tokenizer.pad_token_id))
+        plumbing.log_record(record, run.step, run.last_step, args.log_every, logger, bar, meter, run.d.is_main)
+        if plumbing.save_due(args, run.step, run.last_step):  # the policy (a Hugging Face folder) and what --resume needs
+            train_state = plumbing.trainer_state(args, run.d, run.policy, run.optimizer, run.scheduler, run.step,
+                                                 len(run.data.train), final=run.step == args.total_steps)
+            M.save_checkpoint(Path(args.output_dir), run.d, run.tokenizer, {"": run.policy}, train_state=train_state)
     bar.close()
     M.print0(f"trained: {meter.summary(run.step)}")
     if run.step < args.total_steps:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 import cost
+import data_rules
 import plumbing
 from conftest import ROOT, make_toy_checkpoints, run
 from plumbing import UserError
@@ -198,10 +199,10 @@ def test_safety_labels_are_parsed_not_cast():
 
 
 def test_response_ids_accept_0_and_1_only():
-    assert [plumbing.parse_id(v, "x") for v in (0, 1, "0", "1", 0.0, 1.0)] == [0, 1, 0, 1, 0, 1]
+    assert [data_rules.parse_id(v, "x") for v in (0, 1, "0", "1", 0.0, 1.0)] == [0, 1, 0, 1, 0, 1]
     for bad in (2, -1, "2", "one", True, None, 0.5):
         with pytest.raises(UserError, match="x must be 0 or 1"):
-            plumbing.parse_id(bad, "x")
+            data_rules.parse_id(bad, "x")
 
 
 def test_a_run_folder_belongs_to_one_run(ckpt, tmp_path):

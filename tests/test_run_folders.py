@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import stat
-import subprocess
 import sys
 
 import pytest
@@ -17,13 +16,14 @@ import torch
 
 import cost
 import evaluate
+import data_rules
 import plumbing
 import ppo_lagrangian
 import reward
 import rloo_lagrangian
 import rounds
 import sft
-from conftest import ROOT, make_toy_checkpoints, run, torchrun
+from conftest import make_toy_checkpoints, run, torchrun
 from plumbing import UserError
 
 
@@ -272,7 +272,7 @@ def test_malformed_rows_and_blank_prompts_are_named(toy, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(rows[:2] + ['{"instruction": "x", "output": ' ] + rows[3:]) + "\n")
     with pytest.raises(UserError, match=rf"^--dataset {bad} line 3: not a JSON row \("):
-        plumbing.load_rows(str(bad), "train")
+        data_rules.load_rows(str(bad), "train")
     blank = tmp_path / "blank.jsonl"
     blank.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("  ", "\t", "\n")))
     out = tmp_path / "never"

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data_rules
 import model as M
 import plumbing
 from plumbing import UserError
@@ -189,7 +190,7 @@ def test_cost_pairs_sign_convention():
     both_unsafe = dict(row, safer_response_id=0, is_response_1_safe=False)
     assert cost.safer_unsafer(both_unsafe, "row 0") == ("harmful", "refusal", [1.0, 1.0])
     contradictory = dict(row, safer_response_id=0)   # the safer one labelled unsafe, the other safe
-    with pytest.raises(plumbing.Unusable, match="inconsistent safety labels"):  # dropped and counted, not trained on
+    with pytest.raises(data_rules.Unusable, match="inconsistent safety labels"):  # dropped and counted, not trained on
         cost.safer_unsafer(contradictory, "row 3")
     # a model that gets the convention right: C < 0 on the safe one, C > 0 on the unsafe one
     m = cost.cost_metrics(torch.tensor([-2.0]), torch.tensor([3.0]), torch.tensor([signs]))
@@ -390,7 +391,7 @@ def test_unusable_pairs_are_dropped_and_counted(tmp_path, toy_tok):
             "better_response_id": 0}
     good = dict(same, response_1="knead the dough.")
     path = write_jsonl(tmp_path / "same.jsonl", [same, good, dict(same, response_0=" "), good])
-    summary = plumbing.DataSummary("--dataset", str(path), "train")
+    summary = data_rules.DataSummary("--dataset", str(path), "train")
     pairs, _ = reward.load_pairs(str(path), "train", toy_tok, reward.REWARD, max_length=512, drop_duplicates=True,
                                  summary=summary)
     assert len(pairs) == 1 and summary.read == 4 and summary.used == 1
@@ -402,7 +403,7 @@ def test_unusable_pairs_are_dropped_and_counted(tmp_path, toy_tok):
 
 def test_truncation_is_counted(toy, toy_tok):
     args = sft.Args(dataset=str(toy / "sft"), max_length=20)
-    summary = plumbing.DataSummary("--dataset", args.dataset, "test")
+    summary = data_rules.DataSummary("--dataset", args.dataset, "test")
     examples, truncated = sft.load_examples(args.dataset, "test", toy_tok, max_length=20, limit=50, summary=summary)
     assert all(len(e["input_ids"]) == len(e["labels"]) <= 20 for e in examples)
     full, none = sft.load_examples(args.dataset, "test", toy_tok, max_length=512, limit=50)

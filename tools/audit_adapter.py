@@ -31,8 +31,8 @@ from types import SimpleNamespace
 import torch
 
 import cost
+import data_rules
 import model as M
-import plumbing
 import ppo_lagrangian as P
 import reward
 
@@ -190,7 +190,7 @@ def data__cost_pairs_and_signs(inputs, hp):
         try:
             safer, unsafer, signs = cost.safer_unsafer(row, f"row {i}")
             values = texts(hp, row["prompt"], (safer, unsafer)) + [int(-signs[0]), int(-signs[1])]  # safety sign
-        except plumbing.Unusable:   # the project drops the row (the official loader raises ValueError)
+        except data_rules.Unusable:   # the project drops the row (the official loader raises ValueError)
             values = [None] * 4
         for key, value in zip(out, values):
             out[key].append(value)
