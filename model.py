@@ -285,13 +285,15 @@ def weight_scale(model: nn.Module) -> float:
                default=0.0)
 
 
-def check_max_length(model: nn.Module, max_length: int, flag: str = "--max_length") -> None:
-    """A length past the model's position table would train on positions it never learnt (RoPE
-    extrapolates without a word): refused in one line."""
-    config = getattr(model, "config", None) or getattr(getattr(model, "backbone", None), "config", None)
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and max_length > positions:
-        raise UserError(f"{flag} {max_length} exceeds the model's {positions} positions "
+def check_max_length(model: nn.Module, max_length: int, longest: int | None = None, flag: str = "--max_length") -> None:
+    """Sequences past the model's position table would use positions it never learnt (RoPE extrapolates
+    without a word): refused in one line. longest: the longest sequence the data give at this
+    max_length (a supervised stage); None: max_length itself may be reached (a rollout)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max_length if longest is None else longest
+    if positions is not None and longest > positions:
+        reach = "" if longest == max_length else f" lets sequences reach {longest} tokens, which"
+        raise UserError(f"{flag} {max_length}{reach} exceeds the model's {positions} positions "
                         f"(max_position_embeddings); use {flag} {positions} or less")
 
 

@@ -510,7 +510,7 @@ def start_training(args: Args, d: M.Dist, tokenizer, objective: Objective, data:
                                accept=("policy", objective.score_type),
                                flag="--output_dir" if resume_state else "--model_name_or_path")
     M.print0(f"{objective.score_type} model from {init_from}: {plumbing.count_parameters(model) / 1e6:.2f}M parameters")
-    M.check_max_length(model, args.max_length)
+    M.check_max_length(model, args.max_length, max(len(p[half]) for p in data.train + data.eval for half in ("first", "second")))
     if args.share_prompt:
         M.check_packing(model)  # packed pairs need an attention that takes their 4D mask
     model = M.prepare_model(model, d, trainable=True, bf16=d.device.type == "cuda",

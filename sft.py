@@ -384,7 +384,7 @@ def start_training(args: Args, d: M.Dist, tokenizer, data: data_rules.TrainingDa
     M.print0(f"policy {args.model_name_or_path}: {plumbing.count_parameters(policy) / 1e6:.2f}M parameters, "
              f"vocab {len(tokenizer)}")
     bf16 = d.device.type == "cuda"
-    M.check_max_length(policy, args.max_length)
+    M.check_max_length(policy, args.max_length, max(len(e["input_ids"]) for e in data.train + data.eval))
     policy = M.prepare_model(policy, d, trainable=True, bf16=bf16,
                              activation_checkpointing=args.gradient_checkpointing)
     policy.train()

@@ -255,15 +255,26 @@ def test_numbers_argparse_mistook_or_float32_cannot_hold_are_one_line():
 
 
 def test_a_max_length_past_the_models_positions_is_refused(toy, tmp_path):
+    """Rows of ~1,000 tokens with --max_length 2048 on a model of 256 positions: refused in one line
+    (the rows would use positions the model never learnt); a rollout that may reach --max_length is
+    refused whatever the data. Toy rows are short: the toy default --max_length 512 stays valid."""
     positions = json.loads((toy / "sft" / "config.json").read_text())["max_position_embeddings"]
-    for module, argv in ((sft, ["--model_name_or_path", toy / "sft", "--dataset", toy / "toy" / "sft"]),
-                         (reward, ["--model_name_or_path", toy / "sft", "--dataset", toy / "toy" / "preference"]),
-                         (ppo_lagrangian, stage_argv("ppo_lagrangian", toy, tmp_path / "p")[:-2])):
+    long_answer = " ".join(["knead the dough first then bake it"] * 150)           # ~1,000 tokens
+    sft_rows = [{"instruction": f"how do i bake bread {i}", "input": "", "output": long_answer} for i in range(16)]
+    pref_rows = [{"prompt": f"how do i bake bread {i}", "response_0": long_answer, "response_1": "sorry",
+                  "better_response_id": 0, "safer_response_id": 1, "is_response_0_safe": True,
+                  "is_response_1_safe": True} for i in range(16)]
+    for name, rows in (("sft", sft_rows), ("pref", pref_rows)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cases = ((sft, ["--model_name_or_path", toy / "sft", "--dataset", tmp_path / "sft.jsonl", "--eval_split", ""]),
+             (reward, ["--model_name_or_path", toy / "sft", "--dataset", tmp_path / "pref.jsonl", "--eval_split", ""]),
+             (ppo_lagrangian, stage_argv("ppo_lagrangian", toy, tmp_path / "p")[:-2] + ["--per_device_prompt_batch_size", 4]))
+    for module, argv in cases:
         out = tmp_path / module.__name__
-        with pytest.raises(UserError, match=rf"^--max_length {positions * 8} exceeds the model's {positions} positions"):
-            batch = ["--per_device_prompt_batch_size", 4] if module is ppo_lagrangian else []
-            run_stage(module, argv + ["--max_length", positions * 8, "--output_dir", out, "--limit", 16,
-                                      "--per_device_train_batch_size", 4, *batch])
+        with pytest.raises(UserError, match=rf"^--max_length 2048 (lets sequences reach \d+ tokens, which )?exceeds "
+                                            rf"the model's {positions} positions .*use --max_length {positions} or less$"):
+            run_stage(module, argv + ["--max_length", 2048, "--output_dir", out, "--limit", 16, "--recipe", "toy",
+                                      "--per_device_train_batch_size", 4])
         assert not out.exists()
 
 
