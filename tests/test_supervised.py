@@ -358,13 +358,13 @@ def test_bad_data_is_one_line_and_leaves_the_output_folder_alone(sft_run, toy, t
     cases = {
         "missing": (write_jsonl(tmp_path / "missing.jsonl", missing), "row 1 has no field 'better_response_id'"),
         "empty": (write_jsonl(tmp_path / "empty.jsonl", []), "is empty"),
-        "unreadable": (tmp_path / "garbage.jsonl", "cannot read it"),
+        "unreadable": (tmp_path / "garbage.jsonl", "line 1: not a JSON row"),
         "no such file": (tmp_path / "nope.jsonl", "no such file or folder"),
     }
     (tmp_path / "garbage.jsonl").write_text("this is not json {\n")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous run")
+    with plumbing.atomic_folder(out) as tmp:   # a folder the project wrote (it is refused otherwise)
+        (tmp / "keep.txt").write_text("previous run")
     # one case through a subprocess (exit code, stderr), the others in-process (same code path)
     p = run([sys.executable, "reward.py", "--recipe", "toy", "--dataset", cases["missing"][0], "--model_name_or_path", sft_run,
              "--output_dir", out])
@@ -383,7 +383,7 @@ def test_bad_data_is_one_line_and_leaves_the_output_folder_alone(sft_run, toy, t
     with pytest.raises(UserError, match="does not exist"):
         reward.train(reward.Args(dataset=str(toy / "preference"), model_name_or_path=str(tmp_path / "none"),
                                  output_dir=str(out)), reward.REWARD)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [plumbing.MARKER, "keep.txt"]
 
 
 def test_unusable_pairs_are_dropped_and_counted(tmp_path, toy_tok):
