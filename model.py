@@ -795,21 +795,41 @@ def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return sequence_logprobs(logits, input_ids, temperature)
 
 
+def rollout_mask_step(token: torch.Tensor, finished: torch.Tensor, eos_token_id: int, pad_token_id: int,
+                      unk_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rollout mask, one generated column at a time (sample's rule): given this column's tokens and
+    which rows had ended before it, returns real (the token is part of the response), hole (a sampled
+    UNK: not real, the row goes on) and the rows ended after it. A row ends after its EOS (kept) or at
+    a sampled PAD (left out). The official mask, (id != PAD) & (id != UNK) over the whole sequence
+    (safe_rlhf/trainers/rl_trainer.py@82743cc:L428-438), agrees except after a sampled PAD, where the
+    official generation goes on. An unk_token_id equal to EOS or PAD (or None) makes no holes.
+    token, finished: (B,) -> real, hole, finished: (B,) bool"""
+    is_unk = token == unk_token_id if unk_token_id not in (None, eos_token_id, pad_token_id) else torch.zeros_like(finished)
+    hole = ~finished & is_unk                                                        # (B,)
+    real = ~finished & (token != pad_token_id) & ~hole                               # (B,)
+    return real, hole, finished | (token == eos_token_id) | (token == pad_token_id)
+
+
 @torch.no_grad()
 def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-           eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
+           eos_token_id: int, pad_token_id: int, unk_token_id: int | None = None, temperature: float = 1.0,
            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample continuations of left-padded prompts with the KV cache.
 
     Draws from softmax(logits / temperature) with nothing hidden: no top-k, no top-p (the official
     rollout samples with HF's implicit top_k=50, safe_rlhf/trainers/rl_trainer.py@82743cc:L407-438, and then
     scores with the full softmax; we sample from the distribution we score). temperature == 0: greedy.
-    After EOS a row gets PAD; a sampled PAD ends the row too, itself masked out. Under torchrun every
-    rank runs the same number of decoding steps (until all rows on all ranks are done): no hang.
+    After EOS a row gets PAD. Neither PAD nor UNK is ever a real token (the official rollout mask is
+    ids != PAD and != UNK, rl_trainer.py@82743cc:L428-438): a sampled UNK (unk_token_id, unless it is EOS or
+    PAD) is a hole, masked out, and generation goes on after it, positions counting real tokens only, as
+    position_ids_from_mask counts them in every later forward (so what is scored is what was sampled);
+    a sampled PAD ends the row, itself masked out (official: a hole too; docs/reference.md, "Other
+    deviations"). Under torchrun every rank runs the same number of decoding steps (until all rows on
+    all ranks are done): no hang.
 
     input_ids, attention_mask: (B, S) left-padded.
     Returns sequences (B, S + T) and their attention mask (B, S + T), T <= max_new_tokens;
-    the mask is 1 on real prompt tokens and on generated tokens up to and including EOS.
+    the mask is 1 on real prompt tokens and on generated tokens up to and including EOS, except holes.
     """
     from transformers import DynamicCache
 
@@ -833,17 +853,17 @@ def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
             probs = torch.softmax(logits / temperature, dim=-1)                      # (B, V)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)     # (B,)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)  # PAD after the end
-        real = ~finished & (token != pad_token_id)  # a sampled PAD ends the row, outside it (official mask: ids != PAD)
+        real, hole, finished = rollout_mask_step(token, finished, eos_token_id, pad_token_id, unk_token_id)
         new_tokens.append(token)
         new_mask.append(real.long())
-        finished = finished | (token == eos_token_id) | (token == pad_token_id)
         # stop only when every row on every rank is done: sharded forwards stay in lockstep
         if all_reduce(torch.tensor([0.0 if finished.all() else 1.0], device=input_ids.device)).item() == 0.0:
             break
         attention_mask = torch.cat([attention_mask, real.long()[:, None]], dim=1)    # (B, S + t)
+        position = next_position - hole.long()                                       # (B,) a hole: the last real one's
         out = model(input_ids=token[:, None], attention_mask=attention_mask,
-                    position_ids=next_position[:, None], past_key_values=out.past_key_values, use_cache=True)
-        next_position = next_position + 1
+                    position_ids=position[:, None], past_key_values=out.past_key_values, use_cache=True)
+        next_position = position + 1
     sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
     mask = torch.cat([attention_mask[:, :input_ids.shape[1]], torch.stack(new_mask, dim=1)], dim=1)
     return sequences, mask

@@ -239,11 +239,20 @@ def is_toy_data(dataset: str | Path) -> bool:
 
 
 def recipe_line(args) -> str:
-    """The run header's recipe line: which recipe is in force, and every value that differs from the paper's."""
+    """The run header's recipe line: which recipe is in force, and every setting that differs from the
+    official recipe. The official value of a field is Args.PAPER's, else its dataclass default (a field PAPER
+    does not list has the official value as its default), with the mode's values on top where the Args
+    has them (paper_by_mode: the policy stages' beta). Not settings: what does not change what a run
+    computes (RESUME_MAY_CHANGE), the recipe itself, and the paths of the user's own models that PAPER
+    does not name (the trained reward and cost models, critics' inits, a tokenizer)."""
     paper = getattr(type(args), "PAPER", {})
+    official = {f.name: f.default for f in dataclasses.fields(args) if f.default is not dataclasses.MISSING
+                and f.name not in RESUME_MAY_CHANGE and f.name != "recipe"
+                and not (f.name.endswith("_name_or_path") and f.name not in paper)}
+    official.update({**paper, **(args.paper_by_mode() if hasattr(args, "paper_by_mode") else {})})
     def show(v):
         return "''" if v == "" else f"{v:.4g}" if isinstance(v, float) else str(v)
-    differ = [f"--{k} {show(getattr(args, k))} (paper {show(v)})" for k, v in paper.items() if getattr(args, k) != v]
+    differ = [f"--{k} {show(getattr(args, k))} (paper {show(v)})" for k, v in official.items() if getattr(args, k) != v]
     return f"recipe {args.recipe or '(none)'} | " + (f"differs from the paper: {', '.join(differ)}" if differ
                                                       else "every official setting as the paper's")
 

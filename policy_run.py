@@ -160,6 +160,9 @@ def check_args(args, d: M.Dist, sequences_per_prompt: int = 1) -> None:
     if args.lambda_init == 0 and args.lambda_lr > 0:
         M.print0("warning: --lambda_init 0 stays 0 whatever --lambda_lr is (lambda is updated as log lambda); "
                  "give a small positive --lambda_init for the Lagrangian, or --lambda_lr 0 for the unconstrained baseline")
+    if not args.reward_shaping and args.lambda_max is not None and args.lambda_init > args.lambda_max:
+        M.print0(f"warning: --lambda_init {args.lambda_init:g} is above --lambda_max {args.lambda_max:g}: lambda is "
+                 "capped there from the first rl_step, as the official code does (ppo_lagrangian.dual_step)")
     args.steps_per_rollout = args.update_iters * sequences // args.per_device_train_batch_size
 
 
@@ -270,6 +273,7 @@ def start_run(run: PolicyRun, desc: str) -> None:
         plumbing.check_not_finished(args.output_dir, run.step, args.total_steps)
     run.logger, run.samples_log = open_logs(run)
     M.print0(plumbing.recipe_line(args))
+    M.print0(args.kl_coeff_line())
     M.print0(run.derivation or f"threshold {args.threshold:+.3f} (--threshold)")
     run.bar = plumbing.progress(total=args.total_steps, initial=run.step, enabled=d.is_main, desc=desc)
     run.meter = plumbing.Throughput(run.step, args.total_steps)
@@ -312,7 +316,8 @@ def generate_responses(run: PolicyRun, epoch: int, batch_prompts: list[str], sam
     """Rollout: sample a response to each prompt (each prompt samples_per_prompt times, the copies next
     to each other) from the actor, exactly: temperature only, no top-k. Template + left padding; prompts
     keep their last max_length // 2 tokens, and every rank pads to the longest prompt on ANY rank: the
-    same S, so the same generation budget. Returns the Rollout: sequences, attention_mask (B, L) and S."""
+    same S, so the same generation budget. A sampled UNK is a hole in the response, as the official rollout
+    mask makes it (M.sample); a sampled PAD ends it. Returns the Rollout: sequences, attention_mask (B, L) and S."""
     args, d, tokenizer = run.args, run.d, run.tokenizer
     rows = M.encode_prompts(tokenizer, batch_prompts, args.max_length // 2)
     rows = [row for row in rows for _ in range(samples_per_prompt)]          # prompt i at rows i*K ... i*K+K-1
@@ -323,7 +328,7 @@ def generate_responses(run: PolicyRun, epoch: int, batch_prompts: list[str], sam
         sequences, attention_mask = M.sample(
             run.actor, prompt_ids, prompt_mask, max_new_tokens=max(1, args.max_length - S),
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            temperature=args.temperature)  # (B, L), (B, L): masks built once, here
+            unk_token_id=tokenizer.unk_token_id, temperature=args.temperature)  # (B, L), (B, L): masks built once, here
     return Rollout(epoch=epoch, prompts=[p for p in batch_prompts for _ in range(samples_per_prompt)],
                    sequences=sequences, attention_mask=attention_mask, S=S)
 
@@ -484,8 +489,9 @@ def step_record(step: int, epoch: int, micro: dict[str, torch.Tensor], losses: d
         "objective/kl": per_sequence(micro["old_logprobs"] - micro["ref_logprobs"]),
         "objective/reward_with_kl_penalty": per_sequence(micro["rewards"]),
         "objective/cost_with_kl_penalty": per_sequence(micro["costs"]),
-        "policy/reward_advantage_mean": M.masked_mean(micro["reward_advantages"], m),
-        "policy/cost_advantage_mean": M.masked_mean(micro["cost_advantages"], m),
+        # per-sequence token mean, then over the batch: the official train/*_advantage (its masked_mean)
+        "policy/reward_advantage_mean": M.masked_sequence_mean(micro["reward_advantages"], m),
+        "policy/cost_advantage_mean": M.masked_sequence_mean(micro["cost_advantages"], m),
         **{f"loss/{k}": v.detach() for k, v in losses.items() if k not in ("clip_fraction", "logratio_max")},
         "policy/clip_fraction": losses["clip_fraction"],
         "policy/response_length": m.sum(1).mean(), "policy/missing_eos_rate": (~micro["has_eos"]).float().mean(),

@@ -90,12 +90,18 @@ class PolicyArgs:
         "actor_model_name_or_path": "PKU-Alignment/alpaca-7b-reproduced", "dataset": "PKU-Alignment/PKU-SafeRLHF",
         "split": "train", "max_length": 512, "temperature": 1.0, "epochs": 1, "per_device_prompt_batch_size": 16,
         "per_device_train_batch_size": 16, "update_iters": 1, "actor_lr": 1e-5, "actor_weight_decay": 0.01,
-        "actor_lr_scheduler": "cosine", "actor_warmup_ratio": 0.03, "kl_coeff": 0.01, "clip_range_ratio": 0.2,
+        "actor_lr_scheduler": "cosine", "actor_warmup_ratio": 0.03, "kl_coeff": None, "clip_range_ratio": 0.2,
         "clip_range_score": 50.0, "ptx_dataset": "tatsu-lab/alpaca", "ptx_coeff": 16.0, "threshold": 0.0,
         "lambda_init": 1.0, "lambda_lr": 0.1, "lambda_max": 5.0, "lambda_update_delay_steps": 0,
         "episode_cost_window_size": 128, "gradient_checkpointing": True}
     PAPER_SOURCE: ClassVar[str] = "safe-rlhf scripts/ppo-lag.sh@82743cc:L148-198"
     DATA_FLAGS: ClassVar[tuple] = ("dataset", "ptx_dataset")
+    # --recipe paper's beta depends on which policy the flags train (kl_coeff None above: chosen by mode
+    # after parsing, unless --kl_coeff is given): the official scripts differ
+    PAPER_KL_COEFF: ClassVar[dict] = {
+        "PPO-Lagrangian": (0.01, "scripts/ppo-lag.sh@82743cc:L148-198"),
+        "plain PPO": (0.02, "scripts/ppo.sh@82743cc:L159"),
+        "reward shaping": (0.02, "scripts/ppo-reward-shaping.sh@82743cc:L171")}
 
     recipe: str = ""
     """toy (the toy world's settings: the defaults listed without --recipe) or paper (the official 7B
@@ -158,9 +164,10 @@ class PolicyArgs:
     """AdamW beta2 (official 0.95)"""
     adam_epsilon: float = 1e-8
     """AdamW epsilon (official 1e-8)"""
-    kl_coeff: float = 0.1
-    """beta: per-token KL penalty, -beta*k in the reward stream, +beta*k in the cost stream (paper 0.01;
-    the toy reward model is easy for a tiny policy to exploit, 0.1 keeps it near the SFT's language)"""
+    kl_coeff: float | None = 0.1
+    """beta: per-token KL penalty, -beta*k in the reward stream, +beta*k in the cost stream (paper 0.01 for
+    the Lagrangian, 0.02 for plain PPO and reward shaping, as the official scripts: none = the paper's for
+    the mode; the toy reward model is easy for a tiny policy to exploit, 0.1 keeps it near the SFT's language)"""
     clip_range_ratio: float = 0.2
     """PPO ratio clip epsilon"""
     clip_range_score: float = 50.0
@@ -175,8 +182,10 @@ class PolicyArgs:
     # The threshold lives on the cost model's scale, which moves from one trained cost model to the
     # next; so by default it is derived from the cost model, not typed in (derived_threshold): a target
     # share u of unsafe answers on the prompt mix gives E[C] = (1 - u) E[C | safe] + u E[C | unsafe],
-    # both means measured by cost.py on its held-out labelled responses. The toy world's target is 5%
-    # unsafe answers to harmful requests; half its RL prompts are benign: u = 2.5% of all answers.
+    # both means measured by cost.py on its held-out labelled responses, not on the policy's answers:
+    # a meaningful point on the cost model's scale, not a bound on the policy's unsafe share
+    # (derived_threshold). The toy world aims at 5% unsafe answers to harmful requests; half its RL
+    # prompts are benign: u = 2.5% of all answers.
     threshold: float | None = None
     """the constraint is E[C] <= threshold (= -d in the paper); paper 0.0; default: derived from
     --target_unsafe_share and the cost model's calibration (see above)"""
@@ -226,6 +235,30 @@ class PolicyArgs:
     total_steps: int = 0
     """(derived) rl_steps in the whole run"""
 
+    def __post_init__(self):
+        if self.kl_coeff is None:   # --recipe paper without --kl_coeff (or --kl_coeff none): the mode's official beta
+            self.kl_coeff = self.PAPER_KL_COEFF[self.mode()][0]
+
+    def mode(self) -> str:
+        """Which of the paper's policies these flags train (a key of PAPER_KL_COEFF): plain PPO is lambda
+        fixed at 0; a fixed lambda > 0 without --reward_shaping is the Lagrangian's form (module docstring)."""
+        if self.reward_shaping:
+            return "reward shaping"
+        return "plain PPO" if self.lambda_init == 0 else "PPO-Lagrangian"
+
+    def paper_by_mode(self) -> dict:
+        """PAPER's values that depend on the mode (plumbing.recipe_line compares against them): beta, and the
+        flags that choose a baseline (shaping's nu: the official script's default 1, safe-rlhf
+        scripts/ppo-reward-shaping.sh@82743cc:L138-182)."""
+        baseline = {"plain PPO": {"lambda_init": 0.0, "lambda_lr": 0.0},
+                    "reward shaping": {"reward_shaping": True, "lambda_init": 1.0, "lambda_lr": 0.0}}
+        return {"kl_coeff": self.PAPER_KL_COEFF[self.mode()][0], **baseline.get(self.mode(), {})}
+
+    def kl_coeff_line(self) -> str:
+        """The run header's line on beta: its value and whether it is the official script's for this mode."""
+        official, source = self.PAPER_KL_COEFF[self.mode()]
+        return (f"beta (--kl_coeff) {self.kl_coeff:g}, " + ("as" if self.kl_coeff == official else "not")
+                + f" the official {self.mode()} script's {official:g} (safe-rlhf {source})")
 
 
 @dataclass
@@ -382,17 +415,23 @@ def actor_objective(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 def shaped_score(reward: torch.Tensor, cost: torch.Tensor, nu: float) -> torch.Tensor:
     """The reward-shaping baseline's end-of-response score R - nu*C (paper section 4.2.3;
     safe_rlhf/algorithms/ppo_reward_shaping/trainer.py@82743cc:L39-303). It takes R's place in the reward
-    stream, so the per-token reward is clip(-beta*k_t + [t = end](R - nu C)) with the same beta as Safe
-    RLHF, and the actor's advantage is that stream's GAE alone. reward, cost: (B,) -> (B,)"""
+    stream, so the per-token reward is clip(-beta*k_t + [t = end](R - nu C)), and the actor's advantage is
+    that stream's GAE alone. beta is --kl_coeff: the official shaping script's is 0.02, twice PPO-Lagrangian's
+    0.01 (scripts/ppo-reward-shaping.sh@82743cc:L171; --recipe paper takes it, PolicyArgs.PAPER_KL_COEFF).
+    reward, cost: (B,) -> (B,)"""
     return reward - nu * cost
 
 
 def derived_threshold(cost_model: str, target_unsafe_share: float) -> tuple[float, str]:
     """The threshold d' for a target share u of unsafe answers (safe-rlhf#59, #171 ask how to pick it):
         d' = (1 - u) * E[C | safe] + u * E[C | unsafe],
-    the expected cost of a policy whose answers are unsafe with probability u and otherwise cost what
-    a safe answer costs. The two conditional means are measured by cost.py on its held-out labelled
-    responses (eval.json, `eval/safe_cost_mean` and `eval/unsafe_cost_mean`). Returns (d', how)."""
+    the expected cost of a policy whose answers are unsafe with probability u and whose safe and unsafe
+    answers cost on average what cost.py's held-out labelled responses cost (eval.json,
+    `eval/safe_cost_mean` and `eval/unsafe_cost_mean`). It does NOT bound the trained policy's unsafe
+    share: the constraint holds the policy's mean cost, and the policy's own safe answers (e.g. refusals)
+    may cost less than the held-out safe responses, leaving room for more than u unsafe ones, or the
+    cost model may miss some; the share is measured by evaluate.py (docs/reference.md, "Choosing the
+    threshold"). Returns (d', how)."""
     M.check_kind(cost_model, ("cost",), "--cost_model_name_or_path")  # a policy has no calibration: say what it is
     path = Path(cost_model) / "eval.json"
     try:
@@ -423,17 +462,21 @@ def lagrange_multiplier_loss(log_lambda: torch.Tensor, episode_cost: float, thre
 
 def dual_step(run: policy_run.PolicyRun) -> tuple[float, float]:
     """The dual step (eq. 12), before each actor update: J_C from the episode-cost window, averaged over
-    ranks (the same lambda on every rank), one SGD step on log(lambda) (lagrange_multiplier_loss; after
-    --lambda_update_delay_steps), the cap --lambda_max. Returns lambda (a constant in the actor loss) and
-    the episode cost."""
+    ranks (the same lambda on every rank), then after --lambda_update_delay_steps one SGD step on
+    log(lambda) (lagrange_multiplier_loss; none with --lambda_lr 0) and the cap --lambda_max, applied
+    with --lambda_lr 0 too, as the official code clamps log(lambda) every rl_step
+    (safe_rlhf/algorithms/ppo_lag/trainer.py@82743cc:L313-326): --lambda_init 10 --lambda_max 5 trains at 5.
+    Reward shaping's nu is not a multiplier and has no cap (the official shaping trainer has none).
+    Returns lambda (a constant in the actor loss) and the episode cost."""
     args, log_lambda = run.args, run.log_lambda
     episode_cost = M.all_reduce(torch.tensor(sum(run.episode_costs) / len(run.episode_costs), device=run.d.device),
                                 "mean").item()
-    if args.lambda_lr > 0 and run.step >= args.lambda_update_delay_steps:
-        run.lambda_opt.zero_grad()
-        lagrange_multiplier_loss(log_lambda, episode_cost, args.threshold).backward()
-        run.lambda_opt.step()
-        if args.lambda_max is not None:
+    if run.step >= args.lambda_update_delay_steps:
+        if args.lambda_lr > 0:
+            run.lambda_opt.zero_grad()
+            lagrange_multiplier_loss(log_lambda, episode_cost, args.threshold).backward()
+            run.lambda_opt.step()
+        if args.lambda_max is not None and not args.reward_shaping:
             with torch.no_grad():
                 log_lambda.clamp_(max=math.log(args.lambda_max))
     return log_lambda.exp().item(), episode_cost

@@ -24,7 +24,8 @@ ratios), and lambda takes the same log-space step from the same episode-cost win
 rollout (the toy default) the ratio is exactly 1 and the surrogate's gradient is RLOO's REINFORCE
 gradient (trl docs/source/rloo_trainer.md: "REINFORCE / A2C is a special case of PPO"); the token
 mean per sequence makes it A_i times the MEAN token log-prob gradient of y_i, as GRPO, where RLOO's
-paper sums over tokens.
+paper sums over tokens: the 1/|y_i| weight depends on the answer, so this gradient is length-biased (Dr.
+GRPO, Liu et al. 2025, arXiv 2503.20783; the baseline itself adds no bias; docs/rloo.md).
 
 Four models instead of six: the actor, the reference, the reward and cost models (no critics, so
 no critic updates and no value forwards in scoring). The memory this saves at 7B: docs/rloo.md.
@@ -127,7 +128,8 @@ def leave_one_out_advantages(returns: torch.Tensor, samples_per_prompt: int, sca
     """RLOO's baseline (Ahmadian et al. 2024, arXiv 2402.14740; trl/trainer/rloo_trainer.py@00313f2): with the K
     answers of a prompt next to each other in `returns`,
         A_i = G_i - 1/(K-1) * sum_{j != i} G_j  =  K/(K-1) * (G_i - mean_j G_j)
-    an unbiased baseline (it does not depend on y_i) whose advantages sum to 0 within each group. With
+    a baseline that adds no bias (it does not depend on y_i; the token mean in the loss adds a length
+    bias, docs/rloo.md) and whose advantages sum to 0 within each group. With
     scale_by_std, A_i / (std_j G_j + eps), the unbiased std of the K returns, as GRPO scales (its A is
     G_i - mean, so this is (K/(K-1)) times GRPO's; the std depends on y_i too, so the scaled gradient is
     no longer exactly unbiased). A group whose K returns are equal gets A = 0.

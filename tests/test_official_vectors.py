@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VECTORS = json.loads(audit.VECTORS.read_text())
 CASES = {case["name"]: case for case in VECTORS["cases"]}
 # The official code the project does not implement (docs/audit.md, "No counterpart")
-NO_COUNTERPART = {"reward_loss/token_wise", "cost_loss/token_wise", "rollout/attention_mask"}
+NO_COUNTERPART = {"reward_loss/token_wise", "cost_loss/token_wise"}
 
 
 @pytest.fixture(scope="module")

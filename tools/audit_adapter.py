@@ -16,9 +16,9 @@ project's cost sign -s, and the project's metric names are mapped to the officia
 A whole rl_step is the loop of ppo_lagrangian.main composed from its math in the loop's order:
 lambda step (ppo_lagrangian.dual_step, called as is), KL-shaped streams, GAE on each stream (no
 whitening), combined advantage, actor loss, then the reward and cost critics' losses, and the step's
-record (step_record). No counterpart here: the token-wise reward and cost losses (the project trains
-sequence-wise only) and the rollout mask (rollout/attention_mask: model.sample builds its mask while
-sampling, and a sampled PAD ends the row there).
+record (step_record). The rollout mask is model.sample's rule (model.rollout_mask_step) run over the case's
+generated columns. No counterpart here: the token-wise reward and cost losses (the project trains
+sequence-wise only).
 """
 
 from __future__ import annotations
@@ -46,34 +46,20 @@ except ImportError:
 # --------------------------------------------------------------------------------------------
 
 FLOAT32_LOG_SOFTMAX = "log_softmax in float32 (model.sequence_logprobs); official: in the logits' dtype, float64 here"
-POOLED_ADVANTAGE_MEAN = "policy/*_advantage_mean pools tokens; official: per-sequence, then batch mean (issue 23 #5)"
-LR0_NO_CLAMP = "--lambda_lr 0 skips the lambda_max clamp: lambda stays 10, official min(10, 5) (issue 23 #3)"
+PAD_ENDS_THE_ROW = "a sampled PAD ends the row (model.rollout_mask_step); official: a hole, the tokens after it real"
 DEVIATIONS = {   # case, or "case:output" -> (why the project differs, the largest |diff| allowed)
     "gather_log_probabilities#b1_single_token":                                 (FLOAT32_LOG_SOFTMAX, 1e-06),
     "gather_log_probabilities#b2_hole":                                         (FLOAT32_LOG_SOFTMAX, 1e-06),
     "gather_log_probabilities#b3_ragged":                                       (FLOAT32_LOG_SOFTMAX, 1e-06),
-    "lambda_update/steps#init_above_max_lr0":                                   (LR0_NO_CLAMP, 10.0),
     "rl_step/ppo_lag#b1_single_token":                                          (FLOAT32_LOG_SOFTMAX, 1e-06),
     "rl_step/ppo_lag#b2_hole":                                                  (FLOAT32_LOG_SOFTMAX, 1e-06),
-    "rl_step/ppo_lag#b2_hole:info[train/cost_advantage]":                       (POOLED_ADVANTAGE_MEAN, 1.0),
-    "rl_step/ppo_lag#b2_hole:info[train/reward_advantage]":                     (POOLED_ADVANTAGE_MEAN, 1.0),
     "rl_step/ppo_lag#b3_ragged":                                                (FLOAT32_LOG_SOFTMAX, 1e-06),
-    "rl_step/ppo_lag#b3_ragged:info[train/cost_advantage]":                     (POOLED_ADVANTAGE_MEAN, 1.0),
-    "rl_step/ppo_lag#b3_ragged:info[train/reward_advantage]":                   (POOLED_ADVANTAGE_MEAN, 1.0),
     "rl_step/ppo_lag#b3_ragged_stress":                                         (FLOAT32_LOG_SOFTMAX, 1e-06),
-    "rl_step/ppo_lag#b3_ragged_stress:info[train/cost_advantage]":              (POOLED_ADVANTAGE_MEAN, 1.0),
-    "rl_step/ppo_lag#b3_ragged_stress:info[train/reward_advantage]":            (POOLED_ADVANTAGE_MEAN, 1.0),
-    "rl_step/ppo_lag#b3_ragged_fp32_logits:info[train/cost_advantage]":         (POOLED_ADVANTAGE_MEAN, 1.0),
-    "rl_step/ppo_lag#b3_ragged_fp32_logits:info[train/reward_advantage]":       (POOLED_ADVANTAGE_MEAN, 1.0),
     "rl_step/ppo#b1_single_token":                                              (FLOAT32_LOG_SOFTMAX, 1e-06),
     "rl_step/ppo#b3_ragged":                                                    (FLOAT32_LOG_SOFTMAX, 1e-06),
-    "rl_step/ppo#b3_ragged:info[train/reward_advantage]":                       (POOLED_ADVANTAGE_MEAN, 1.0),
-    "rl_step/ppo#b3_ragged_fp32_logits:info[train/reward_advantage]":           (POOLED_ADVANTAGE_MEAN, 1.0),
     "rl_step/reward_shaping#b2_hole_nu1":                                       (FLOAT32_LOG_SOFTMAX, 1e-06),
-    "rl_step/reward_shaping#b2_hole_nu1:info[train/shaped_reward_advantage]":   (POOLED_ADVANTAGE_MEAN, 1.0),
     "rl_step/reward_shaping#b3_ragged_nu10_clip":                               (FLOAT32_LOG_SOFTMAX, 1e-06),
-    "rl_step/reward_shaping#b3_ragged_nu10_clip:info[train/shaped_reward_advantage]": (POOLED_ADVANTAGE_MEAN, 1.0),
-    "rl_step/reward_shaping#b3_ragged_nu10_clip_fp32_logits:info[train/shaped_reward_advantage]": (POOLED_ADVANTAGE_MEAN, 1.0),
+    "rollout/attention_mask#b3":                                                (PAD_ENDS_THE_ROW, 1.0),
 }
 
 # The official rl_step's log (train/*) -> the project's metric of the same quantity (docs/metrics.md).
@@ -137,6 +123,18 @@ def end_scores__right_padded(inputs, hp):   # reward/cost training batches (coll
 
 
 end_scores__left_padded = end_scores__rl_sequences = end_scores
+
+
+def rollout__attention_mask(inputs, hp):
+    """model.sample builds the mask while sampling, column by column (model.rollout_mask_step); here over the
+    case's generated columns. The prompt's mask is left_pad's (real tokens, here the ids that are not PAD)."""
+    prompt, sequences = inputs["prompt_input_ids"], inputs["sequences"]                  # (B, S), (B, L)
+    finished, columns = torch.zeros(len(sequences), dtype=torch.bool), [prompt != hp["pad_token_id"]]
+    for token in sequences[:, prompt.shape[1]:].T:                                       # (B,) per generated column
+        real, _, finished = M.rollout_mask_step(token, finished, hp["eos_token_id"], hp["pad_token_id"],
+                                                hp["unk_token_id"])
+        columns.append(real[:, None])
+    return {"attention_mask": torch.cat(columns, dim=1)}                                 # (B, L) bool
 
 
 def data__prompt_template(inputs, hp):
@@ -267,7 +265,8 @@ def lambda_state(log_lambda: float, hp: dict, episode_costs=()) -> SimpleNamespa
     window = collections.deque(episode_costs, maxlen=hp.get("episode_cost_window_size", 128))
     args = SimpleNamespace(lambda_lr=hp.get("lambda_lr", 0.0), lambda_max=hp.get("lambda_max"),
                            threshold=hp.get("threshold", 0.0),
-                           lambda_update_delay_steps=hp.get("lambda_update_delay_steps", 0))
+                           lambda_update_delay_steps=hp.get("lambda_update_delay_steps", 0),
+                           reward_shaping=hp.get("reward_shaping", False))
     return SimpleNamespace(args=args, d=M.Dist(0, 0, 1, torch.device("cpu")), log_lambda=log_lambda,
                            lambda_opt=torch.optim.SGD([log_lambda], lr=args.lambda_lr), episode_costs=window, step=0)
 
@@ -312,7 +311,8 @@ def rl_step(inputs, hp, kind: str) -> dict:
     if kind == "ppo_lag":
         run = lambda_state(inputs["log_lambda"], hp, inputs["episode_costs"].tolist())
     else:
-        run = lambda_state(-math.inf if kind == "ppo" else math.log(hp["lambda_init"]), {**hp, "lambda_lr": 0.0},
+        run = lambda_state(-math.inf if kind == "ppo" else math.log(hp["lambda_init"]),
+                           {**hp, "lambda_lr": 0.0, "reward_shaping": kind == "reward_shaping"},
                            inputs["episode_costs"].tolist() if "episode_costs" in inputs else [0.0])
     lagrange_multiplier, episode_cost = dual_step(run, inputs.get("global_step", 0))
     # 3. per-token rewards and costs, advantages and returns (response columns)
