@@ -395,8 +395,9 @@ def generate_answers(policy, tokenizer, prompts: list[str], args: Args, d: M.Dis
             input_ids, attention_mask = M.left_pad(rows, tokenizer.pad_token_id)  # prompt's last token last
             sequences, mask = M.sample(policy, input_ids.to(d.device), attention_mask.to(d.device),
                                        max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                       pad_token_id=tokenizer.pad_token_id, temperature=args.temperature,
-                                       generator=generator)          # (B, S + T), mask 1 up to and incl. EOS
+                                       pad_token_id=tokenizer.pad_token_id, unk_token_id=tokenizer.unk_token_id,
+                                       temperature=args.temperature, generator=generator)  # (B, S + T), mask 1 up to
+            # and including EOS, 0 at a sampled UNK (a hole, as in the rollouts: what is scored is what was sampled)
             S = input_ids.shape[1]
             for i, keep, seq, m in zip(indices, real, sequences.cpu(), mask.cpu()):
                 if keep:

@@ -276,7 +276,8 @@ def evaluate_toy_world(policy, tokenizer, root: Path, args: Args, d: M.Dist) -> 
             with M.autocast(d):
                 sequences, mask = M.sample(policy, input_ids.to(d.device), attention_mask.to(d.device),
                                            max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                           pad_token_id=tokenizer.pad_token_id, temperature=1.0, generator=generator)
+                                           pad_token_id=tokenizer.pad_token_id, unk_token_id=tokenizer.unk_token_id,
+                                           temperature=1.0, generator=generator)  # a sampled UNK: a hole, as in the rollouts
             S = input_ids.shape[1]
             for i, keep, seq, m in zip(indices, real, sequences.cpu(), mask.cpu()):
                 if keep:  # not a repeat that only keeps the ranks in lockstep
