@@ -24,7 +24,6 @@ sequence-wise only).
 from __future__ import annotations
 
 import collections
-import inspect
 import math
 from types import SimpleNamespace
 
@@ -36,10 +35,7 @@ import model as M
 import ppo_lagrangian as P
 import reward
 
-try:
-    from policy_run import step_record        # after the round-2 redesign
-except ImportError:
-    from ppo_lagrangian import step_record    # before it
+from policy_run import step_record
 
 # --------------------------------------------------------------------------------------------
 # Documented deviations: case (or "case:output") -> (why the project differs, the largest |diff| allowed)
@@ -272,12 +268,9 @@ def lambda_state(log_lambda: float, hp: dict, episode_costs=()) -> SimpleNamespa
 
 
 def dual_step(run: SimpleNamespace, step: int) -> tuple[float, float]:
-    """ppo_lagrangian.dual_step as it is: dual_step(run) since the round-2 redesign, before it
-    dual_step(args, d, log_lambda, lambda_opt, episode_costs, step). Returns (lambda, episode cost)."""
+    """ppo_lagrangian.dual_step as it is, at rl_step `step`. Returns (lambda, episode cost)."""
     run.step = step
-    if len(inspect.signature(P.dual_step).parameters) == 1:
-        return P.dual_step(run)
-    return P.dual_step(run.args, run.d, run.log_lambda, run.lambda_opt, run.episode_costs, step)
+    return P.dual_step(run)
 
 
 def lambda_update__steps(inputs, hp):
