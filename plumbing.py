@@ -437,11 +437,12 @@ def check_run_folder(folder: str | os.PathLike, flag: str = "--output_dir", kind
     if not folder.is_dir():
         raise UserError(f"{flag} {folder} exists and is not a folder")
     entries = sorted(entry.name for entry in folder.iterdir())
-    if entries and project_names(folder) is None:
+    found = folder_kind(folder) if entries else kind
+    if found is None:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise UserError(f"{flag} {folder} holds files this project did not write ({shown}); nothing was read "
                         "or written: choose a new or empty folder")
-    if entries and folder_kind(folder) != kind:
+    if found != kind:
         raise UserError(f"{flag} {folder} holds {'an evaluation' if kind == 'run' else 'a training run'}, not "
                         f"{'a training run' if kind == 'run' else 'an evaluation'}; not replacing it: choose another folder")
 
@@ -519,26 +520,25 @@ def check_not_finished(folder, step: int, total_steps: int) -> None:
                         "continue: --overwrite to train it again, or choose another folder")
 
 
-_REPLACING: dict[Path, Path] = {}  # run folder -> where its replaced run waits until the new one's first save
+_REPLACING: set[Path] = set()  # run folders whose replaced run waits in <folder>.replaced for the first save
 
 
-def begin_run_folder(args, is_main: bool) -> Path:
+def begin_run_folder(args) -> Path:
     """Rank 0, once every input is validated and just before the run writes its first file: create the
     folder. A fresh run (--overwrite) over an older run first moves that run's files aside into
     <output_dir>.replaced/ (the user's files stay); the new run's first checkpoint deletes them, and a
     run that fails or is killed before it gets there puts them back, so a folder never mixes two runs."""
     folder = Path(args.output_dir)
-    if not is_main:
-        return folder
-    aside = _sibling(folder, ".replaced")
-    if not args.resume and folder.is_dir() and any((folder / name).exists() for name in project_names(folder) or ()):
+    older_run = [name for name in sorted(project_names(folder) or ()) if (folder / name).exists()] \
+        if folder.is_dir() and not args.resume else []
+    if older_run:
+        aside = _sibling(folder, ".replaced")
         if aside.exists():
             shutil.rmtree(aside)
         aside.mkdir()
-        for name in sorted(project_names(folder) or ()):
-            if (folder / name).exists():
-                (folder / name).rename(aside / name)
-        _REPLACING[Path(os.path.abspath(folder))] = aside
+        for name in older_run:
+            (folder / name).rename(aside / name)
+        _REPLACING.add(_sibling(folder, ""))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -549,7 +549,7 @@ def write_run_files(args, step: int, data_summary: dict, is_main: bool) -> None:
     data_summary.json."""
     if not is_main:
         return
-    folder = begin_run_folder(args, is_main)
+    folder = begin_run_folder(args)
     if args.resume:  # the killed run may have logged past its checkpoint
         trim_logs(folder, step)
     (folder / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1) + "\n")
@@ -558,7 +558,8 @@ def write_run_files(args, step: int, data_summary: dict, is_main: bool) -> None:
 
 def _end_replacement(folder: Path, succeeded: bool) -> None:
     """Drop the replaced run (the new one saved or finished) or put it back (the new one failed)."""
-    aside = _REPLACING.pop(Path(os.path.abspath(folder)), None) or _sibling(folder, ".replaced")
+    _REPLACING.discard(_sibling(folder, ""))
+    aside = _sibling(folder, ".replaced")
     if not aside.exists():
         return
     if not succeeded and not (folder / "config.json").exists():

@@ -151,13 +151,13 @@ def test_overwrite_replaces_a_run_only_at_its_first_save(tmp_path):
     (folder / "notes.txt").write_text("mine")
     before = digest(folder)
     args = type("A", (), {"output_dir": str(folder), "resume": False, "overwrite": True})()
-    plumbing.begin_run_folder(args, is_main=True)
+    plumbing.begin_run_folder(args)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
     (folder / "args.json").write_text('{"output_dir": "new"}')     # the new run's files, then it fails
     (folder / "metrics.jsonl").write_text('{"step": 1}\n')
     plumbing.end_replacements(succeeded=False)
     assert digest(folder) == before and not folder.with_name("run.replaced").exists()
-    plumbing.begin_run_folder(args, is_main=True)                  # again; this time it saves
+    plumbing.begin_run_folder(args)                  # again; this time it saves
     (folder / "args.json").write_text('{"output_dir": "new"}')
     with plumbing.atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text('{"run": "new"}')
