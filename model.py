@@ -275,7 +275,6 @@ def load_causal_lm(name_or_path: str, tokenizer, *, dtype: torch.dtype = torch.f
             check_checkpoint_path(name_or_path, stage_hint)
             model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, stage_hint, device=device)
     resize_embeddings(model, tokenizer)
-    model.initial_weight_scale = weight_scale(model)  # the bound a save checks diverged weights against
     return model
 
 
@@ -504,7 +503,6 @@ def load_score_model(name_or_path: str, tokenizer, score_type: str, *, dtype: to
                 backbone = _from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code, stage_hint)
                 model = ScoreModel(backbone, score_type)
     resize_embeddings(model, tokenizer)
-    model.initial_weight_scale = weight_scale(model)
     return model
 
 
@@ -634,8 +632,12 @@ def prepare_model(model: nn.Module, dist_: Dist, *, trainable: bool, bf16: bool,
 
     Trainable models keep fp32 master weights; with bf16 (GPU) FSDP2 computes in bf16 and reduces
     gradients in fp32. Frozen models are cast to bf16 on GPU outright (no optimiser needs fp32).
-    Dropout is switched off everywhere (RLHF log-prob ratios must be deterministic).
+    Dropout is switched off everywhere (RLHF log-prob ratios must be deterministic). A trained model
+    remembers its largest weight as loaded (on rank 0, which holds the weights and writes the saves):
+    the bound save_checkpoint checks diverged weights against.
     """
+    if trainable and dist_.is_main:
+        model.initial_weight_scale = weight_scale(model)
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0

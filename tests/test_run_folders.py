@@ -231,7 +231,7 @@ def test_diverged_but_finite_weights_are_never_saved(toy, tmp_path):
 
     tok = M.load_tokenizer(toy / "toy" / "tokenizer", "right")
     d = M.Dist(0, 0, 1, torch.device("cpu"))
-    policy = M.load_causal_lm(str(toy / "sft"), tok)
+    policy = M.prepare_model(M.load_causal_lm(str(toy / "sft"), tok), d, trainable=True, bf16=False)
     assert 1.0 <= policy.initial_weight_scale < 100
     M.save_checkpoint(tmp_path / "c", d, tok, {"": policy})
     before = digest(tmp_path / "c")
