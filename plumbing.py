@@ -245,14 +245,11 @@ def recipe_line(args) -> str:
     has them (paper_by_mode: the policy stages' beta). Not settings: what does not change what a run
     computes (RESUME_MAY_CHANGE), the recipe itself, and the paths of the user's own models that PAPER
     does not name (the trained reward and cost models, critics' inits, a tokenizer) or held-out data."""
-    paper = getattr(type(args), "PAPER", {})
-    official = {f.name: f.default for f in dataclasses.fields(args) if f.default is not dataclasses.MISSING
-                and f.name not in RESUME_MAY_CHANGE and f.name != "recipe"
-                and not (f.name.endswith(("_name_or_path", "eval_dataset")) and f.name not in paper)}
-    by_mode = args.paper_by_mode() if hasattr(args, "paper_by_mode") else {}
-    # PAPER's own settings first (in its order: models and data lead), then the defaults it leaves as they are
-    official = {**{k: by_mode.get(k, v) for k, v in paper.items()}, **by_mode,
-                **{k: v for k, v in official.items() if k not in paper and k not in by_mode}}
+    # PAPER's own settings first (in its order: models and data lead), the mode's on top, then the defaults
+    official = {**getattr(type(args), "PAPER", {}), **(args.paper_by_mode() if hasattr(args, "paper_by_mode") else {})}
+    official.update({f.name: f.default for f in dataclasses.fields(args) if f.name not in official
+                     and f.default is not dataclasses.MISSING and f.name not in RESUME_MAY_CHANGE
+                     and f.name != "recipe" and not f.name.endswith(("_name_or_path", "eval_dataset"))})
     def show(v):
         return "''" if v == "" else f"{v:.4g}" if isinstance(v, float) else str(v)
     differ = [f"--{k} {show(getattr(args, k))} (paper {show(v)})" for k, v in official.items() if getattr(args, k) != v]
