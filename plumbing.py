@@ -421,14 +421,18 @@ def folder_kind(folder: Path) -> str | None:
     return "evaluation" if (folder / "results.json").is_file() and not (folder / "args.json").is_file() else "run"
 
 
+def check_not_root(folder: Path, flag: str) -> None:
+    """An output folder is never the file-system root (its parent is itself: no sibling to write)."""
+    if Path(os.path.abspath(folder)) == Path(os.path.abspath(folder)).parent:
+        raise UserError(f"{flag} {folder}: choose a folder, not the file-system root")
+
+
 def check_run_folder(folder: str | os.PathLike, flag: str = "--output_dir", kind: str = "run") -> None:
     """Refuse, in one line and before anything is read or written, an output folder that is neither
     new, nor empty, nor the project's of this kind (a training run's, or an evaluation's): a user's
     folder, a data folder, ".", "/" or "~" is never written into, --overwrite or not."""
     folder = Path(folder)
-    where = Path(os.path.abspath(folder))
-    if where == Path(where.anchor):
-        raise UserError(f"{flag} {folder}: choose a folder, not the file-system root")
+    check_not_root(folder, flag)
     if not folder.exists():
         return
     if not folder.is_dir():

@@ -40,7 +40,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import os
 import random
 import shlex
 import shutil
@@ -244,8 +243,7 @@ def check_inputs(args: Args) -> None:
     or new or empty), the flags passed on to each stage (parsed by that stage's own Args now, not when
     a round reaches it minutes later), the red team's pool, the round-1 runs and the data."""
     for flag, folder in (("--output_dir", Path(args.output_dir)), ("--results_dir", Path(args.results_dir))):
-        if Path(os.path.abspath(folder)) == Path(os.path.abspath(folder)).parent:
-            raise UserError(f"{flag} {folder}: choose a folder, not the file-system root")
+        plumbing.check_not_root(folder, flag)
         if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
             if not (folder / "rounds_state.json").is_file():
                 raise UserError(f"{flag} {folder} exists and is not a rounds.py folder (no rounds_state.json); "
