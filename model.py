@@ -383,6 +383,7 @@ class ScoreModel(nn.Module):
         (reward.pack_pairs); returns the per-token scores (B, L) only, the caller knows the ends."""
         packed = attention_mask.dim() == 4
         if packed:
+            check_packing(self)  # reward.py refuses before training; this guards every other caller
             mask = packed_attention_mask(attention_mask, self.model.config._attn_implementation,
                                          next(self.model.parameters()).dtype)
             masking = {"attention_mask": mask, "position_ids": position_ids}
@@ -436,8 +437,6 @@ def packed_attention_mask(mask: torch.Tensor, implementation: str, dtype: torch.
     elsewhere, which softmax turns into an exact 0."""
     if implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)  # (B, 1, L, L)
-    if implementation not in PACKING_BACKENDS:
-        raise UserError(f"packed pairs: {implementation} attention does not take a 4D mask; give --no-share_prompt")
     return mask                                                                        # (B, 1, L, L) bool
 
 
