@@ -3,18 +3,20 @@
   1. Tokenizer     the prompt template, loading with an explicit padding side, PAD distinct from EOS,
                    the SFT example (which tokens carry loss), right padding and left-padded prompts.
   2. Policy        any Hugging Face decoder-only causal LM (local folder or hub name), or a tiny
-                   LLaMA built from a named preset (random init) for the toy world and the tests.
+                   LLaMA built from a named preset (random init) for the toy world and the tests;
+                   what a model allows (sequences within its position table; its largest weight).
   3. ScoreModel    bare decoder (`AutoModel`) + linear `score_head` with bias: per-token scores
                    (B, L) and the end score (B,) at the last attended token. Used for the reward
                    model, the cost model and both critics (paper section 3.2; safe-rlhf
-                   safe_rlhf/models/score_model/__init__.py@82743cc:L45-253).
+                   safe_rlhf/models/score_model/__init__.py@82743cc:L45-253); packed pairs' 4D mask
+                   in the form each attention backend honours.
   4. Distributed   written by hand: torchrun's environment -> process group (nccl on CUDA, gloo on
                    CPU, none for a plain `python x.py`), seeds, collectives, FSDP2 `fully_shard` per
                    decoder layer then the root (`prepare_model`), weights gathered for generation.
   5. Checkpoints   the full state dict gathered from the shards, and the Hugging Face folder written
                    from it (into plumbing.atomic_folder, so a crash never leaves half a checkpoint).
   6. Math          shared by several stages: masked means, log-probs with the one-token shift, and
-                   sampling from exactly softmax(logits / temperature).
+                   sampling from exactly softmax(logits / temperature) with the rollout mask.
 
 Checkpoints are Hugging Face folders, safetensors only: config.json (a score model adds
 "score_type": reward | cost | critic, "architectures": ["<Family>ForScore"], "score_dim": 1,
