@@ -472,7 +472,7 @@ def open_run_folder(args, world_size: int, is_main: bool, stage: str | None = No
         nothing in it is touched before the new run has validated its inputs: begin_run_folder);
       - a save killed half-way, or a replacement that never reached its first save, is undone;
       - --resume: every argument that changes the result must equal the saved args.json, and the
-        global batches (check_global_batches: the number of ranks may change); a policy stage (stage: its name) continues
+        global batches (check_global_batches: the number of ranks may change); a stage (stage: its name) continues
         only its own checkpoints (the train state names the stage that wrote it)."""
     folder = Path(args.output_dir)
     lock = None
@@ -492,8 +492,9 @@ def open_run_folder(args, world_size: int, is_main: bool, stage: str | None = No
         return lock, None
     try:  # every rank reads the same files, so every rank refuses alike
         state = load_train_state(folder)
-        saved_by = state["json"].get("stage", "ppo_lagrangian")  # policy checkpoints older than this key: PPO's
-        if stage is not None and saved_by != stage:
+        # checkpoints older than the "stage" key: a policy one is PPO's, a supervised one is not known
+        saved_by = state["json"].get("stage", None if "trainer" in state["json"] else "ppo_lagrangian")
+        if stage is not None and saved_by is not None and saved_by != stage:
             raise UserError(f"--resume: the checkpoint in --output_dir {folder} was written by {saved_by}.py, not "
                             f"{stage}.py; resume it with that stage, or start this one in another folder")
         saved = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
@@ -860,6 +861,18 @@ def read_shards(folder: Path, targets: dict[str, torch.Tensor]) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"--resume: the train state in {folder} is missing (no shard files); start a new run")
+    for file in files:  # a damaged file named here, before DCP's own reading (which prints tracebacks) starts
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the message is what matters
+            raise UserError(f"--resume: cannot read the train state in {folder}: {file.name} is damaged "
+                            f"({first_line(e)})") from None
     try:
         with _one_process_is_intended():
             dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder)))
@@ -983,15 +996,18 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, pre
     set_optimizer_state_dict(model, optimizer, osd, options=options)
 
 
-def trainer_state(args, d, model: nn.Module, optimizer, scheduler, step: int, train_rows: int, final: bool) -> dict:
-    """What --resume needs of a supervised stage (sft.py, reward.py, cost.py): the optimiser and schedule,
-    the step (the data position), the sizes a resumed run must match, and every rank's RNG state."""
+def trainer_state(args, d, model: nn.Module, optimizer, scheduler, step: int, train_rows: int, final: bool,
+                  stage: str) -> dict:
+    """What --resume needs of a supervised stage (stage: sft, reward or cost): the optimiser and schedule,
+    the step (the data position), the sizes a resumed run must match, every rank's RNG state, and which
+    stage wrote it."""
     return merge_states(
         optimizer_state(model, optimizer, "optimizer"),
         {"tensors": {}, "json": {"trainer": {"step": step, "scheduler": scheduler.state_dict(),
                                              "total_steps": args.total_steps, "train_rows": train_rows,
                                              "global_batch_size": args.global_batch_size,
-                                             "group_by_length": args.group_by_length, "final": final}}},
+                                             "group_by_length": args.group_by_length, "final": final},
+                                 "stage": stage}},
         gather_rng_states(d))
 
 

@@ -583,7 +583,7 @@ def train(args: Args, objective: Objective) -> None:
     args.output_dir = str(Path(args.output_dir or f"runs/{objective.score_type}"))
     # Claim the folder before reading anything: locked for this run, never another run's without
     # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
-    lock, resume_state = plumbing.open_run_folder(args, d.world_size, d.is_main)  # noqa: F841 - held to the end
+    lock, resume_state = plumbing.open_run_folder(args, d.world_size, d.is_main, objective.score_type)  # noqa: F841 - held to the end
 
     # ---- tokenizer and data (validated before the output folder is touched) -------------------
     tokenizer = load_tokenizer(args)
@@ -656,7 +656,8 @@ def train(args: Args, objective: Objective) -> None:
         plumbing.log_record(record, run.step, run.last_step, args.log_every, logger, bar, meter, run.d.is_main)
         if plumbing.save_due(args, run.step, run.last_step):  # the score model (model.load_score_model reads it) and what --resume needs
             train_state = plumbing.trainer_state(args, run.d, run.model, run.optimizer, run.scheduler, run.step,
-                                                 len(run.data.train), final=run.step == args.total_steps)
+                                                 len(run.data.train), final=run.step == args.total_steps,
+                                                 stage=run.objective.score_type)
             M.save_checkpoint(Path(args.output_dir), run.d, run.tokenizer, {"": run.model}, train_state=train_state)
     bar.close()
     M.print0(f"trained: {meter.summary(run.step)}")

@@ -462,7 +462,7 @@ def main(args: Args) -> None:
     root = toy_root(args.dataset)
     # Claim the folder before reading anything: locked for this run, never another run's without
     # --overwrite, and with --resume the saved arguments must match (fails before anything is written).
-    lock, resume_state = plumbing.open_run_folder(args, d.world_size, d.is_main)  # noqa: F841 - held to the end
+    lock, resume_state = plumbing.open_run_folder(args, d.world_size, d.is_main, "sft")  # noqa: F841 - held to the end
 
     # ---- tokenizer and data (validated before the output folder is touched) -------------------
     tokenizer = M.load_tokenizer(tokenizer_path(args, root), "right", trust_remote_code=args.trust_remote_code)
@@ -531,7 +531,7 @@ def main(args: Args) -> None:
         plumbing.log_record(record, run.step, run.last_step, args.log_every, logger, bar, meter, run.d.is_main)
         if plumbing.save_due(args, run.step, run.last_step):  # the policy (a Hugging Face folder) and what --resume needs
             train_state = plumbing.trainer_state(args, run.d, run.policy, run.optimizer, run.scheduler, run.step,
-                                                 len(run.data.train), final=run.step == args.total_steps)
+                                                 len(run.data.train), final=run.step == args.total_steps, stage="sft")
             M.save_checkpoint(Path(args.output_dir), run.d, run.tokenizer, {"": run.policy}, train_state=train_state)
     bar.close()
     M.print0(f"trained: {meter.summary(run.step)}")
