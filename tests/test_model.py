@@ -364,6 +364,7 @@ def test_fsdp_generation_with_ranks_finishing_at_different_steps(tmp_path, token
     assert r0["finished"] and r1["finished"]
     assert r0["columns"] == r1["columns"]                     # same number of decoding steps
     assert max(r0["lengths"]) != max(r1["lengths"])           # yet the ranks finished at different steps
+    assert r0["static_equal"] and r1["static_equal"]          # the static cache: the same tokens, in lockstep too
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tok):
