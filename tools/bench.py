@@ -31,8 +31,8 @@ vocabulary size, so every token count is exact.
     python -m tools.bench                                   # the toy-sized model on this CPU, ~3 min
     python -m tools.bench --only preference generation      # some sections
     python -m tools.bench --model llama-1b --nproc_per_node 1 --length_scale 4   # a GPU: FSDP2 + bf16
-    python -m tools.bench --model llama-1b --vocab_size 32000 --new_tokens 128 --only generation ppo \
-        --ppo_static_kv_cache                               # a GPU: both decoding paths (docs/bench.md)
+    python -m tools.bench --model llama-1b --vocab_size 32000 --nproc_per_node 1 --length_scale 4 \
+        --new_tokens 128 --only generation ppo --ppo_static_kv_cache   # a GPU: both decoding paths
     python -m tools.bench --estimate-memory --model llama-7b --world_size 8      # memory_plan.py's table
     python -m tools.bench --estimate-memory --model llama-7b --stage rloo_lagrangian
 
