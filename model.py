@@ -16,7 +16,8 @@
   5. Checkpoints   the full state dict gathered from the shards, and the Hugging Face folder written
                    from it (into plumbing.atomic_folder, so a crash never leaves half a checkpoint).
   6. Math          shared by several stages: masked means, log-probs with the one-token shift, and
-                   sampling from exactly softmax(logits / temperature) with the rollout mask.
+                   sampling from exactly softmax(logits / temperature) with the rollout mask,
+                   with a growing KV cache or a static one (one fixed-shape decoding step to compile).
 
 Checkpoints are Hugging Face folders, safetensors only: config.json (a score model adds
 "score_type": reward | cost | critic, "architectures": ["<Family>ForScore"], "score_dim": 1,
@@ -35,6 +36,7 @@ import json
 import math
 import os
 import random
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -874,10 +876,57 @@ def rollout_mask_step(token: torch.Tensor, finished: torch.Tensor, eos_token_id:
     return real, hole, finished | (token == eos_token_id) | (token == pad_token_id)
 
 
+# The static-cache path (sample(static_cache=True)): the KV cache and the attention mask are allocated
+# once for S + max_new_tokens positions and written in place, so every decoding step has the same
+# shapes and can be one compiled function (torch.compile mode "reduce-overhead": CUDA graphs on a GPU,
+# the launch-bound decoding step replayed as one graph; HF generate's static cache and gpt-fast
+# generate.py do the same). The sampling rule around the step is the same code for both paths.
+_compiled_decode_step = None
+# model -> ((B, S + N), its StaticCache), kept between calls only when compiled: CUDA graphs replay fixed addresses,
+# so a new cache per rollout would re-record them. It holds the rollout's KV memory between rollouts.
+_kept_caches = weakref.WeakKeyDictionary()
+
+
+def decode_step(model: nn.Module, token: torch.Tensor, attention_mask: torch.Tensor, position: torch.Tensor,
+                cache) -> torch.Tensor:
+    """One decoding step with fixed shapes (what torch.compile wraps): this step's tokens (B, 1) at
+    positions (B, 1), attending through the whole fixed-length mask (B, S + N) (columns not yet
+    generated are 0); the StaticCache is written in place at the next column. -> next logits (B, V)"""
+    return model(input_ids=token, attention_mask=attention_mask, position_ids=position,
+                 past_key_values=cache, use_cache=True).logits[:, -1, :]
+
+
+def compiled_decode_step(model: nn.Module, token, attention_mask, position, cache) -> torch.Tensor:
+    """decode_step under torch.compile(mode="reduce-overhead"), compiled once per process (the
+    shapes do not change between rollouts: S + N = --max_length). Each call is a new CUDA-graph step,
+    and its output is copied out before the next replay overwrites it."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead")
+    torch.compiler.cudagraph_mark_step_begin()
+    return _compiled_decode_step(model, token, attention_mask, position, cache).clone()
+
+
+def static_kv_cache(model: nn.Module, batch: int, length: int, keep: bool):
+    """transformers' StaticCache for `length` positions (its keys and values are allocated at the
+    first forward); keep: reuse the model's cache from the previous call when its sizes match."""
+    from transformers import StaticCache
+
+    kept = _kept_caches.get(model) if keep else None
+    if kept is not None and kept[0] == (batch, length):
+        kept[1].reset()                                     # zeroes its keys, values and lengths in place
+        return kept[1]
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    if keep:
+        _kept_caches[model] = ((batch, length), cache)
+    return cache
+
+
 @torch.no_grad()
 def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
            eos_token_id: int, pad_token_id: int, unk_token_id: int | None = None, temperature: float = 1.0,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           generator: torch.Generator | None = None, static_cache: bool = False,
+           compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample continuations of left-padded prompts with the KV cache.
 
     Draws from softmax(logits / temperature) with nothing hidden: no top-k, no top-p (the official
@@ -891,26 +940,38 @@ def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     deviations"). Under torchrun every rank runs the same number of decoding steps (until all rows on
     all ranks are done): no hang.
 
+    static_cache: the KV cache (transformers' StaticCache) and the attention mask are allocated once for
+    S + max_new_tokens positions and filled in place, so every step has the same shapes (decode_step);
+    compile (with static_cache): that step under torch.compile, CUDA graphs on a GPU. The same rule, the
+    same generator draws in the same order: the same tokens and mask as the growing cache (tested on CPU
+    in fp32; in bf16 on a GPU other kernels may round differently).
+
     input_ids, attention_mask: (B, S) left-padded.
     Returns sequences (B, S + T) and their attention mask (B, S + T), T <= max_new_tokens;
     the mask is 1 on real prompt tokens and on generated tokens up to and including EOS, except holes.
     """
     from transformers import DynamicCache
 
-    B = input_ids.shape[0]
+    B, S = input_ids.shape
     if dist.is_initialized():  # every rank must run the same number of steps: agree on the budget
         budget = torch.tensor([max_new_tokens], device=input_ids.device)
         dist.all_reduce(budget, op=dist.ReduceOp.MIN)
         max_new_tokens = int(budget.item())
     position_ids = position_ids_from_mask(attention_mask)                            # (B, S)
-    cache = DynamicCache()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True)
+    if static_cache:  # fixed shapes: the mask's later columns are written as tokens come
+        cache = static_kv_cache(model, B, S + max_new_tokens, keep=compile)
+        mask = attention_mask.new_zeros(B, S + max_new_tokens)                       # (B, S + N)
+        mask[:, :S] = attention_mask
+        step = compiled_decode_step if compile else decode_step
+    else:             # the cache and the mask grow by one column per step
+        cache, mask, step = DynamicCache(), attention_mask, decode_step             # mask (B, S)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                   past_key_values=cache, use_cache=True).logits[:, -1, :]          # (B, V)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)            # (B,)
     next_position = position_ids[:, -1] + 1                                          # (B,)
     new_tokens, new_mask = [], []
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float()                                        # (B, V)
+    for t in range(max_new_tokens):
+        logits = logits.float()                                                      # (B, V)
         if temperature == 0:
             token = logits.argmax(dim=-1)                                            # (B,)
         else:
@@ -923,11 +984,13 @@ def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
         # stop only when every row on every rank is done: sharded forwards stay in lockstep
         if all_reduce(torch.tensor([0.0 if finished.all() else 1.0], device=input_ids.device)).item() == 0.0:
             break
-        attention_mask = torch.cat([attention_mask, real.long()[:, None]], dim=1)    # (B, S + t)
+        if static_cache:
+            mask[:, S + t] = real.long()                                             # (B, S + N), in place
+        else:
+            mask = torch.cat([mask, real.long()[:, None]], dim=1)                    # (B, S + t + 1)
         position = next_position - hole.long()                                       # (B,) a hole: the last real one's
-        out = model(input_ids=token[:, None], attention_mask=attention_mask,
-                    position_ids=position[:, None], past_key_values=out.past_key_values, use_cache=True)
+        logits = step(model, token[:, None], mask, position[:, None], cache)         # (B, V)
         next_position = position + 1
-    sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
-    mask = torch.cat([attention_mask[:, :input_ids.shape[1]], torch.stack(new_mask, dim=1)], dim=1)
+    sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)       # (B, S + T)
+    mask = torch.cat([attention_mask, torch.stack(new_mask, dim=1)], dim=1)         # (B, S + T)
     return sequences, mask

@@ -375,6 +375,7 @@ def global_batches(args, n_rows: int, lengths: list[int] | None, start: int, sto
 # Arguments that do not change what a run computes: --resume may change them.
 RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "save", "log_every", "sample_every", "save_every",
                      "eval_every", "stop_at_step", "device", "trust_remote_code", "per_device_eval_batch_size",
+                     "static_kv_cache", "compile_decode",  # how the rollout decodes, not what it samples
                      # sizes derived from the others after parsing (checked through those)
                      "global_batch_size", "steps_per_epoch", "total_steps", "world_size", "steps_per_rollout"}
 RUN_FILES = ("args.json", "config.json", "metrics.jsonl", "train_state.json")  # a folder with one holds a run

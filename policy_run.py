@@ -337,7 +337,8 @@ def generate_responses(run: PolicyRun, epoch: int, batch_prompts: list[str], sam
         sequences, attention_mask = M.sample(
             run.actor, prompt_ids, prompt_mask, max_new_tokens=max(1, args.max_length - S),
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            unk_token_id=tokenizer.unk_token_id, temperature=args.temperature)  # (B, L), (B, L): masks built once, here
+            unk_token_id=tokenizer.unk_token_id, temperature=args.temperature,  # (B, L), (B, L): masks built once, here
+            static_cache=args.static_kv_cache, compile=args.compile_decode and d.device.type == "cuda")
     return Rollout(epoch=epoch, prompts=[p for p in batch_prompts for _ in range(samples_per_prompt)],
                    sequences=sequences, attention_mask=attention_mask, S=S)
 

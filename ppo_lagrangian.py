@@ -136,6 +136,12 @@ class PolicyArgs:
     """prompt + response tokens at most (paper 512; the toy world's answers are short)"""
     temperature: float = 1.0
     """sampling temperature; log-probs use the same temperature"""
+    static_kv_cache: bool = False
+    """decode with a KV cache and mask allocated once for --max_length positions (model.sample's static path:
+    the same tokens as the growing cache, fixed shapes, one decoding step to compile)"""
+    compile_decode: bool = True
+    """with --static_kv_cache on CUDA: torch.compile that step (CUDA graphs; the first rollout compiles, and the
+    cache is kept between rollouts); on a CPU it always runs eager. Not yet run on a GPU nor under FSDP2"""
     missing_eos_penalty: float = 0.0
     """subtracted from R (added to C) when a response hits max_length without EOS; 0 = off, as official"""
     # sizes

@@ -7,7 +7,8 @@ step:     (ARG: the init checkpoint) one FSDP2 training step of a tiny LLaMA on 
           takes its slice; the masked token loss is normalised by the token count of the whole
           global batch, so N ranks and 1 process optimise the same objective. Writes the loss and
           the saved checkpoint (atomic, gathered from the shards) to OUT.
-generate: sampling where rows (and ranks) reach EOS at different steps; writes per-rank results.
+generate: sampling where rows (and ranks) reach EOS at different steps, with the growing KV cache and again
+          with the static one (model.sample(static_cache=True)) from the same seed; writes per-rank results.
 rloo_step: (ARG: a policy checkpoint) one actor update of rloo_lagrangian.py on a fixed rollout of 2
           prompts x 4 answers with fixed reward and cost scores: each rank takes whole groups, computes
           their leave-one-out advantages and runs the stages' actor update (policy_run.actor_forward,
@@ -124,16 +125,21 @@ def generate(out: Path, tok_dir: str):
     policy = M.load_causal_lm("toy-tiny", tokenizer)
     torch.nn.init.zeros_(policy.lm_head.weight)    # uniform next-token distribution: EOS at random steps
     policy = M.prepare_model(policy, d, trainable=True, bf16=False)
-    M.seed_everything(1000 + d.rank)               # per-rank sampling seed
     enc = tokenizer(["how do i bake bread", "fix a bike"], return_tensors="pt", padding=True)
-    with M.gathered_weights(policy):
-        seqs, mask = M.sample(policy, enc.input_ids, enc.attention_mask, max_new_tokens=400,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    runs = []
+    for static_cache in (False, True):             # the growing cache, then the static one from the same seed
+        M.seed_everything(1000 + d.rank)           # per-rank sampling seed
+        with M.gathered_weights(policy):
+            runs.append(M.sample(policy, enc.input_ids, enc.attention_mask, max_new_tokens=400,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 static_cache=static_cache))
+    (seqs, mask), (static_seqs, static_mask) = runs
     S = enc.input_ids.shape[1]
     lengths = mask[:, S:].sum(1).tolist()
     ended = (seqs[:, S:] == tokenizer.eos_token_id) | (seqs[:, S:] == tokenizer.pad_token_id)  # EOS, or a sampled PAD
-    (out / f"gen_rank{d.rank}.json").write_text(json.dumps({"columns": seqs.shape[1], "lengths": lengths,
-                                                            "finished": bool(ended.any(1).all())}))
+    (out / f"gen_rank{d.rank}.json").write_text(json.dumps({
+        "columns": seqs.shape[1], "lengths": lengths, "finished": bool(ended.any(1).all()),
+        "static_equal": torch.equal(static_seqs, seqs) and torch.equal(static_mask, mask)}))
 
 
 if __name__ == "__main__":

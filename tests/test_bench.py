@@ -33,19 +33,24 @@ def test_every_section_runs_and_prints_json(tmp_path):
     p = run([sys.executable, "-m", "tools.bench", "--model", "toy-tiny", "--vocab_size", "64", "--warmup", "1",
              "--windows", "1", "--window_steps", "2", "--repeats", "1", "--pref_batch", "4", "--sft_batch", "4",
              "--gen_batch", "4", "--new_tokens", "16", "--ppo_iterations", "2", "--ppo_warmup", "1",
-             "--workdir", work], timeout=600, env={"OMP_NUM_THREADS": "1"})
+             "--ppo_static_kv_cache", "--workdir", work], timeout=600, env={"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     figures = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     got = {(f["section"], f["figure"], f.get("stage", "")) for f in figures}
     for want in [("preference", "real_tokens_per_s", "bare loop"), ("preference", "real_tokens_per_s", "reward.py"),
                  ("preference", "speedup_vs_bare_loop", "reward.py"), ("sft", "real_tokens_per_s", "sft.py"),
                  ("generation", "sample_vs_hf_generate", "model.sample"), ("ppo", "iteration_s", "ppo_lagrangian.py"),
+                 ("generation", "static_cache_vs_growing", "model.sample, static KV cache (eager)"),  # eager on a CPU
+                 ("ppo", "iteration_s", "ppo_lagrangian.py --static_kv_cache"),
                  ("ppo", "generation_s", "ppo_lagrangian.py"), ("ppo", "iteration_s", "rloo_lagrangian.py"),
                  ("ppo", "peak_memory", "rloo_lagrangian.py"), ("machine", "matmul_gflops", "fp32 2048^3")]:
         assert want in got, want
     values = {(f["section"], f["figure"], f.get("stage", "")): f["value"] for f in figures}
     assert values[("ppo", "response_length", "ppo_lagrangian.py")] <= 16
     assert values[("ppo", "response_length", "rloo_lagrangian.py")] <= 16
+    # the static cache samples the same tokens: the same responses from the same seed
+    assert values[("ppo", "response_length", "ppo_lagrangian.py --static_kv_cache")] == \
+        values[("ppo", "response_length", "ppo_lagrangian.py")]
     # a shared prompt computes fewer positions than the pair's tokens; the plain loop pads
     assert values[("preference", "computed_per_real_token", "reward.py")] < 1
     assert values[("preference", "computed_per_real_token", "bare loop")] > 1

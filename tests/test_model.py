@@ -288,6 +288,49 @@ def test_sample_uses_the_kv_cache_consistently(tok):
     assert same.all()
 
 
+@pytest.mark.parametrize("temperature,budget", [(1.0, 12), (1.0, 40), (0.0, 12), (0.0, 40)])
+def test_static_cache_samples_exactly_what_the_growing_cache_samples(tok, temperature, budget):
+    """sample(static_cache=True) (eager, the step not compiled) against today's growing cache, on three
+    prompts left-padded by different amounts, same seed: the same tokens and mask, token for token.
+    A hook on the logits (the same on both paths: one forward per step) forces what must be covered:
+    row 0 samples UNK at its 2nd token (a hole; the row goes on, positions counting real tokens only),
+    row 1 ends with EOS at its 4th, row 2 runs on; with budget 12 every row is sent EOS at the 9th
+    token (the all-done stop: T = 9 < 12), with budget 40 the budget ends it (T = 40)."""
+    policy = tiny_policy(tok, seed=11)
+    unk, eos, pad = tok.unk_token_id, tok.eos_token_id, tok.pad_token_id
+    steps = []
+
+    def force(module, args, output):  # forward 1 is the prompt's; forward k + 1 predicts the (k + 1)-th token
+        steps.append(None)
+        logits = output.logits[:, -1]
+        logits[:, [eos, pad]] = -1e4                       # no EOS or PAD unless forced
+        forced = {2: (0, unk), 4: (1, eos)}.get(len(steps))
+        if forced:
+            logits[forced[0], forced[1]] = 1e4
+        if budget == 12 and len(steps) == 9:
+            logits[:, eos] = 1e4
+        return output
+    policy.register_forward_hook(force)
+    gen_tok = M.load_tokenizer(tok.name_or_path, "left")
+    enc = gen_tok(["fix", "how do i bake bread", "a bike"], return_tensors="pt", padding=True)
+    runs = []
+    for static in (False, True):
+        steps.clear()
+        runs.append(M.sample(policy, enc.input_ids, enc.attention_mask, max_new_tokens=budget, eos_token_id=eos,
+                             pad_token_id=pad, unk_token_id=unk, temperature=temperature,
+                             generator=torch.Generator().manual_seed(7), static_cache=static))
+    (seqs, mask), (static_seqs, static_mask) = runs
+    S, T = enc.input_ids.shape[1], 9 if budget == 12 else budget
+    assert (enc.attention_mask == 0).sum(1).unique().numel() == 3              # three padding lengths
+    assert seqs.shape == mask.shape == (3, S + T)
+    assert torch.equal(static_seqs, seqs) and torch.equal(static_mask, mask)
+    gen = seqs[:, S:]
+    assert gen[0, 1] == unk                                                    # the forced hole
+    for row in (0, 2):  # going on after every hole (more are sampled at temperature 1): 0 exactly at the UNKs
+        assert torch.equal(mask[row, S:], (gen[row] != unk).long()) and not (gen[row, :-1] == eos).any()
+    assert gen[1, 3] == eos and (gen[1, 4:] == pad).all() and mask[1, S:].tolist() == [1] * 4 + [0] * (T - 4)
+
+
 # ---- torchrun: 2 ranks with FSDP2 against one process ----------------------------------------
 
 def test_fsdp_two_ranks_match_one_process(tmp_path, tokenizer_dir):
@@ -321,6 +364,7 @@ def test_fsdp_generation_with_ranks_finishing_at_different_steps(tmp_path, token
     assert r0["finished"] and r1["finished"]
     assert r0["columns"] == r1["columns"]                     # same number of decoding steps
     assert max(r0["lengths"]) != max(r1["lengths"])           # yet the ranks finished at different steps
+    assert r0["static_equal"] and r1["static_equal"]          # the static cache: the same tokens, in lockstep too
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tok):

@@ -10,9 +10,11 @@ JSON line ({"figure", "value", "unit", ...}) so that runs can be diffed; a Markd
                pairs/s, real tokens/s, GFLOP/s (6N per real token), fraction of the matmul rate
   sft          sft.py's training loop, with and without length grouping
   generation   model.sample (the rollout's sampler) against Hugging Face `generate`, both with the
-               KV cache, batch 16, 64 new tokens: tokens/s
+               KV cache, batch 16, 64 new tokens: tokens/s; and model.sample's static-KV-cache path
+               (compiled on a GPU, eager on a CPU unless --compile_decode on) on the same prompts and seed
   ppo          ppo_lagrangian.py, 16 prompts x 64 new tokens per iteration, one PPO epoch: seconds
                per iteration split into generation / scoring (6 forwards) / update (actor + 2 critics);
+               with --ppo_static_kv_cache also ppo_lagrangian.py --static_kv_cache;
                then rloo_lagrangian.py on the same 16 sequences (4 prompts x 4 answers): 4 forwards in
                scoring, the actor alone in the update
   memory       peak memory of each of the above (peak RSS on a CPU, max allocated on a GPU)
@@ -29,6 +31,8 @@ vocabulary size, so every token count is exact.
     python -m tools.bench                                   # the toy-sized model on this CPU, ~3 min
     python -m tools.bench --only preference generation      # some sections
     python -m tools.bench --model llama-1b --nproc_per_node 1 --length_scale 4   # a GPU: FSDP2 + bf16
+    python -m tools.bench --model llama-1b --vocab_size 32000 --nproc_per_node 1 --length_scale 4 \
+        --new_tokens 128 --only generation ppo --ppo_static_kv_cache   # a GPU: both decoding paths
     python -m tools.bench --estimate-memory --model llama-7b --world_size 8      # memory_plan.py's table
     python -m tools.bench --estimate-memory --model llama-7b --stage rloo_lagrangian
 
@@ -92,6 +96,11 @@ class Args:
     """prompts per generation / PPO iteration"""
     new_tokens: int = 64
     """tokens generated per prompt"""
+    compile_decode: str = "auto"
+    """the static-KV-cache path's decoding step: auto (compiled on CUDA, eager on a CPU, where inductor's compile
+    takes ~1 min for a tiny model), on, off; the stages compile it on CUDA only (--no-compile_decode: never)"""
+    ppo_static_kv_cache: bool = False
+    """also time ppo_lagrangian.py --static_kv_cache (--no-compile_decode with --compile_decode off)"""
     warmup: int = 4
     """untimed steps (iterations) before the first window"""
     windows: int = 5
@@ -407,8 +416,9 @@ def section_sft(args: Args, work: Path, tokenizer, peak: float) -> None:
 
 
 def section_generation(args: Args, tokenizer, device: torch.device) -> None:
-    """model.sample vs HF generate on the same random-init policy and left-padded prompts. EOS is
-    never emitted (an id outside the vocabulary), so both produce exactly new_tokens per row."""
+    """model.sample vs HF generate on the same random-init policy and left-padded prompts, and
+    model.sample's static-KV-cache path (compiled per --compile_decode) from the same seed. EOS is never
+    emitted (an id outside the vocabulary), so all produce exactly new_tokens per row."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -423,9 +433,13 @@ def section_generation(args: Args, tokenizer, device: torch.device) -> None:
     T = args.new_tokens
     never = len(tokenizer) + 7  # an EOS id that cannot be sampled
 
-    def ours():
+    compiled = args.compile_decode == "on" or args.compile_decode == "auto" and device.type == "cuda"
+    static = f"model.sample, static KV cache ({'compiled' if compiled else 'eager'})"
+
+    def ours(**static_cache):
+        torch.manual_seed(0)  # the same draws on both paths
         M.sample(policy, enc.input_ids, enc.attention_mask, max_new_tokens=T, eos_token_id=never,
-                 pad_token_id=tokenizer.pad_token_id, temperature=1.0)
+                 pad_token_id=tokenizer.pad_token_id, temperature=1.0, **static_cache)
 
     def hf(use_cache: bool):
         policy.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=True, top_k=0,
@@ -434,8 +448,8 @@ def section_generation(args: Args, tokenizer, device: torch.device) -> None:
 
     N = matmul_parameters(args.model, len(tokenizer), causal_lm=True)
     rates = {}
-    for name, fn in (("model.sample", ours), ("HF generate", lambda: hf(True)),
-                     ("HF generate, no KV cache", lambda: hf(False))):
+    for name, fn in (("model.sample", ours), (static, lambda: ours(static_cache=True, compile=compiled)),
+                     ("HF generate", lambda: hf(True)), ("HF generate, no KV cache", lambda: hf(False))):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
@@ -456,6 +470,7 @@ def section_generation(args: Args, tokenizer, device: torch.device) -> None:
         report("generation", "peak_memory", memory, "GiB", **common)
     report("generation", "sample_vs_hf_generate", rates["model.sample"] / rates["HF generate"], "x",
            stage="model.sample")
+    report("generation", "static_cache_vs_growing", rates[static] / rates["model.sample"], "x", stage=static)
 
 
 def load_first_prompt(work: Path) -> str:
@@ -468,7 +483,13 @@ def section_ppo(args: Args, work: Path, tokenizer) -> None:
     one update micro-batch. rloo_lagrangian.py samples 4 answers to each of gen_batch / 4 prompts."""
     n_prompt = len(tokenizer(M.format_prompt(load_first_prompt(work)))["input_ids"])  # every prompt's length
     per_rank = args.gen_batch // max(1, args.nproc_per_node)
-    for stage, prompts in (("ppo_lagrangian.py", per_rank), ("rloo_lagrangian.py", per_rank // 4)):
+    runs = [("ppo_lagrangian.py", per_rank), ("rloo_lagrangian.py", per_rank // 4)]
+    if args.ppo_static_kv_cache:
+        runs.insert(1, ("ppo_lagrangian.py --static_kv_cache", per_rank))
+    for name, prompts in runs:
+        stage, *flags = name.split()
+        if args.compile_decode == "off" and flags:
+            flags.append("--no-compile_decode")
         if stage == "rloo_lagrangian.py" and (prompts == 0 or prompts * 4 != per_rank):
             raise UserError(f"--gen_batch {args.gen_batch}: rloo_lagrangian.py needs whole groups of 4 per rank")
         stage_args = ["--actor_model_name_or_path", args.model, "--reward_model_name_or_path", args.model,
@@ -477,13 +498,13 @@ def section_ppo(args: Args, work: Path, tokenizer) -> None:
                       "--limit", str(args.ppo_iterations * prompts * max(1, args.nproc_per_node)),
                       "--epochs", "1", "--per_device_prompt_batch_size", str(prompts),
                       "--per_device_train_batch_size", str(per_rank), "--max_length", str(n_prompt + args.new_tokens),
-                      "--sample_every", "0", "--log_every", "1", "--threshold", "0"]
+                      "--sample_every", "0", "--log_every", "1", "--threshold", "0"] + flags
         if stage == "rloo_lagrangian.py":
             stage_args += ["--samples_per_prompt", "4"]
-        records = run_stage(stage, stage_args, args, work / stage.removesuffix(".py"))
+        records = run_stage(stage, stage_args, args, work / (stage.removesuffix(".py") + "-static" * bool(flags)))
         timed = records[args.ppo_warmup:]
         parts = {k: statistics.median(r[f"time/{k}"] for r in timed) for k in ("generation", "scoring", "training")}
-        common = dict(stage=stage, model=args.model, prompts=args.gen_batch, new_tokens=args.new_tokens)
+        common = dict(stage=name, model=args.model, prompts=args.gen_batch, new_tokens=args.new_tokens)
         for k, v in parts.items():
             report("ppo", f"{k}_s", v, "s/iteration", **common)
         total = statistics.median(sum(r[f"time/{k}"] for k in parts) for r in timed)
@@ -522,11 +543,12 @@ def table() -> str:
                          f"{get(key, 'peak_memory', '.2f')} |")
     for (section, stage), figs in by.items():
         for name, against in (("speedup_vs_bare_loop", "the bare loop"), ("speedup_from_grouping",
-                              "--no-group_by_length"), ("sample_vs_hf_generate", "HF generate")):
+                              "--no-group_by_length"), ("sample_vs_hf_generate", "HF generate"),
+                              ("static_cache_vs_growing", "model.sample with the growing cache")):
             if name in figs:
                 lines.append(f"\n{section}: {stage} runs at **{figs[name]:.2f}x** the speed of {against}")
         if section == "ppo":
-            models = "six models" if stage == "ppo_lagrangian.py" else "four models, 4 answers per prompt"
+            models = "four models, 4 answers per prompt" if stage.startswith("rloo") else "six models"
             lines.append(f"\n{stage} ({models}): one iteration **{figs['iteration_s']:.2f} s** = generation "
                          f"{figs['generation_s']:.2f} + scoring {figs['scoring_s']:.2f} + update "
                          f"{figs['training_s']:.2f} s; {figs['response_length']:.0f} tokens per response; "
@@ -572,6 +594,8 @@ def main(args: Args) -> None:
         doc = Path(args.doc).read_text() if Path(args.doc).is_file() else ""
         if not all(f"<!-- {b}:start -->" in doc for b in ("bench-cpu", "memory-7b")):
             raise UserError(f"--doc {args.doc}: not a file with <!-- bench-cpu:start --> and <!-- memory-7b:start --> blocks")
+    if args.compile_decode not in ("auto", "on", "off"):
+        raise UserError(f"--compile_decode {args.compile_decode!r}: auto, on or off")
     sections = args.only or ["machine", "preference", "sft", "generation", "ppo"]
     unknown = set(sections) - {"machine", "preference", "sft", "generation", "ppo"}
     if unknown:
