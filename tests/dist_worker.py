@@ -166,9 +166,6 @@ def fixed_rollout(tokenizer) -> tuple[torch.Tensor, torch.Tensor, int]:
 def ppo_step(out: Path, init: str):
     """One rl_step of ppo_lagrangian.main's loop (phases 2e-4c) on fixed_rollout, the critics starting
     from init's sibling reward/ and cost/ score models (as the stage's default)."""
-    import collections
-    import math
-
     import policy_run
     import ppo_lagrangian as P
 
