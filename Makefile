@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: test demo demo-quick demo-rloo bench venv clean
+.PHONY: test demo demo-quick demo-rloo bench check-8-ranks venv clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ demo-rloo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tools.bench --doc docs/bench.md
+
+# Not part of `make test`: 8 ranks of the policy stages' update and of sft.py against one process (CPU, gloo)
+check-8-ranks: $(STAMP)
+	$(PY) -m tools.check_ranks --nproc 8
 
 clean:
 	rm -rf runs runs-quick results results-quick results-ablations results-rounds results-quick-rounds results-rloo results-quick-rloo data

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import model as M
 import plumbing
 import ppo_lagrangian as P
+import dist_worker
 from conftest import make_toy_checkpoints, run, torchrun
 
 # ---- per-token reward and cost (safe_rlhf/algorithms/ppo_lag/trainer.py@82743cc:L258-287) ----
@@ -261,6 +262,40 @@ def test_two_ranks_finish_with_identical_lambda(toy, tmp_path):
     assert state["step"] == 2                                   # 16 prompts / (2 ranks x 4)
     tok = M.load_tokenizer(tmp_path / "run2", "right")
     assert plumbing.count_parameters(M.load_causal_lm(str(tmp_path / "run2"), tok)) > 0
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory, tokenizer_dir):
+    """dist_worker.init_uneven's tiny LLaMA and score models: no dimension divides by 4, so FSDP2's
+    shards are uneven (the score heads' single row sits on rank 0 alone)."""
+    root = tmp_path_factory.mktemp("uneven")
+    dist_worker.init_uneven(root, str(tokenizer_dir))
+    return root
+
+
+def test_one_rl_step_of_each_policy_stage_on_four_ranks_equals_one_process(uneven, tmp_path):
+    """One update given a fixed rollout, with each stage's own functions (dist_worker's rloo_step and
+    ppo_step: for PPO-Lagrangian the dual step, the critics' values, GAE, the combined advantage, actor and
+    both critics updated; for RLOO-Lagrangian whole groups of 4 per rank): 4 ranks x 8 sequences under
+    FSDP2 with uneven shards reach the weights, losses and lambda of 1 process (here, in-process) with all 32."""
+    tok = M.load_tokenizer(uneven / "init", "right")
+    critic = M.load_score_model(str(uneven / "reward"), tok, "critic")
+    assert all(p.shape[0] % 4 for p in critic.parameters())                  # every shard uneven
+    dist_worker.policy_steps(tmp_path / "one", str(uneven / "init"))
+    four = torchrun(4, ["tests/dist_worker.py", "policy_steps", tmp_path / "four", uneven / "init"], timeout=300)
+    assert four.returncode == 0, four.stderr[-3000:]
+    starts = {"actor": uneven / "init", "reward_critic": uneven / "reward", "cost_critic": uneven / "cost"}
+    for mode, models in (("rloo_step", ("actor",)), ("ppo_step", ("actor", "reward_critic", "cost_critic"))):
+        report = dist_worker.compare(tmp_path / "one" / mode, tmp_path / "four" / mode, starts)
+        # SGD at lr 1 without a clip: each update is the gradient itself, so a change of scale anywhere
+        # (RLOO's K/(K-1), a sum for a mean, a rank's rows missed) shows; the runs agree to fp32
+        # summation order, 1e-5 relative (the reasoning: dist_worker.compare)
+        for name in models:
+            assert report[name]["largest_update"] > 0.1 and report[name]["relative_difference"] < 1e-5, (mode, report)
+        for name in (*models, "lambda") if mode == "ppo_step" else models:
+            loss = report[f"loss {name}"]
+            assert abs(loss["one"]) > 1e-3 and loss["relative_difference"] < 1e-5, (mode, report)
+    assert report["loss lambda"]["one"] != 0.5                                # the dual step moved lambda from its init
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(toy, tmp_path):
