@@ -13,17 +13,21 @@
   4. Distributed   written by hand: torchrun's environment -> process group (nccl on CUDA, gloo on
                    CPU, none for a plain `python x.py`), seeds, collectives, FSDP2 `fully_shard` per
                    decoder layer then the root (`prepare_model`), weights gathered for generation.
-  5. Checkpoints   the full state dict gathered from the shards, and the Hugging Face folder written
-                   from it (into plumbing.atomic_folder, so a crash never leaves half a checkpoint).
+  5. Checkpoints   every rank writes its own shards at once; the Hugging Face folder is consolidated
+                   from them by every rank (into plumbing.atomic_save, so a crash never leaves half a
+                   checkpoint); a diverged model is refused first.
   6. Math          shared by several stages: masked means, log-probs with the one-token shift, and
                    sampling from exactly softmax(logits / temperature) with the rollout mask,
                    with a growing KV cache or a static one (one fixed-shape decoding step to compile).
 
 Checkpoints are Hugging Face folders, safetensors only: config.json (a score model adds
 "score_type": reward | cost | critic, "architectures": ["<Family>ForScore"], "score_dim": 1,
-"score_bias": true), model.safetensors (a score model: the causal LM's "model.*" keys plus
-"score_head.*"), the tokenizer files, and in a resumable one train_state.* (plumbing.py). A saved
-policy loads with plain `transformers.AutoModelForCausalLM.from_pretrained(path)`.
+"score_bias": true), model.safetensors or, for a larger model, model-0000k-of-0000N.safetensors and
+model.safetensors.index.json (a score model: the causal LM's "model.*" keys plus "score_head.*"), the
+tokenizer files, and in a resumable one train_state.json, train_state.safetensors (small: RNG
+states, lambda) and train_state/<model>/shard-<rank>-*.safetensors (each rank's shards of the AdamW
+moments; plumbing.py). A saved policy loads with plain
+`transformers.AutoModelForCausalLM.from_pretrained(path)`.
 
 Shape letters used below: B batch, L sequence length (prompt + response), S prompt length,
 T generated length, V vocabulary size, E hidden size.

@@ -8,8 +8,10 @@ used, dropped and why, how labels are read) are in data_rules.py; this file is t
   3. Data order    the epoch order (length-grouped, the same on every rank) and lockstep batches.
   4. Run folders   whose a folder is (the project's marker, or new/empty: anything else is refused),
                    the lock, atomic checkpoint folders (write to a temporary folder, rename into
-                   place; the user's files carried across), --overwrite's replacement, resumable
-                   train state, atomic JSON, the resume check.
+                   place; every rank writes its shards into it; the user's files carried across),
+                   --overwrite's replacement, sharded train state (torch.distributed.checkpoint,
+                   safetensors: read back on any number of ranks), atomic JSON, the resume check
+                   (the same settings and global batches; the number of ranks may change).
   5. Optimiser     AdamW and the lr schedules, gradient clipping, and the optimiser / scheduler /
                    RNG state as safetensors + JSON (no pickle) for an exact --resume.
   6. Logging       the `|`-separated log line, the JSONL sink, the progress bar, peak memory.

@@ -6,7 +6,7 @@ init:     save a random-init tiny LLaMA to OUT/init (ARG: tokenizer folder).
 step:     (ARG: the init checkpoint) one FSDP2 training step of a tiny LLaMA on a fixed global batch of 8 sequences; each rank
           takes its slice; the masked token loss is normalised by the token count of the whole
           global batch, so N ranks and 1 process optimise the same objective. Writes the loss and
-          the saved checkpoint (atomic, gathered from the shards) to OUT.
+          the saved checkpoint (atomic, written by every rank) to OUT.
 generate: sampling where rows (and ranks) reach EOS at different steps, with the growing KV cache and again
           with the static one (model.sample(static_cache=True)) from the same seed; writes per-rank results.
 rloo_step: (ARG: a policy checkpoint) one actor update of rloo_lagrangian.py on a fixed rollout of 8

@@ -1,7 +1,7 @@
 """Two nodes, simulated: two torchrun launchers on this machine (`--nnodes 2 --nproc_per_node 1`,
 c10d rendezvous on localhost) train to the same weights as one launcher with two processes
-(`--nproc_per_node 2`). Global rank 0 alone reads the checkpoints and writes the run folder,
-whichever node it lands on."""
+(`--nproc_per_node 2`). Global rank 0 alone reads the checkpoints and
+swaps the saved folder into place, whichever node it lands on; every rank writes its shards."""
 
 import os
 import subprocess
