@@ -241,10 +241,11 @@ def test_a_run_folder_belongs_to_one_run(ckpt, tmp_path):
     assert not lock.exists()   # released when the run ended
 
 
-def test_resume_refuses_changed_settings_and_other_world_sizes(tmp_path):
+def test_resume_refuses_changed_settings_and_global_batches(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    (folder / "args.json").write_text(json.dumps({"lr": 0.001, "seed": 42, "log_every": 10, "output_dir": "x"}))
+    (folder / "args.json").write_text(json.dumps({"lr": 0.001, "seed": 42, "log_every": 10, "output_dir": "x",
+                                                  "per_device_train_batch_size": 4}))
     state = {"rank0.rng.python": [3, [0], None], "rank1.rng.python": [3, [0], None]}  # written by 2 ranks
     (folder / "train_state.json").write_text(json.dumps(state))
     save_file({"x": torch.zeros(1)}, str(folder / "train_state.safetensors"))
@@ -257,8 +258,11 @@ def test_resume_refuses_changed_settings_and_other_world_sizes(tmp_path):
         lr: float = 0.001
         seed: int = 42
         log_every: int = 1
-    with pytest.raises(UserError, match="saved by a run on 2 rank"):
-        plumbing.open_run_folder(Args(), world_size=1, is_main=True)
+        per_device_train_batch_size: int = 4
+    with pytest.raises(UserError, match=r"global batch .* was 8 \(4 x 2\), now 4; pass --per_device_train_batch_size 8"):
+        plumbing.open_run_folder(Args(), world_size=1, is_main=True)   # 2 ranks saved it: the global batch would halve
+    lock, _ = plumbing.open_run_folder(Args(per_device_train_batch_size=8), world_size=1, is_main=True)
+    lock.close()                                                        # another number of ranks, the same global batch
     lock, got = plumbing.open_run_folder(Args(), world_size=2, is_main=True)   # log_every may change
     lock.close()
     assert got["json"] == state

@@ -193,3 +193,15 @@ def test_global_batch_check_names_what_to_pass():
     with pytest.raises(UserError, match=r"--per_device_prompt_batch_size x ranks\) was 20 \(10 x 2\), now 40; pass "
                                         r"--per_device_prompt_batch_size 5"):
         plumbing.check_global_batches(Args(**dict(now, per_device_prompt_batch_size=10)), saved, saved_ranks=2, world_size=4)
+
+
+def test_episode_cost_windows_are_dealt_out_on_another_number_of_ranks():
+    import model as M
+    import policy_run
+    saved = [[1.0, 2.0, 3.0], [4.0, 5.0]]                            # two ranks' windows
+    same = [policy_run.episode_cost_window(saved, M.Dist(r, r, 2, torch.device("cpu"))) for r in range(2)]
+    assert same == saved                                             # the same ranks: each its own
+    four = [policy_run.episode_cost_window(saved, M.Dist(r, r, 4, torch.device("cpu"))) for r in range(4)]
+    assert four == [[1.0, 5.0], [2.0], [3.0], [4.0]]                 # pooled, dealt out in turn
+    one = policy_run.episode_cost_window(saved, M.Dist(0, 0, 1, torch.device("cpu")))
+    assert one == [1.0, 2.0, 3.0, 4.0, 5.0]
