@@ -817,17 +817,20 @@ SHARD_FILE_BYTES = 2 * 2**30
 MIN_FILE_BYTES = 64 * 2**20
 
 
-def file_buckets(tensors: dict[str, torch.Tensor], ranks: int, max_bytes: int = SHARD_FILE_BYTES) -> dict[str, int]:
-    """Which file (1..N) each tensor of a save goes to, in order. N: enough files that none exceeds
-    max_bytes, and one per rank (so every rank consolidates one) while files stay over MIN_FILE_BYTES;
-    a toy model's weights are one file. Each file is filled to about total / N bytes (a tensor is never
-    split). Sizes are whole tensors' (a DTensor's global shape)."""
+def file_buckets(tensors: dict[str, torch.Tensor], ranks: int, max_bytes: int | None = None) -> dict[str, int]:
+    """Which file (1, 2, ...) each tensor of a save goes to, in order. The files aim at total / N bytes,
+    N = enough files that none exceeds max_bytes (SHARD_FILE_BYTES), and one per rank (so every rank
+    consolidates one) while files stay over MIN_FILE_BYTES; a toy model's weights are one file. A tensor
+    is never split: a file ends before the tensor that would take it past the aim (so a file exceeds
+    max_bytes only if one tensor alone does). Sizes are whole tensors' (a DTensor's global shape)."""
+    max_bytes = SHARD_FILE_BYTES if max_bytes is None else max_bytes
     sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
     total = sum(sizes.values())
     n = max(1, min(len(sizes), max(math.ceil(total / max_bytes), min(ranks, total // MIN_FILE_BYTES))))
+    aim = min(max_bytes, total / n)
     out, index, filled = {}, 1, 0
     for key, size in sizes.items():
-        if filled and filled + size > total / n and index < n:
+        if filled and filled + size > aim:
             index, filled = index + 1, 0
         out[key] = index
         filled += size
