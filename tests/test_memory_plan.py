@@ -105,7 +105,7 @@ def test_gathered_save_holds_what_a_real_save_clones(tok):
     state = [plumbing.optimizer_state(m, o, name) for name, (m, o) in trained.items()]
     weights = [M.full_state_dict(m) for m, _ in trained.values()]
     moments = [t for st in state for k, t in st["tensors"].items() if not k.endswith(".step")]
-    copies = [t for t in moments + [t for sd in weights for t in sd.values()]]
+    copies = moments + [t for sd in weights for t in sd.values()]
     assert not {t.untyped_storage().data_ptr() for t in copies} & live    # clones, not the live tensors
     plan = MP.estimate_memory(M.preset_config("toy-tiny", vocab_size=len(tok)), 1, bf16=False, **SIZES)
     check = MP.gathered_save_bytes({n: MP.model_size(m, 1) for n, m in MP.meta_models(

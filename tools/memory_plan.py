@@ -62,9 +62,11 @@ safetensors headers).
 The check: `--measure` runs ppo_lagrangian.py itself on a small random-init LLaMA on CPU under a
 dispatch-mode counter of live tensor storages (`LiveTensorBytes`) and prints the measured peak per
 phase next to this estimate for the same config (fp32, `bf16=False`). Its "saving" row is the save
-of today's scheme (SAVE_SCHEME_NOW): live tensor bytes (which on a CPU run are the persistent state
-plus every CPU copy the save makes) plus the bytes objects safetensors.torch.save makes, taken as 2 x
-the length of what it returns (a wrapper around it; the tensor counter cannot see bytes).
+the code makes (the scheme is told by what the run calls): live tensor bytes (which on a CPU run are
+the persistent state plus every CPU copy the save makes) plus the bytes objects the tensor counter
+cannot see, held at the moment they exist by wrappers: safetensors.torch.save's output, 2 x its
+length (its Rust buffer and the bytes copy), and the consolidation's full-tensor bytearray and 2 shards
+read from disk, their lengths.
 
 Run:
     python -m tools.memory_plan --model llama-7b --world_size 8 --gpu_memory_gib 80
@@ -300,7 +302,6 @@ def kv_cache_bytes(config, batch: int, length: int, c: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 SAVE_SCHEMES = ("gathered", "sharded")
-SAVE_SCHEME_NOW = "gathered"   # what model.save_checkpoint does today: what --measure checks
 HF_FILE_BYTES = 2 * 10**9   # the sharded scheme's bound on one consolidated output file (HF's default: 5 GB)
 
 
@@ -714,13 +715,15 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
     Phases are marked where ppo_lagrangian.py enters them: model.sample (rollout), a no-grad forward of
     a score model or of model.policy_logprobs (scoring), policy_logprobs with grad (actor update), a
     score model with grad (critic update), optimizer_state or save_checkpoint (saving: compared with
-    the estimate of the save scheme the code has, SAVE_SCHEME_NOW, as its CPU bytes on a CPU run).
+    the estimate of the scheme the run used, "sharded" if it called safetensors.torch.save, else
+    "gathered", as its CPU bytes on a CPU run).
     "persistent" is the live bytes when the second rollout starts (gradients and AdamW states exist by
     then). Under torchrun (gloo, FSDP2) every rank runs this; rank 0's figures are reported.
     """
     import importlib
 
     import safetensors.torch as safetensors_torch
+    import torch.distributed.checkpoint._consolidate_hf_safetensors as consolidate
 
     if stage not in STAGES:
         raise UserError(f"--stage {stage}: choose {' or '.join(STAGES)}")
@@ -758,11 +761,20 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
             return out
         return wrapper
 
+    def consolidating(fn):
+        """consolidate_safetensors_files' copy of one shard (bytes read from disk) into the bytearray of
+        the full tensor: hold the full tensor and 2 shards (the previous read is alive while the next
+        one is read), Python bytes the tensor counter does not see."""
+        def wrapper(full_tensor_mv, sub_tensor_bytes, *args, **kwargs):
+            tracker.hold(len(full_tensor_mv) + 2 * len(sub_tensor_bytes))
+            return fn(full_tensor_mv, sub_tensor_bytes, *args, **kwargs)
+        return wrapper
+
     seen["files"] = []
     originals = {"sample": M.sample, "policy_logprobs": M.policy_logprobs, "optimizer_state": plumbing.optimizer_state,
                  "save_checkpoint": M.save_checkpoint}
     score_forward = M.ScoreModel.forward
-    st_save = safetensors_torch.save
+    st_save, write_sub = safetensors_torch.save, consolidate._write_sub_tensor_to_file_optimized
     with tempfile.TemporaryDirectory() as tmp:
         data = _small_checkpoints(Path(tmp))
         group = {"samples_per_prompt": K} if K > 1 else {}
@@ -780,6 +792,7 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
         plumbing.optimizer_state = marked(plumbing.optimizer_state, lambda *a, **k: "saving")  # save() starts with these
         M.save_checkpoint = marked(M.save_checkpoint, lambda *a, **k: "saving")
         safetensors_torch.save = serialised(st_save)
+        consolidate._write_sub_tensor_to_file_optimized = consolidating(write_sub)
         try:
             with tracker:
                 module.main(args)
@@ -788,6 +801,7 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
                 setattr(M, name, fn)
             M.ScoreModel.forward = score_forward
             safetensors_torch.save = st_save
+            consolidate._write_sub_tensor_to_file_optimized = write_sub
     if seen["rollouts"] != 2:
         raise UserError(f"--measure needs two rollouts and ran {seen['rollouts']}: the toy set has 64 prompts, "
                           f"fewer than 2 x {P} prompts x {world_size} ranks")
@@ -795,7 +809,8 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
                            max_length=max_length, prompt_length=seen["prompt_length"], bf16=False,
                            gradient_checkpointing=gradient_checkpointing, fsdp="RANK" in os.environ,
                            stage=stage, samples_per_prompt=K)
-    phases, scheme = list(plan["phases"]), SAVE_SCHEME_NOW
+    # the scheme the run used: the sharded save serialises with safetensors.torch.save, today's never does
+    phases, scheme = list(plan["phases"]), "sharded" if seen["files"] else "gathered"
     measured = {"persistent": seen["persistent"], **{k: tracker.peaks[k] for k in phases},
                 "saving": tracker.peaks["saving"]}
     measured["peak"] = max(measured[k] for k in phases)
@@ -807,7 +822,8 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
                     "gradient_checkpointing": gradient_checkpointing}, "prompt_length": seen["prompt_length"],
             "measured": measured, "estimated": estimated, "estimated_peak_phase": plan["peak_phase"],
             "measured_peak_phase": max(phases, key=lambda k: measured[k]),
-            "save": {"scheme": scheme, "moment": plan["save"][scheme]["moment"], "largest_file": max(seen["files"], default=0),
+            "save": {"scheme": scheme, "moment": plan["save"][scheme]["moment"], "terms": plan["save"][scheme]["terms"],
+                     "largest_file": max(seen["files"], default=0),
                      "files": len(seen["files"])}, "setup": tracker.peaks.get("setup", 0)}
 
 
