@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -708,60 +709,120 @@ def autocast(d: Dist):
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Checkpoints: gather the full state dict, write a Hugging Face folder
+# 5. Checkpoints: every rank writes its own shards; the Hugging Face folder is consolidated from them
 # --------------------------------------------------------------------------------------------
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Gather the full (unsharded) state dict, on CPU. Collective: call on every rank; under FSDP
-    only rank 0 receives the tensors (others get an empty dict)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def sharded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as each rank holds it: FSDP2's DTensor shards (plain tensors in one
+    process), nothing gathered. A weight tied to an earlier one (lm_head = embed_tokens) is kept once,
+    as Hugging Face saves it. Collective under FSDP (call on every rank)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # clone: gathered tensors can be views into one flat buffer, which safetensors refuses
-    return {k: v.detach().cpu().clone() for k, v in sd.items()}
+    seen, out = set(), {}
+    for name, tensor in get_model_state_dict(model).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out[name] = tensor
+    return out
 
 
-def write_model_files(folder: Path, model: nn.Module, state_dict: dict[str, torch.Tensor], tokenizer) -> None:
-    """Rank 0: config.json + safetensors weights (+ index when sharded) + tokenizer files."""
-    from huggingface_hub import save_torch_state_dict
+def write_model_weights(folder: Path, model: nn.Module, d: Dist) -> None:
+    """The weights of a Hugging Face folder, written by every rank at once. Collective.
+    1. each rank writes its own shard of every tensor (plumbing.write_shards) into folder/shards;
+    2. every rank consolidates its share of the output files (model-0000k-of-0000N.safetensors, at
+       least one per rank, none over plumbing.SHARD_FILE_BYTES), reading the shards' slices from disk
+       (torch.distributed.checkpoint's consolidate_safetensors_files_on_every_rank): no rank ever holds
+       more than one tensor slice, and nothing goes through rank 0;
+    3. rank 0 drops folder/shards; a single output file is named model.safetensors, as HF names one."""
+    from torch.distributed.checkpoint._consolidate_hf_safetensors import (
+        consolidate_safetensors_files, consolidate_safetensors_files_on_every_rank)
 
+    state_dict = sharded_state_dict(model)
+    files = plumbing.file_buckets(state_dict, d.world_size)
+    plumbing.write_shards(folder / "shards", state_dict, files)
+    barrier()  # every shard is on disk before anyone reads them
+    consolidate = consolidate_safetensors_files_on_every_rank if d.enabled else consolidate_safetensors_files
+    consolidate(str(folder / "shards"), str(folder), files)  # rank 0 also writes model.safetensors.index.json
+    barrier()
+    if d.is_main:
+        import shutil
+
+        shutil.rmtree(folder / "shards")
+        if max(files.values()) == 1:
+            (folder / "model-00001-of-00001.safetensors").rename(folder / "model.safetensors")
+            (folder / "model.safetensors.index.json").unlink()
+
+
+def write_model_config(folder: Path, model: nn.Module, tokenizer) -> None:
+    """Rank 0: what a Hugging Face folder holds besides its weights: config.json (a score model's
+    score_config) and generation_config.json, and the tokenizer files."""
     if isinstance(model, ScoreModel):
         (folder / "config.json").write_text(json.dumps(model.score_config(), indent=2, sort_keys=True) + "\n")
     else:
         model.config.save_pretrained(folder)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(folder)
-    # Tied weights (e.g. lm_head = embed_tokens) are stored once, as HF does.
-    save_torch_state_dict(state_dict, folder, max_shard_size="5GB", metadata={"format": "pt"})
     tokenizer.save_pretrained(folder)
 
 
 def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: dict[str, nn.Module],
                     train_state: dict | None = None) -> None:
-    """Save one or more models (and optionally a resumable train state) atomically.
+    """Save one or more models (and optionally a resumable train state) atomically, every rank writing
+    its own shards at once. Collective: every rank must call it.
 
     models: {"": main model, "reward_critic": ..., ...}; "" goes in the folder itself, others in
-    sub-folders. Collective: every rank must call it (the state dicts are gathered), rank 0 writes.
-    train_state: {"tensors": {name: Tensor}, "json": {...}} or None.
-    """
-    state_dicts = {name: full_state_dict(m) for name, m in models.items()}
-    with plumbing.on_every_rank():  # a refusal on rank 0 (which alone writes) reaches the other ranks
+    sub-folders, each a Hugging Face folder (write_model_weights, write_model_config).
+    train_state: {"tensors": {name: Tensor} (small, the same on every rank: rank 0 writes them),
+    "json": {...}, "shards": {name: {key: Tensor or DTensor}} (each rank writes its shards, into
+    train_state/<name>/: the AdamW moments, plumbing.optimizer_state)} or None.
+    The whole save goes into a temporary sibling folder that replaces `folder` only once every rank
+    has written everything (plumbing.atomic_folder on rank 0; the marker is written last): a kill at
+    any moment leaves the previous checkpoint, which --resume then takes. The ranks must share a file
+    system (one machine, or a cluster's shared storage)."""
+    folder = Path(os.path.abspath(folder))
+    check_weights(folder, dist_, models)  # a diverged model is never saved
+    try:
+        with plumbing.atomic_save(folder, dist_.is_main) as tmp:
+            for name, m in models.items():
+                write_model_weights(tmp / name if name else tmp, m, dist_)
+            for name, shards in (train_state or {}).get("shards", {}).items():
+                plumbing.write_shards(tmp / "train_state" / name, shards, plumbing.file_buckets(shards, 1))
+            if dist_.is_main:
+                for name, m in models.items():
+                    write_model_config(tmp / name if name else tmp, m, tokenizer)
+                if train_state is not None:
+                    plumbing.write_train_state(tmp, train_state)
+    except (OSError, SafetensorError, plumbing.CheckpointException) as e:  # disk full, read-only: the previous checkpoint is untouched
+        raise UserError(f"cannot save to {folder}: {plumbing.save_error_reason(e)}; it keeps its previous checkpoint") from None
+
+
+def check_weights(folder: Path, dist_: Dist, models: dict[str, nn.Module]) -> None:
+    """Refuse a diverged model before anything is written (plumbing.check_finite_weights), from each
+    rank's own shards: every rank reports its largest |weight| per tensor (a NaN or an infinity where
+    one is not finite), rank 0 takes the largest over ranks. Collective."""
+    report = {}
+    for name, m in models.items():
+        report[name] = {}
+        for key, tensor in sharded_state_dict(m).items():
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            if local.is_floating_point() and local.numel():
+                finite = bool(torch.isfinite(local).all())
+                report[name][key] = local.abs().max().item() if finite else math.nan
+    reports = [report]
+    if dist_.enabled:
+        reports = [None] * dist_.world_size
+        dist.all_gather_object(reports, report)
+    with plumbing.on_every_rank():  # a refusal on rank 0 reaches the other ranks
         if dist_.is_main:
+            largest = {name: {} for name in models}
+            for r in reports:
+                for name, per_key in r.items():
+                    for key, value in per_key.items():
+                        before = largest[name].get(key, 0.0)
+                        largest[name][key] = math.nan if math.isnan(value) or math.isnan(before) else max(value, before)
             scales = {name: getattr(m, "initial_weight_scale", None) for name, m in models.items()}
-            plumbing.check_finite_weights(state_dicts, folder, scales)  # a diverged model is never saved
-            try:
-                with plumbing.atomic_folder(folder) as tmp:
-                    for name, m in models.items():
-                        sub = tmp / name if name else tmp
-                        sub.mkdir(parents=True, exist_ok=True)
-                        write_model_files(sub, m, state_dicts[name], tokenizer)
-                    if train_state is not None:
-                        plumbing.write_train_state(tmp, train_state)
-            except (OSError, SafetensorError) as e:  # disk full, read-only: the previous checkpoint is untouched
-                reason = first_line(e)  # safetensors wraps the OS error: 'IoError(Os { ..., message: "No space left on device" })'
-                reason = reason.split('message: "', 1)[1].split('"', 1)[0] if 'message: "' in reason else reason
-                raise UserError(f"cannot save to {folder}: {reason}; it keeps its previous checkpoint") from None
+            plumbing.check_finite_weights(largest, folder, scales)
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,27 +87,25 @@ def check_finite(value: torch.Tensor, what: str, step: int) -> None:
 WEIGHT_GROWTH_LIMIT = 1e4  # a saved weight this many times the model's largest loaded weight: diverged
 
 
-def check_finite_weights(state_dicts: dict[str, dict[str, torch.Tensor]], folder,
-                         scales: dict[str, float | None] | None = None) -> None:
+def check_finite_weights(largest: dict[str, dict[str, float]], folder, scales: dict[str, float | None] | None = None) -> None:
     """Refuse to save weights that hold a NaN or an infinity (a diverged run), or, where the model's
     largest weight at load time is known (scales[name]), a weight more than WEIGHT_GROWTH_LIMIT times
-    it. Why that bound: AdamW moves a weight by about lr per step at most (its step m/sqrt(v) is of
-    order 1), so at any sane learning rate (<= 1e-3) and step count (<= 1e5) a weight travels less
-    than 100; a LLaMA's largest weight is at least 1 (its norm weights start at 1). A weight 1e4
-    times larger is an exploded run whose finite but useless weights must not become the "last good"
-    checkpoint. Names one offending weight."""
+    it. largest: {model name: {weight name: its largest |value| (NaN: not finite)}}, over every rank's
+    shard (model.check_weights). Why that bound: AdamW moves a weight by about lr per step at most (its
+    step m/sqrt(v) is of order 1), so at any sane learning rate (<= 1e-3) and step count (<= 1e5) a
+    weight travels less than 100; a LLaMA's largest weight is at least 1 (its norm weights start at 1).
+    A weight 1e4 times larger is an exploded run whose finite but useless weights must not become the
+    "last good" checkpoint. Names one offending weight."""
     scales = scales or {}
-    for name, state_dict in state_dicts.items():
+    for name, per_key in largest.items():
         where = f"the weight {name + '/' if name else ''}"
-        for key, tensor in state_dict.items():
-            if not tensor.is_floating_point():
-                continue
-            if not torch.isfinite(tensor).all():
+        for key, value in per_key.items():
+            if math.isnan(value):
                 raise UserError(f"{where}{key} is not finite; nothing saved: {folder} "
                                 "keeps its previous checkpoint, if any (try a lower learning rate)")
             scale = scales.get(name)
-            if scale and tensor.numel() and (largest := tensor.abs().max().item()) > WEIGHT_GROWTH_LIMIT * scale:
-                raise UserError(f"{where}{key} reached {largest:.3g}, more than {WEIGHT_GROWTH_LIMIT:.0e} times the "
+            if scale and value > WEIGHT_GROWTH_LIMIT * scale:
+                raise UserError(f"{where}{key} reached {value:.3g}, more than {WEIGHT_GROWTH_LIMIT:.0e} times the "
                                 f"model's largest weight when loaded ({scale:.3g}): the run diverged; nothing saved: "
                                 f"{folder} keeps its previous checkpoint, if any (try a lower learning rate)")
 
@@ -375,7 +374,7 @@ def global_batches(args, n_rows: int, lengths: list[int] | None, start: int, sto
 
 # Arguments that do not change what a run computes: --resume may change them.
 RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "save", "log_every", "sample_every", "save_every",
-                     "eval_every", "stop_at_step", "device", "trust_remote_code",
+                     "eval_every", "stop_at_step", "device", "trust_remote_code", "per_device_eval_batch_size",
                      # sizes derived from the others after parsing (checked through those)
                      "global_batch_size", "steps_per_epoch", "total_steps", "world_size", "steps_per_rollout"}
 RUN_FILES = ("args.json", "config.json", "metrics.jsonl", "train_state.json")  # a folder with one holds a run
@@ -473,7 +472,7 @@ def open_run_folder(args, world_size: int, is_main: bool, stage: str | None = No
         nothing in it is touched before the new run has validated its inputs: begin_run_folder);
       - a save killed half-way, or a replacement that never reached its first save, is undone;
       - --resume: every argument that changes the result must equal the saved args.json, and the
-        number of ranks the saved RNG states were written by; a policy stage (stage: its name) continues
+        global batches (check_global_batches: the number of ranks may change); a policy stage (stage: its name) continues
         only its own checkpoints (the train state names the stage that wrote it)."""
     folder = Path(args.output_dir)
     lock = None
@@ -497,13 +496,10 @@ def open_run_folder(args, world_size: int, is_main: bool, stage: str | None = No
         if stage is not None and saved_by != stage:
             raise UserError(f"--resume: the checkpoint in --output_dir {folder} was written by {saved_by}.py, not "
                             f"{stage}.py; resume it with that stage, or start this one in another folder")
-        saved_ranks = len([k for k in state["json"] if k.startswith("rank") and k.endswith(".rng.python")])
-        if saved_ranks != world_size:
-            raise UserError(f"--resume: {folder} was saved by a run on {saved_ranks} rank(s), this one has "
-                            f"{world_size}; resume with the same number (torchrun --nproc_per_node {saved_ranks})")
         saved = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
+        check_global_batches(args, saved, saved_world_size(state), world_size)
         for f in dataclasses.fields(args):
-            if f.name in saved and f.name not in RESUME_MAY_CHANGE and saved[f.name] != getattr(args, f.name):
+            if f.name in saved and f.name not in RESUME_MAY_CHANGE | set(PER_RANK_SPLIT) and saved[f.name] != getattr(args, f.name):
                 raise UserError(f"--resume: --{f.name} was {saved[f.name]!r} in the interrupted run, now "
                                 f"{getattr(args, f.name)!r}; resume with the same settings")
     except UserError:
@@ -511,6 +507,35 @@ def open_run_folder(args, world_size: int, is_main: bool, stage: str | None = No
             _release(lock)  # a refused run lets go of the folder at once
         raise
     return lock, state
+
+
+# How a global batch is split over ranks: {flag: the other per-rank flags multiplying it}. --resume
+# may change these, and the number of ranks, as long as every global batch stays the same.
+PER_RANK_SPLIT = {"per_device_train_batch_size": ("gradient_accumulation_steps",),
+                  "gradient_accumulation_steps": ("per_device_train_batch_size",),
+                  "per_device_prompt_batch_size": ()}
+
+
+def check_global_batches(args, saved: dict, saved_ranks: int, world_size: int) -> None:
+    """--resume on any number of ranks: each global batch (per-rank size x ranks x accumulation steps)
+    must equal the interrupted run's, so the run goes on through the same global order of samples
+    (epoch_order, rollout_batches: only the split over ranks changes). Otherwise one line saying what
+    to pass."""
+    for flag, others in PER_RANK_SPLIT.items():
+        if flag not in saved or not hasattr(args, flag) or flag == "gradient_accumulation_steps":
+            continue
+        def product(values, ranks):
+            return values[flag] * ranks * math.prod(values.get(o, 1) for o in others)
+        now = vars(args)
+        before, after = product(saved, saved_ranks), product(now, world_size)
+        if before == after:
+            continue
+        rest = world_size * math.prod(now.get(o, 1) for o in others)
+        hint = (f"pass --{flag} {before // rest} to keep it" if before % rest == 0 else
+                f"it cannot be split evenly over {world_size} rank(s): resume on a number of ranks that divides it")
+        split = " x ".join(str(v) for v in (saved[flag], saved_ranks, *(saved.get(o, 1) for o in others if o in saved)))
+        raise UserError(f"--resume: the global batch (--{flag} x ranks{''.join(' x --' + o for o in others if o in saved)}) "
+                        f"was {before} ({split}), now {after}; {hint}")
 
 
 def check_not_finished(folder, step: int, total_steps: int) -> None:
@@ -737,20 +762,127 @@ def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ("metrics.j
 
 
 
+@contextlib.contextmanager
+def atomic_save(folder: Path, is_main: bool):
+    """atomic_folder for a save every rank writes into (collective: every rank enters it). Rank 0 makes
+    the temporary folder and tells the others where it is; every rank writes; a failure on any rank
+    (disk full, read-only) is raised on every rank and rank 0 drops the temporary folder; once all
+    have written, rank 0 writes the marker and swaps the folder into place, and the others wait for it."""
+    if not dist.is_initialized():
+        with atomic_folder(folder) as tmp:
+            yield tmp
+        return
+    with contextlib.ExitStack() as stack:
+        where = [None]
+        if is_main:
+            try:
+                where = [str(stack.enter_context(atomic_folder(folder)))]
+            except BaseException as e:  # e.g. the parent folder is read-only: no rank may wait for the others
+                where = [f"error: {first_line(e)}"]
+        dist.broadcast_object_list(where, src=0)
+        if where[0].startswith("error: "):
+            raise UserError(where[0][len("error: "):])
+        error = None
+        try:
+            yield Path(where[0])
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure must reach every rank, or they hang
+            error = e
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {save_error_reason(error)}")
+        failed = next((e for e in errors if e), None)
+        if failed and error is None:
+            error = OSError(failed.split(": ", 1)[1])
+        if error is not None:
+            raise error  # rank 0: inside atomic_folder, which removes the temporary folder
+    dist.barrier()  # rank 0 has swapped the folder into place
+
+
+def save_error_reason(e: BaseException) -> str:
+    """Why a save failed, in a few words: DCP wraps each rank's error in a CheckpointException, and
+    safetensors wraps the OS error ('IoError(Os { ..., message: "No space left on device" })')."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]  # (the first failing rank's exception, its traceback)
+    reason = first_line(e)
+    return reason.split('message: "', 1)[1].split('"', 1)[0] if 'message: "' in reason else reason
+
+
+# The largest file a save writes, in bytes of whole tensors: a rank stages one file's shards on CPU
+# (and safetensors serialises them into a second copy), so this bounds a save's memory per rank.
+SHARD_FILE_BYTES = 2 * 2**30
+# Below this, a file is not worth splitting further to give every rank one to consolidate.
+MIN_FILE_BYTES = 64 * 2**20
+
+
+def file_buckets(tensors: dict[str, torch.Tensor], ranks: int, max_bytes: int = SHARD_FILE_BYTES) -> dict[str, int]:
+    """Which file (1..N) each tensor of a save goes to, in order. N: enough files that none exceeds
+    max_bytes, and one per rank (so every rank consolidates one) while files stay over MIN_FILE_BYTES;
+    a toy model's weights are one file. Each file is filled to about total / N bytes (a tensor is never
+    split). Sizes are whole tensors' (a DTensor's global shape)."""
+    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    total = sum(sizes.values())
+    n = max(1, min(len(sizes), max(math.ceil(total / max_bytes), min(ranks, total // MIN_FILE_BYTES))))
+    out, index, filled = {}, 1, 0
+    for key, size in sizes.items():
+        if filled and filled + size > total / n and index < n:
+            index, filled = index + 1, 0
+        out[key] = index
+        filled += size
+    return out
+
+
+@contextlib.contextmanager
+def _one_process_is_intended():
+    """DCP warns on every call without a process group that it assumes one process: we do mean it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def write_shards(folder: Path, tensors: dict[str, torch.Tensor], files: dict[str, int]) -> None:
+    """Every rank writes its own shard of each tensor, at once (torch.distributed.checkpoint with its
+    safetensors writer): folder/shard-<rank+1>-model-<k>-of-<N>.safetensors, each a plain safetensors
+    file whose metadata records where its slices sit in the whole tensor (DCP_SHARDING_INFO). Reading
+    it back executes no code (no pickle, unlike DCP's default .metadata). Collective (one process:
+    a plain write). A tensor that is the same on every rank (not a DTensor) is written once."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    with _one_process_is_intended():
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=files,
+                                                                  save_distributed=True))
+
+
+def read_shards(folder: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill `targets` (this rank's tensors or DTensor shards, any number of ranks) in place from what
+    write_shards wrote (by any number of ranks): the resharding is DCP's load plan. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    try:
+        with _one_process_is_intended():
+            dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder)))
+    except (CheckpointException, OSError, RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"--resume: cannot read the train state in {folder}: {save_error_reason(e)}") from None
+
+
 def write_train_state(folder: Path, train_state: dict) -> None:
-    """A resumable state {"tensors": {name: Tensor}, "json": {...}} as two files in `folder`."""
+    """Rank 0: the small part of a resumable state, {"tensors": {name: Tensor}, "json": {...}}, as two
+    files in `folder` (train_state.safetensors, train_state.json); the sharded part (train_state/) is
+    written by every rank (write_shards)."""
     save_file(train_state["tensors"], str(folder / "train_state.safetensors"))
     (folder / "train_state.json").write_text(json.dumps(train_state["json"], indent=1) + "\n")
 
 
 def load_train_state(folder: str | os.PathLike) -> dict:
+    """The small part of a resumable state (tensors, json) and where its shards are ("folder")."""
     folder = Path(folder)
     if not (folder / "train_state.json").is_file():
         raise UserError(f"--resume: {folder} holds no resumable state (train_state.json); "
                         "it was not written by an interrupted run of this stage")
     return {"tensors": load_file(str(folder / "train_state.safetensors")),
-            "json": json.loads((folder / "train_state.json").read_text())}
-
+            "json": json.loads((folder / "train_state.json").read_text()), "folder": folder}
 
 
 def write_json_atomic(path: Path, record: dict) -> None:
@@ -767,7 +899,7 @@ def check_same_run(trainer_state: dict, now: dict) -> None:
     for key, value in now.items():
         if trainer_state.get(key, value) != value:  # .get: keys added later are absent from older runs
             raise UserError(f"--resume: {key} was {trainer_state[key]} in the interrupted run, now {value}; "
-                            "resume with the same data, batch sizes, ranks and epochs")
+                            "resume with the same data, global batch sizes and epochs")
 
 
 # --------------------------------------------------------------------------------------------
@@ -823,28 +955,32 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str) -> dict:
-    """Full (unsharded) optimiser state keyed by parameter name: tensors + JSON-able rest."""
+    """AdamW's state as this rank holds it, keyed by parameter name (torch's flattened optimizer state
+    dict: "state.<param>.exp_avg", ...): the tensors (each rank's DTensor shards of the moments, and the
+    step counts) go to "shards" (written by every rank, write_shards), the rest (each parameter's
+    group: lr, betas, weight decay...) to JSON. Nothing is gathered."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    tensors = {}  # under FSDP only rank 0 receives the full state; the other ranks get {}
-    for pname, st in osd.get("state", {}).items():
-        for k, v in st.items():
-            tensors[f"{prefix}.state.{pname}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
-    return {"tensors": tensors, "json": {f"{prefix}.param_groups": osd.get("param_groups", [])}}
+    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    return {"tensors": {}, "shards": {prefix: {k: v for k, v in osd.items() if isinstance(v, torch.Tensor)}},
+            "json": {f"{prefix}.optimizer": {k: v for k, v in osd.items() if not isinstance(v, torch.Tensor)}}}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """Put optimizer_state's save back, on any number of ranks: this rank's shards of the moments are
+    read from train_state/<prefix>/ (read_shards reshards), the groups from JSON. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-    tag = f"{prefix}.state."
-    per_param: dict[str, dict] = {}
-    for key, value in state["tensors"].items():
-        if key.startswith(tag):
-            pname, k = key[len(tag):].rsplit(".", 1)
-            per_param.setdefault(pname, {})[k] = value
-    osd = {"state": per_param, "param_groups": state["json"][f"{prefix}.param_groups"]}
-    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    if f"{prefix}.optimizer" not in state["json"]:
+        raise UserError(f"--resume: {state['folder']} holds no optimizer state for {prefix} (a checkpoint from an "
+                        "older version of this project, or of another stage): start a new run")
+    osd = get_optimizer_state_dict(model, optimizer, options=options)  # makes AdamW's (zero) state to load into
+    targets = {k: v for k, v in osd.items() if isinstance(v, torch.Tensor)}
+    read_shards(Path(state["folder"]) / "train_state" / prefix, targets)
+    osd.update(targets)
+    osd.update(state["json"][f"{prefix}.optimizer"])
+    set_optimizer_state_dict(model, optimizer, osd, options=options)
 
 
 def trainer_state(args, d, model: nn.Module, optimizer, scheduler, step: int, train_rows: int, final: bool) -> dict:
@@ -876,10 +1012,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def merge_states(*parts: dict) -> dict:
-    out = {"tensors": {}, "json": {}}
+    out = {"tensors": {}, "json": {}, "shards": {}}
     for p in parts:
         out["tensors"].update(p["tensors"])
         out["json"].update(p["json"])
+        out["shards"].update(p.get("shards", {}))
     return out
 
 
@@ -899,10 +1036,21 @@ def gather_rng_states(dist_) -> dict:
     return out
 
 
-def restore_rng_states(state: dict, dist_) -> None:
+def saved_world_size(state: dict) -> int:
+    """How many ranks wrote a train state (each saved its RNG state)."""
+    return len([k for k in state["json"] if k.startswith("rank") and k.endswith(".rng.python")])
+
+
+def restore_rng_states(state: dict, dist_, seed: int, step: int) -> None:
+    """Every rank's RNG state as saved, on the same number of ranks (an exact --resume). On another
+    number there is no state to give each new rank: they are seeded from (seed, step, rank) instead.
+    Nothing in a stage draws from these generators once training starts (batches follow epoch_order,
+    rollouts a generator seeded per step), so this only matters to code that would."""
+    if saved_world_size(state) != dist_.world_size:
+        random.seed(seed * 1_000_003 + step * 1009 + dist_.rank)
+        torch.manual_seed(seed * 1_000_003 + step * 1009 + dist_.rank)
+        return
     tag = f"rank{dist_.rank}."
-    if f"{tag}rng.torch" not in state["tensors"]:
-        raise UserError(f"--resume: the checkpoint was written by a run with fewer ranks (no RNG state for rank {dist_.rank})")
     set_rng_state({"tensors": {k[len(tag):]: v for k, v in state["tensors"].items() if k.startswith(tag)},
                    "json": {k[len(tag):]: v for k, v in state["json"].items() if k.startswith(tag)}})
 

@@ -265,8 +265,8 @@ def start_run(run: PolicyRun, desc: str) -> None:
             sched.load_state_dict(state["json"][f"{name}.scheduler"])
         with torch.no_grad():
             run.log_lambda.copy_(state["tensors"]["log_lambda"])
-        run.episode_costs.extend(state["json"]["episode_costs"][d.rank])
-        plumbing.restore_rng_states(state, d)
+        run.episode_costs.extend(episode_cost_window(state["json"]["episode_costs"], d))
+        plumbing.restore_rng_states(state, d, args.seed, state['json']['step'])
         M.print0(f"resumed from {args.output_dir} at rl_step {state['json']['step']}")
         run.step = state["json"]["step"]
         run.position = {"epoch": state["json"]["epoch"], "rollout_in_epoch": state["json"]["rollout_in_epoch"]}
@@ -277,6 +277,15 @@ def start_run(run: PolicyRun, desc: str) -> None:
     M.print0(run.derivation or f"threshold {args.threshold:+.3f} (--threshold)")
     run.bar = plumbing.progress(total=args.total_steps, initial=run.step, enabled=d.is_main, desc=desc)
     run.meter = plumbing.Throughput(run.step, args.total_steps)
+
+
+def episode_cost_window(saved: list[list[float]], d: M.Dist) -> list[float]:
+    """This rank's share of the saved episode-cost windows (one per rank that saved them): its own on
+    the same number of ranks; on another number, the windows pooled and dealt out in turn (rank r takes
+    every W-th cost from the r-th), so the costs J_C is measured from stay the same ones."""
+    if len(saved) == d.world_size:
+        return saved[d.rank]
+    return [c for window in saved for c in window][d.rank::d.world_size]
 
 
 def open_logs(run: PolicyRun) -> tuple:

@@ -400,7 +400,7 @@ def start_training(args: Args, d: M.Dist, tokenizer, data: data_rules.TrainingDa
                                          "total_steps": args.total_steps, "group_by_length": args.group_by_length})
         plumbing.load_optimizer_state(policy, optimizer, "optimizer", resume_state)
         scheduler.load_state_dict(trainer_state["scheduler"])
-        plumbing.restore_rng_states(resume_state, d)
+        plumbing.restore_rng_states(resume_state, d, args.seed, trainer_state["step"])
         step = trainer_state["step"]
         plumbing.check_not_finished(args.output_dir, step, args.total_steps)
         M.print0(f"resuming {Path(args.output_dir)} at step {step}/{args.total_steps}")
