@@ -159,7 +159,7 @@ def test_local_bytes_are_rank_chunks():
 def test_safetensors_bytes_copies(tmp_path, write):
     """What the save's formulas assume of safetensors: save() (torch.distributed.checkpoint's safetensors
     writer) holds two copies of the file's bytes as it returns, its Rust buffer and a bytes copy;
-    save_file() (today's save) none. Measured by the process's peak resident memory (Linux VmHWM,
+    save_file() (b9c3857's gathered save) none. Measured by the process's peak resident memory (Linux VmHWM,
     reset through /proc/self/clear_refs) over 64 MiB of tensors: allocations this large are mmap'ed and
     returned to the system when freed, so the peak is the copies'. Tolerance: 8 MiB of other growth."""
     import safetensors.torch

@@ -612,7 +612,7 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
         terms = {k: v for k, v in moments[moment].items() if v}
         phases[phase] = {"moment": moment, "terms": terms, "total": persistent_total + sum(terms.values())}
     peak_phase = max(phases, key=lambda k: phases[k]["total"])
-    # ---- the save: CPU and GPU bytes per rank, today's scheme and the sharded one -----------------
+    # ---- the save: CPU and GPU bytes per rank, the previous version's gathered scheme and this one's sharded -----------------
     host_is_device = not bf16  # the CPU path: one memory holds the "GPU" state and the CPU copies
     save = {"gathered": save_plan(gathered_save_bytes(sizes, trained, fsdp, host_is_device), persistent_total,
                                   host_is_device),
@@ -917,7 +917,7 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
                            max_length=max_length, prompt_length=seen["prompt_length"], bf16=False,
                            gradient_checkpointing=gradient_checkpointing, fsdp="RANK" in os.environ,
                            stage=stage, samples_per_prompt=K, save_rank=int(os.environ.get("RANK", "0")))
-    # the scheme the run used: the sharded save serialises with safetensors.torch.save, today's never does
+    # the scheme the run used: the sharded save serialises with safetensors.torch.save, b9c3857's gathered save never did
     phases, scheme = list(plan["phases"]), "sharded" if seen["files"] else "gathered"
     measured = {"persistent": seen["persistent"], **{k: tracker.peaks[k] for k in phases},
                 "saving": tracker.peaks["saving"]}
