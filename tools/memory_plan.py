@@ -35,17 +35,39 @@ The logits chain of model.policy_logprobs, per token: logits (c V) -> logits / t
 c = 4 (then .float() is free); in the backward, log_softmax's saved output, the gather's gradient and
 log_softmax's gradient: 12 V again. With V = 32000 that is 384 kB per token, two LLaMA-7B layers' worth.
 
+The save (a checkpoint: every --save_every rl_steps and at the end), CPU and GPU bytes per rank, for two
+schemes (formulas in `gathered_save_bytes` and `sharded_save_bytes`; N: a trained model's parameters):
+  gathered       the previous version's model.save_checkpoint (commit b9c3857, kept as the "before"):
+                 every trained model's fp32 weights and AdamW moments gathered whole to rank 0's CPU
+                 (full_state_dict=True, cpu_offload=True) and cloned: 12 B x N per trained model stay,
+                 plus the last model's gathered weights before their clone (4 B x N). On the GPU: one
+                 tensor at a time, all-gathered.
+  sharded        this version's (commit a430f1c): check_weights (abs() of one local shard, on the GPU),
+                 then every rank writes its own shard of each file plumbing.file_buckets makes (DCP's
+                 safetensors writer: one file at a time, staged on the CPU and serialised by
+                 safetensors.torch.save, 2 copies of this rank's bytes of the file), consolidates the
+                 Hugging Face files k with k % W == rank (one whole tensor at a time), and writes its
+                 shards of the AdamW moments the same way (files of whole tensors, not consolidated).
+                 The plan shows the rank that holds the most.
+On a CPU run (--no-bf16, --measure) the "GPU" state and the CPU copies share one memory: the save's
+bytes are then persistent + the CPU moment, and a staged tensor that is the local shard itself is free.
+
 rloo_lagrangian.py (--stage rloo_lagrangian) holds the same minus the two critics: no critic states,
 no critic values in scoring, no critic roots kept through the actor update, no critic update; its
 rollout and scoring run on its P x K sequences (P prompts, K answers each).
 
 Not counted: kernels' internal scratch buffers, CUDA allocator fragmentation and the CUDA/NCCL
 context (leave a few GiB), the rollout arrays of shape (P, L) (kilobytes), AdamW's step counters (on
-the CPU), and `save()`'s full state-dict gathering (CPU memory).
+the CPU), and the save's small objects (state-dict keys, the JSON train state, RNG states, the
+safetensors headers).
 
 The check: `--measure` runs ppo_lagrangian.py itself on a small random-init LLaMA on CPU under a
 dispatch-mode counter of live tensor storages (`LiveTensorBytes`) and prints the measured peak per
-phase next to this estimate for the same config (fp32, `bf16=False`).
+phase next to this estimate for the same config (fp32, `bf16=False`). Its "saving" row is the save
+the code makes (this version's sharded save, on the rank measured): live tensor bytes (on a CPU run
+the persistent state plus every CPU copy) plus the Python bytes the save allocates (tracemalloc, from
+the save's start: safetensors' output, the consolidation's bytearrays and reads) plus safetensors' Rust
+buffer (the length of its output, held as it returns).
 
 Run:
     python -m tools.memory_plan --model llama-7b --world_size 8 --gpu_memory_gib 80
@@ -177,6 +199,9 @@ class ModelSize:
     head_shard: int    # root parameters whose gradients exist through the whole backward: all but an
                        # untied input embedding (its gradient comes last)
     layer_shard: int   # one decoder layer: the other FSDP2 units (prepare_model shards each layer, then the root)
+    largest: int = 0          # the largest parameter tensor (elements): what a save holds one at a time
+    largest_padded: int = 0   # the same all-gathered with FSDP2's padding: W x ceil(dim0 / W) rows
+    largest_shard: int = 0    # rank 0's rows of it
 
 
 def model_size(model: nn.Module, world_size: int) -> ModelSize:
@@ -189,9 +214,11 @@ def model_size(model: nn.Module, world_size: int) -> ModelSize:
     root = [p for p in model.parameters() if id(p) not in in_layers]
     embedding, head = model.get_input_embeddings().weight, getattr(model, "lm_head", None)
     tied = head is not None and head.weight is embedding
+    largest = max(model.parameters(), key=lambda p: p.numel())
     return ModelSize(numel=sum(p.numel() for p in model.parameters()), shard=shard(model.parameters()),
                      root_shard=shard(root), head_shard=shard(p for p in root if tied or p is not embedding),
-                     layer_shard=max(shard(layer.parameters()) for layer in layers))
+                     layer_shard=max(shard(layer.parameters()) for layer in layers), largest=largest.numel(),
+                     largest_padded=world_size * shard([largest]), largest_shard=shard([largest]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,6 +299,188 @@ def kv_cache_bytes(config, batch: int, length: int, c: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# The save: per-rank CPU and GPU bytes of a checkpoint, the gathered scheme and the sharded one
+# --------------------------------------------------------------------------------------------
+
+SAVE_SCHEMES = ("gathered", "sharded")
+
+
+def gathered_save_bytes(sizes: dict[str, ModelSize], trained: tuple[str, ...], fsdp: bool,
+                        host_is_device: bool) -> dict[str, dict[str, dict[str, int]]]:
+    """The previous version's save (model.save_checkpoint at commit b9c3857, before the sharded save:
+    the "before" of the comparison; `--measure` can only run this version's), above the persistent
+    state, at each of its moments. Returns {"cpu": {moment: {term: bytes}}, "gpu": {...}}, rank 0's (the other
+    ranks take part in every all-gather and keep nothing: ranks_only=(0,)). N_k: model k's parameters.
+
+      1. plumbing.optimizer_state, model by model: get_optimizer_state_dict(full_state_dict=True,
+         cpu_offload=True) gathers exp_avg and exp_avg_sq to rank 0's CPU (8 N_k), and each tensor is
+         cloned into the train state (8 N_k more); the gathered dict goes when the function returns,
+         the clones of every model stay (merge_states takes all of them).
+      2. model.full_state_dict, model by model: get_model_state_dict gathers the fp32 weights (4 N_k),
+         `.clone()` copies them (4 N_k more); the clones stay until the end.
+      3. plumbing.check_finite_weights: per tensor torch.isfinite (1 B per element, freed by .all())
+         then tensor.abs() (4 B per element): 4 B x the largest weight tensor.
+      4. huggingface_hub.save_torch_state_dict and plumbing.write_train_state write with
+         safetensors.torch.save_file, which (safetensors 0.8) writes from the tensors' own memory: no
+         copy (test_memory_plan checks it by the process's peak RSS).
+    Without FSDP the gathered dicts are the live tensors themselves: only the clones are new.
+    GPU: each DTensor's full_tensor() is all-gathered on the device (padded to W x ceil(dim0 / W)
+    rows), unpadded, copied to the CPU and freed, one tensor at a time: at most the largest one,
+    padded and unpadded, 4 B each. On a CPU run (host_is_device) the gathered tensor is itself the
+    CPU copy, already counted."""
+    N = {name: sizes[name].numel for name in trained}
+    gathered = 1 if fsdp else 0                    # the gathered dict is a copy only under FSDP
+    cpu, before = {}, 0
+    for name in trained:                           # 1. optimizer_state
+        cpu[f"{name} AdamW state gathered"] = {"AdamW moments of the models before, cloned": before,
+                                               "its exp_avg, exp_avg_sq gathered": gathered * 8 * N[name],
+                                               "... and cloned": 8 * N[name]}
+        before += 8 * N[name]
+    weights = 0
+    for name in trained:                           # 2. full_state_dict
+        cpu[f"{name} weights gathered"] = {"AdamW moments, cloned (train state)": before,
+                                           "weights of the models before, cloned": weights,
+                                           "its fp32 weights gathered": gathered * 4 * N[name],
+                                           "... and cloned": 4 * N[name]}
+        weights += 4 * N[name]
+    largest = max(sizes[name].largest for name in trained)
+    cpu["finite check"] = {"AdamW moments, cloned (train state)": before, "weights, cloned": weights,
+                           "abs() of the largest weight": 4 * largest}
+    widest = max(trained, key=lambda name: sizes[name].largest_padded)
+    gpu = {"one tensor all-gathered": {} if host_is_device or not fsdp else {
+        "largest tensor, padded": 4 * sizes[widest].largest_padded, "... unpadded": 4 * sizes[widest].largest}}
+    return {"cpu": cpu, "gpu": gpu}
+
+
+def local_rows(dim0: int, world_size: int, rank: int) -> int:
+    """Rows of a tensor's dim 0 that rank `rank` holds under FSDP2: ceil(dim0 / W) each, in order, so
+    the last ranks hold fewer (or none) when dim0 does not divide."""
+    chunk = math.ceil(dim0 / world_size)
+    return max(0, min(chunk, dim0 - rank * chunk))
+
+
+def local_bytes(tensor: torch.Tensor, world_size: int, rank: int) -> int:
+    """Bytes of rank `rank`'s shard of a whole tensor (shape and dtype only). A 0-d tensor (AdamW's step
+    count) is not sharded: DCP writes it once, counted here on rank 0."""
+    if tensor.ndim == 0:
+        return tensor.element_size() if rank == 0 else 0
+    return local_rows(tensor.shape[0], world_size, rank) * (tensor.numel() // max(1, tensor.shape[0])) * tensor.element_size()
+
+
+def adamw_shards(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors plumbing.optimizer_state hands to the save for one trained model, as meta tensors of
+    their whole shapes, in its order (torch's flattened optimizer state dict): the parameters as
+    model.make_optimizer groups them (matrices, then 1-D parameters), each "state.<name>.step" (fp32
+    scalar), "state.<name>.exp_avg", "state.<name>.exp_avg_sq" (fp32, the parameter's shape)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    out = {}
+    for name, p in [(n, p) for n, p in params if p.ndim >= 2] + [(n, p) for n, p in params if p.ndim < 2]:
+        out[f"state.{name}.step"] = torch.empty((), dtype=torch.float32, device="meta")
+        for k in ("exp_avg", "exp_avg_sq"):
+            out[f"state.{name}.{k}"] = torch.empty(p.shape, dtype=torch.float32, device="meta")
+    return out
+
+
+def save_layout(model: nn.Module, world_size: int) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, int]]]:
+    """What model.save_checkpoint writes for one trained model, as the code lays it out: {"weights":
+    (model.sharded_state_dict, plumbing.file_buckets(it, W)), "AdamW moments": (adamw_shards,
+    plumbing.file_buckets(it, 1))}: the tensors (whole shapes) and the file (1..N) each goes to."""
+    weights, moments = M.sharded_state_dict(model), adamw_shards(model)
+    return {"weights": (weights, plumbing.file_buckets(weights, world_size)),
+            "AdamW moments": (moments, plumbing.file_buckets(moments, 1))}
+
+
+def consolidation_bytes(tensors: dict[str, torch.Tensor], world_size: int) -> dict[str, int]:
+    """The Python bytes torch.distributed.checkpoint's _process_output_file holds while it assembles one
+    output file, tensor by tensor in file order, at its worst moment. For each tensor b it allocates a
+    bytearray of the whole tensor (full(b)) while the previous one (a) and a's last shard read from
+    disk are still alive (the names are rebound after); then it reads b's shards one by one, the
+    previous read alive while the next one is read. A shard: a rank's rows, at most rank 0's (s). So
+        max over b of   full(a) + s(a) + full(b),   full(b) + s(b) + max(s(a), s(b) if b has 2+ shards).
+    Returns the terms of the largest."""
+    best, before = {}, None
+    for tensor in tensors.values():
+        full, shard = tensor.numel() * tensor.element_size(), local_bytes(tensor, world_size, 0)
+        shards = sum(local_bytes(tensor, world_size, r) > 0 for r in range(world_size))
+        prev_full, prev_shard = before or (0, 0)
+        moments = [{"the previous tensor, whole": prev_full, "... and its last shard read": prev_shard,
+                    "a tensor, whole (bytearray)": full},
+                   {"a tensor, whole (bytearray)": full, "its shard read": shard,
+                    "the previous shard read": max(prev_shard, shard if shards > 1 else 0)}]
+        best = max([best, *moments], key=lambda t: sum(t.values()))
+        before = (full, shard)
+    return best
+
+
+def sharded_save_bytes(models: dict[str, nn.Module], trained: tuple[str, ...], world_size: int, rank: int,
+                       host_is_device: bool) -> dict[str, dict[str, dict[str, int]]]:
+    """The save of this version (model.save_checkpoint, commit a430f1c), on rank `rank`, above the
+    persistent state, at each of its moments. Returns {"cpu": {moment: {term: bytes}}, "gpu": {...}}.
+
+      1. model.check_weights: per local shard torch.isfinite (1 B per element, freed by .all()), then
+         .abs() (4 B per element, freed by .max()): 4 B x this rank's largest weight shard, on the GPU.
+      2. model.write_model_weights, model by model: plumbing.write_shards (DCP with the safetensors
+         writer) writes this rank's shard of each of the files plumbing.file_buckets(state dict, W)
+         makes (whole tensors, at most plumbing.SHARD_FILE_BYTES each, one per rank while files stay
+         over plumbing.MIN_FILE_BYTES), one file at a time (filesystem._write_files_from_queue): the
+         file's shards are staged on the CPU (`.cpu()`; on a CPU run that is the shard itself, unless
+         its storage is larger than it, FSDP2's padded last ranks: then a clone), then serialised by
+         safetensors.torch.save, which builds the file in a Rust buffer and copies it into a Python
+         bytes object, both alive as it returns: staged + 2 x this rank's bytes of the file.
+      3. then every rank consolidates the output files k with k % W == rank (all of them in one
+         process) from the shards on disk: consolidation_bytes.
+      4. the AdamW moments (plumbing.optimizer_state: DTensor shards, nothing gathered) of every model:
+         plumbing.write_shards(train_state/<model>, ..., file_buckets(moments, 1)): files of at most
+         SHARD_FILE_BYTES of whole tensors, this rank's shard of each, written as in 2; not consolidated.
+    GPU: nothing but 1 (DCP copies each shard to the CPU; the consolidation reads files)."""
+    cpu: dict[str, dict[str, int]] = {}
+    layouts = {name: save_layout(models[name], world_size) for name in trained}
+    largest = max(local_bytes(t, world_size, rank) for name in trained for t in layouts[name]["weights"][0].values())
+    check = {"abs() of the largest weight shard": largest}
+    for name, layout in layouts.items():
+        for kind, (tensors, files) in layout.items():
+            n = max(files.values())
+            for k in range(1, n + 1):
+                mine = {key: local_bytes(t, world_size, rank) for key, t in tensors.items() if files[key] == k}
+                # on a CPU run the staged shard is the shard itself, cloned only where FSDP2's padding makes
+                # its storage larger: a rank holding fewer than ceil(dim0 / W) rows of a weight
+                cloned = sum(b for key, b in mine.items() if kind == "weights" and tensors[key].ndim and
+                             local_rows(tensors[key].shape[0], world_size, rank) < math.ceil(tensors[key].shape[0] / world_size))
+                cpu[f"writing {name} {kind}, file {k} of {n}"] = {
+                    "staged on the CPU": cloned if host_is_device else sum(mine.values()),
+                    "serialised: Rust buffer + bytes": 2 * sum(mine.values())}
+            if kind == "weights":
+                for k in range(1, n + 1):
+                    if world_size == 1 or k % world_size == rank:
+                        cpu[f"consolidating {name} weights, file {k} of {n}"] = consolidation_bytes(
+                            {key: t for key, t in tensors.items() if files[key] == k}, world_size)
+    if host_is_device:
+        cpu["checking weights"] = check
+    return {"cpu": cpu, "gpu": {"checking weights": {} if host_is_device else check}}
+
+
+def sharded_save_worst_rank(models: dict[str, nn.Module], trained: tuple[str, ...], world_size: int,
+                            host_is_device: bool) -> tuple[int, dict]:
+    """The rank whose sharded save holds the most CPU bytes (ranks differ in the files they
+    consolidate and, where dim 0 does not divide, in their shards), and its moments."""
+    per_rank = {r: sharded_save_bytes(models, trained, world_size, r, host_is_device) for r in range(world_size)}
+    worst = max(per_rank, key=lambda r: max(sum(t.values()) for t in per_rank[r]["cpu"].values()))
+    return worst, per_rank[worst]
+
+
+def save_plan(moments: dict[str, dict[str, dict[str, int]]], persistent_total: int, host_is_device: bool) -> dict:
+    """One scheme's figures: the CPU moment with the most bytes and its terms, its CPU bytes, and the GPU
+    bytes (persistent + the largest GPU moment). On a CPU run both are one memory: persistent + CPU."""
+    moment = max(moments["cpu"], key=lambda k: sum(moments["cpu"][k].values()))
+    gpu_terms = max(moments["gpu"].values(), key=lambda t: sum(t.values()))
+    cpu = sum(moments["cpu"][moment].values())
+    return {"moment": moment, "terms": {k: v for k, v in moments["cpu"][moment].items() if v},
+            "gpu_terms": {k: v for k, v in gpu_terms.items() if v},
+            "cpu": persistent_total + cpu if host_is_device else cpu,
+            "gpu": persistent_total + sum(gpu_terms.values())}
+
+
+# --------------------------------------------------------------------------------------------
 # The estimate
 # --------------------------------------------------------------------------------------------
 
@@ -279,7 +488,7 @@ def kv_cache_bytes(config, batch: int, length: int, c: int) -> int:
 def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: int = 16,
                     per_device_train_batch_size: int = 16, max_length: int = 512, prompt_length: int = 128,
                     bf16: bool = True, gradient_checkpointing: bool = False, fsdp: bool | None = None,
-                    stage: str = "ppo_lagrangian", samples_per_prompt: int = 1) -> dict:
+                    stage: str = "ppo_lagrangian", samples_per_prompt: int = 1, save_rank: int | None = None) -> dict:
     """Per-rank bytes of PPO-Lagrangian (ppo_lagrangian.py), or of rloo_lagrangian.py with stage
     "rloo_lagrangian" (its rollout: P prompts x samples_per_prompt answers), for a decoder config, on rank 0.
 
@@ -293,7 +502,9 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
 
     Each phase lists its candidate moments as {term: bytes}; the phase's peak is persistent_total plus
     its largest moment. Returns a dict: "params" per model, "persistent" {model: {part: bytes}},
-    "persistent_total", "phases" {phase: {"moment", "terms", "total"}}, "peak_phase", "peak".
+    "persistent_total", "phases" {phase: {"moment", "terms", "total"}}, "peak_phase", "peak", and
+    "save" {"gathered" (the previous version's, rank 0), "sharded" (this version's, on save_rank, by
+    default the rank that holds the most)}: {"moment", "terms", "gpu_terms", "cpu", "gpu", "rank"}.
     """
     if stage not in STAGES:
         raise UserError(f"--stage {stage}: choose {' or '.join(STAGES)}")
@@ -312,7 +523,8 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     if missing:
         raise UserError(f"{type(config).__name__} has no {', '.join(missing)}: the activation formulas are "
                           "written for LLaMA-style decoders (RMSNorm, SwiGLU MLP)")
-    sizes = {name: model_size(m, world_size) for name, m in meta_models(config, stage).items()}
+    models = meta_models(config, stage)
+    sizes = {name: model_size(m, world_size) for name, m in models.items()}
     h, i, V, d = config.hidden_size, config.intermediate_size, config.vocab_size, head_dim(config)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     # the compute dtype, and the frozen models' dtype: on GPU prepare_model casts frozen models to bf16
@@ -400,12 +612,23 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
         terms = {k: v for k, v in moments[moment].items() if v}
         phases[phase] = {"moment": moment, "terms": terms, "total": persistent_total + sum(terms.values())}
     peak_phase = max(phases, key=lambda k: phases[k]["total"])
+    # ---- the save: CPU and GPU bytes per rank, the previous version's gathered scheme and this one's sharded -----------------
+    host_is_device = not bf16  # the CPU path: one memory holds the "GPU" state and the CPU copies
+    save = {"gathered": save_plan(gathered_save_bytes(sizes, trained, fsdp, host_is_device), persistent_total,
+                                  host_is_device),
+            "sharded": None}
+    if save_rank is None:   # the plan: the rank that holds the most
+        save_rank, moments = sharded_save_worst_rank(models, trained, world_size, host_is_device)
+    else:                   # a measurement: the rank measured
+        moments = sharded_save_bytes(models, trained, world_size, save_rank, host_is_device)
+    save["sharded"] = save_plan(moments, persistent_total, host_is_device) | {"rank": save_rank}
+    save["gathered"]["rank"] = 0
     return {"params": {name: s.numel for name, s in sizes.items()}, "world_size": world_size, "fsdp": fsdp, "bf16": bf16,
             "gradient_checkpointing": gradient_checkpointing, "stage": stage,
             "sizes": {"per_device_prompt_batch_size": per_device_prompt_batch_size, "samples_per_prompt": K,
                       "per_device_train_batch_size": B, "max_length": L, "prompt_length": S},
             "persistent": persistent, "persistent_total": persistent_total,
-            "phases": phases, "peak_phase": peak_phase, "peak": phases[peak_phase]["total"]}
+            "phases": phases, "peak_phase": peak_phase, "peak": phases[peak_phase]["total"], "save": save}
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,8 +636,8 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
 # --------------------------------------------------------------------------------------------
 
 
-def _row(label: str, nbytes: int, indent: int = 2) -> str:
-    return f"{' ' * indent}{label:<{72 - indent}}{nbytes / GiB:>8.2f}"
+def _row(label: str, nbytes: int, indent: int = 2, width: int = 72) -> str:
+    return f"{' ' * indent}{label:<{width - indent}}{nbytes / GiB:>8.2f}"
 
 
 def format_plan(plan: dict, model_name: str, gpu_memory_gib: float) -> str:
@@ -437,6 +660,13 @@ def format_plan(plan: dict, model_name: str, gpu_memory_gib: float) -> str:
     for phase, p in plan["phases"].items():
         lines.append(_row(f"{phase} ({p['moment']})", p["total"]))
         lines += [_row(name, b, indent=6) for name, b in p["terms"].items()]
+    who = {"gathered": "before (the gathered save of b9c3857)", "sharded": "now (sharded), the fullest rank:"}
+    lines += ["", f"{'save (CPU: the largest moment; GPU: persistent + transients)':<64}{'CPU GiB':>8}{'GPU GiB':>8}"]
+    for scheme, p in plan["save"].items():
+        lines.append(_row(f"{who[scheme]} rank {p['rank']}", p["cpu"], indent=2, width=64) + f"{p['gpu'] / GiB:>8.2f}")
+        lines.append(f"    at: {p['moment']}")
+        lines += [_row(name, b, indent=6, width=64) for name, b in p["terms"].items()]
+        lines += [_row(name, b, indent=6, width=72) for name, b in p["gpu_terms"].items()]
     fits = plan["peak"] <= gpu_memory_gib * GiB
     lines += ["", f"peak: {plan['peak_phase']}, {plan['peak'] / GiB:.2f} GiB of {gpu_memory_gib:g} GiB per GPU: "
                   f"{'fits' if fits else 'does NOT fit'} (not counting the CUDA context and allocator fragmentation)"]
@@ -450,6 +680,8 @@ def plan_record(plan: dict, model_name: str, gpu_memory_gib: float) -> dict:
             "params": plan["params"], "persistent_gib": round(plan["persistent_total"] / GiB, 3),
             "phases_gib": {k: round(p["total"] / GiB, 3) for k, p in plan["phases"].items()},
             "peak_phase": plan["peak_phase"], "peak_gib": round(plan["peak"] / GiB, 3),
+            "save_gib": {scheme: {"cpu": round(p["cpu"] / GiB, 3), "gpu": round(p["gpu"] / GiB, 3), "moment": p["moment"], "rank": p["rank"]}
+                         for scheme, p in plan["save"].items()},
             "gpu_memory_gib": gpu_memory_gib, "fits": plan["peak"] <= gpu_memory_gib * GiB}
 
 
@@ -475,18 +707,52 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live = 0
         self.phase = "setup"
         self.peaks: dict[str, int] = {}
+        self.traced_from: int | None = None   # Python bytes already allocated when tracing began
+
+    def trace_python(self) -> None:
+        """From now on, also count Python allocations (tracemalloc): the bytes objects a save makes
+        (safetensors.torch.save's output, the consolidation's bytearrays and reads from disk), which no
+        tensor op sees. Between two tensor ops the tensor bytes only fall (frees), so the peak of an
+        interval is at most the live bytes after the op that opened it + tracemalloc's peak within it."""
+        import tracemalloc
+
+        if self.traced_from is None:
+            tracemalloc.start()
+            self.traced_from = tracemalloc.get_traced_memory()[0]
+
+    def _python(self) -> tuple[int, int]:
+        """(now, peak since the last call) of Python bytes allocated since trace_python; (0, 0) before."""
+        import tracemalloc
+
+        if self.traced_from is None:
+            return 0, 0
+        now, peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        return now - self.traced_from, peak - self.traced_from
+
+    def _peak(self, nbytes: int) -> None:
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), nbytes)
 
     def _count(self, storage: torch.UntypedStorage) -> None:
         key, size = id(storage), storage.nbytes()
+        python, python_peak = self._python()
+        self._peak(self.live + python_peak)   # the interval since the last op
         if key not in self.storage_bytes:
             self.storage_bytes[key] = 0
             weakref.finalize(storage, self._release, key)
         self.live += size - self.storage_bytes[key]
         self.storage_bytes[key] = size
-        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.live)
+        self._peak(self.live + python)
 
     def _release(self, key: int) -> None:
         self.live -= self.storage_bytes.pop(key)
+
+    def hold(self, nbytes: int) -> None:
+        """Bytes neither tensors nor Python objects (safetensors' Rust buffer) alive at this moment, on top
+        of the live tensors and Python bytes."""
+        python, python_peak = self._python()
+        self._peak(self.live + python_peak)
+        self._peak(self.live + python + nbytes)
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -515,7 +781,13 @@ class LiveTensorBytes(TorchDispatchMode):
         return super().__enter__()
 
     def __exit__(self, *exc):
+        import tracemalloc
+
         torch.UntypedStorage.resize_ = self._resize
+        if self.traced_from is not None:
+            self.hold(0)
+            tracemalloc.stop()
+            self.traced_from = None
         return super().__exit__(*exc)
 
 
@@ -559,11 +831,15 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
 
     Phases are marked where ppo_lagrangian.py enters them: model.sample (rollout), a no-grad forward of
     a score model or of model.policy_logprobs (scoring), policy_logprobs with grad (actor update), a
-    score model with grad (critic update), optimizer_state or save_checkpoint (saving, not estimated).
+    score model with grad (critic update), optimizer_state or save_checkpoint (saving: compared with
+    the estimate of the scheme the run used, "sharded" if it called safetensors.torch.save, else
+    "gathered", as its CPU bytes on a CPU run).
     "persistent" is the live bytes when the second rollout starts (gradients and AdamW states exist by
     then). Under torchrun (gloo, FSDP2) every rank runs this; rank 0's figures are reported.
     """
     import importlib
+
+    import safetensors.torch as safetensors_torch
 
     if stage not in STAGES:
         raise UserError(f"--stage {stage}: choose {' or '.join(STAGES)}")
@@ -588,9 +864,27 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
         seen["persistent"] = tracker.live
         return "rollout"
 
+    def saving(*args, **kwargs):
+        tracker.trace_python()   # the save's bytes objects: tracemalloc
+        return "saving"
+
+    def serialised(fn):
+        """safetensors.torch.save (what torch.distributed.checkpoint's safetensors writer calls, imported
+        at each call): record the bytes of the file's tensors, and hold the file's length for its Rust
+        buffer, alive next to the bytes copy it returns (tracemalloc sees the copy, not the Rust
+        buffer; test_memory_plan checks the 2 copies by the process's peak RSS)."""
+        def wrapper(tensors, *args, **kwargs):
+            seen["files"].append(sum(t.nbytes for t in tensors.values()))
+            out = fn(tensors, *args, **kwargs)
+            tracker.hold(len(out))
+            return out
+        return wrapper
+
+    seen["files"] = []
     originals = {"sample": M.sample, "policy_logprobs": M.policy_logprobs, "optimizer_state": plumbing.optimizer_state,
                  "save_checkpoint": M.save_checkpoint}
     score_forward = M.ScoreModel.forward
+    st_save = safetensors_torch.save
     with tempfile.TemporaryDirectory() as tmp:
         data = _small_checkpoints(Path(tmp))
         group = {"samples_per_prompt": K} if K > 1 else {}
@@ -605,8 +899,9 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
                                    lambda *a, **k: "actor update" if torch.is_grad_enabled() else "scoring")
         M.ScoreModel.forward = marked(score_forward,
                                       lambda *a, **k: "critic update" if torch.is_grad_enabled() else "scoring")
-        plumbing.optimizer_state = marked(plumbing.optimizer_state, lambda *a, **k: "saving")  # save() starts with these
-        M.save_checkpoint = marked(M.save_checkpoint, lambda *a, **k: "saving")
+        plumbing.optimizer_state = marked(plumbing.optimizer_state, saving)  # save() starts with these
+        M.save_checkpoint = marked(M.save_checkpoint, saving)
+        safetensors_torch.save = serialised(st_save)
         try:
             with tracker:
                 module.main(args)
@@ -614,25 +909,30 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
             for name, fn in originals.items():
                 setattr(M, name, fn)
             M.ScoreModel.forward = score_forward
+            safetensors_torch.save = st_save
     if seen["rollouts"] != 2:
         raise UserError(f"--measure needs two rollouts and ran {seen['rollouts']}: the toy set has 64 prompts, "
                           f"fewer than 2 x {P} prompts x {world_size} ranks")
     plan = estimate_memory(measure_config(), world_size, per_device_prompt_batch_size=P, per_device_train_batch_size=B,
                            max_length=max_length, prompt_length=seen["prompt_length"], bf16=False,
                            gradient_checkpointing=gradient_checkpointing, fsdp="RANK" in os.environ,
-                           stage=stage, samples_per_prompt=K)
-    phases = list(plan["phases"])
-    measured = {"persistent": seen["persistent"], **{k: tracker.peaks[k] for k in phases}}
+                           stage=stage, samples_per_prompt=K, save_rank=int(os.environ.get("RANK", "0")))
+    # the scheme the run used: the sharded save serialises with safetensors.torch.save, b9c3857's gathered save never did
+    phases, scheme = list(plan["phases"]), "sharded" if seen["files"] else "gathered"
+    measured = {"persistent": seen["persistent"], **{k: tracker.peaks[k] for k in phases},
+                "saving": tracker.peaks["saving"]}
     measured["peak"] = max(measured[k] for k in phases)
     estimated = {"persistent": plan["persistent_total"], **{k: plan["phases"][k]["total"] for k in phases},
-                 "peak": plan["peak"]}
+                 "saving": plan["save"][scheme]["cpu"], "peak": plan["peak"]}
     return {"world_size": world_size, "rank": int(os.environ.get("RANK", "0")), "config": MEASURE_CONFIG,
             "run": {"stage": stage, "per_device_prompt_batch_size": P, "samples_per_prompt": K,
                     "per_device_train_batch_size": B, "max_length": max_length,
                     "gradient_checkpointing": gradient_checkpointing}, "prompt_length": seen["prompt_length"],
             "measured": measured, "estimated": estimated, "estimated_peak_phase": plan["peak_phase"],
             "measured_peak_phase": max(phases, key=lambda k: measured[k]),
-            "setup_and_saving": {k: tracker.peaks.get(k, 0) for k in ("setup", "saving")}}
+            "save": {"scheme": scheme, "moment": plan["save"][scheme]["moment"], "terms": plan["save"][scheme]["terms"],
+                     "largest_file": max(seen["files"], default=0),
+                     "files": len(seen["files"])}, "setup": tracker.peaks.get("setup", 0)}
 
 
 def format_measurement(result: dict) -> str:
@@ -648,7 +948,10 @@ def format_measurement(result: dict) -> str:
             tm, te = m[k] - m["persistent"], e[k] - e["persistent"]
             line += f"{tm / MiB:>16.1f}{te / MiB:>8.1f}{te / tm:>10.3f}"
         lines.append(line)
-    lines.append(f"peak phase: measured {result['measured_peak_phase']}, estimated {result['estimated_peak_phase']}")
+    lines.append(f"peak phase: measured {result['measured_peak_phase']}, estimated {result['estimated_peak_phase']}; "
+                 f"saving: the {result['save']['scheme']} save (estimated at: {result['save']['moment']}), "
+                 f"{result['save']['files']} files serialised by safetensors.torch.save"
+                 + (f", the largest {result['save']['largest_file'] / MiB:.1f} MiB" if result['save']['files'] else ""))
     return "\n".join(lines)
 
 
