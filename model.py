@@ -813,8 +813,8 @@ def check_weights(folder: Path, dist_: Dist, models: dict[str, nn.Module]) -> No
         for key, tensor in sharded_state_dict(m).items():
             local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
             if local.is_floating_point() and local.numel():
-                finite = bool(torch.isfinite(local).all())
-                report[name][key] = local.abs().max().item() if finite else math.nan
+                largest = torch.linalg.vector_norm(local, ord=math.inf).item()  # max |w| in one pass; NaN or inf if any is
+                report[name][key] = largest if math.isfinite(largest) else math.nan
     reports = [report]
     if dist_.enabled:
         reports = [None] * dist_.world_size

@@ -42,7 +42,7 @@ schemes (formulas in `gathered_save_bytes` and `sharded_save_bytes`; N: a traine
                  (full_state_dict=True, cpu_offload=True) and cloned: 12 B x N per trained model stay,
                  plus the last model's gathered weights before their clone (4 B x N). On the GPU: one
                  tensor at a time, all-gathered.
-  sharded        this version's (commit a430f1c): check_weights (abs() of one local shard, on the GPU),
+  sharded        this version's: check_weights (a one-pass reduction per local shard, no temporary),
                  then every rank writes its own shard of each file plumbing.file_buckets makes (DCP's
                  safetensors writer: one file at a time, staged on the CPU and serialised by
                  safetensors.torch.save, 2 copies of this rank's bytes of the file), consolidates the
@@ -414,11 +414,11 @@ def consolidation_bytes(tensors: dict[str, torch.Tensor], world_size: int) -> di
 
 def sharded_save_bytes(models: dict[str, nn.Module], trained: tuple[str, ...], world_size: int, rank: int,
                        host_is_device: bool) -> dict[str, dict[str, dict[str, int]]]:
-    """The save of this version (model.save_checkpoint, commit a430f1c), on rank `rank`, above the
+    """The save of this version (model.save_checkpoint), on rank `rank`, above the
     persistent state, at each of its moments. Returns {"cpu": {moment: {term: bytes}}, "gpu": {...}}.
 
-      1. model.check_weights: per local shard torch.isfinite (1 B per element, freed by .all()), then
-         .abs() (4 B per element, freed by .max()): 4 B x this rank's largest weight shard, on the GPU.
+      1. model.check_weights: per local shard torch.linalg.vector_norm(ord=inf), one reduction pass
+         that allocates nothing of the shard's size: no term.
       2. model.write_model_weights, model by model: plumbing.write_shards (DCP with the safetensors
          writer) writes this rank's shard of each of the files plumbing.file_buckets(state dict, W)
          makes (whole tensors, at most plumbing.SHARD_FILE_BYTES each, one per rank while files stay
@@ -435,8 +435,6 @@ def sharded_save_bytes(models: dict[str, nn.Module], trained: tuple[str, ...], w
     GPU: nothing but 1 (DCP copies each shard to the CPU; the consolidation reads files)."""
     cpu: dict[str, dict[str, int]] = {}
     layouts = {name: save_layout(models[name], world_size) for name in trained}
-    largest = max(local_bytes(t, world_size, rank) for name in trained for t in layouts[name]["weights"][0].values())
-    check = {"abs() of the largest weight shard": largest}
     for name, layout in layouts.items():
         for kind, (tensors, files) in layout.items():
             n = max(files.values())
@@ -454,9 +452,7 @@ def sharded_save_bytes(models: dict[str, nn.Module], trained: tuple[str, ...], w
                     if world_size == 1 or k % world_size == rank:
                         cpu[f"consolidating {name} weights, file {k} of {n}"] = consolidation_bytes(
                             {key: t for key, t in tensors.items() if files[key] == k}, world_size)
-    if host_is_device:
-        cpu["checking weights"] = check
-    return {"cpu": cpu, "gpu": {"checking weights": {} if host_is_device else check}}
+    return {"cpu": cpu, "gpu": {"checking weights": {}}}
 
 
 def sharded_save_worst_rank(models: dict[str, nn.Module], trained: tuple[str, ...], world_size: int,
