@@ -13,9 +13,9 @@
   4. Distributed   written by hand: torchrun's environment -> process group (nccl on CUDA, gloo on
                    CPU, none for a plain `python x.py`), seeds, collectives, FSDP2 `fully_shard` per
                    decoder layer then the root (`prepare_model`), weights gathered for generation.
-  5. Checkpoints   every rank writes its own shards at once; the Hugging Face folder is consolidated
-                   from them by every rank (into plumbing.atomic_save, so a crash never leaves half a
-                   checkpoint); a diverged model is refused first.
+  5. Checkpoints   every rank writes its share of the files at once (whole tensors gathered from the
+                   shards to the rank that writes their file; into plumbing.atomic_save, so a crash
+                   never leaves half a checkpoint); a diverged model is refused first.
   6. Math          shared by several stages: masked means, log-probs with the one-token shift, and
                    sampling from exactly softmax(logits / temperature) with the rollout mask,
                    with a growing KV cache or a static one (one fixed-shape decoding step to compile).
@@ -25,8 +25,8 @@ Checkpoints are Hugging Face folders, safetensors only: config.json (a score mod
 "score_bias": true), model.safetensors or, for a larger model, model-0000k-of-0000N.safetensors and
 model.safetensors.index.json (a score model: the causal LM's "model.*" keys plus "score_head.*"), the
 tokenizer files, and in a resumable one train_state.json, train_state.safetensors (small: RNG
-states, lambda) and train_state/<model>/shard-<rank>-*.safetensors (each rank's shards of the AdamW
-moments; plumbing.py). A saved policy loads with plain
+states, lambda) and train_state/<model>/ (the AdamW moments, whole tensors in the same file layout;
+plumbing.py). A saved policy loads with plain
 `transformers.AutoModelForCausalLM.from_pretrained(path)`.
 
 Shape letters used below: B batch, L sequence length (prompt + response), S prompt length,
@@ -715,7 +715,7 @@ def autocast(d: Dist):
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Checkpoints: every rank writes its own shards; the Hugging Face folder is consolidated from them
+# 5. Checkpoints: every rank writes its share of the files at once, read back on any number of ranks
 # --------------------------------------------------------------------------------------------
 
 
@@ -734,30 +734,61 @@ def sharded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_model_weights(folder: Path, model: nn.Module, d: Dist) -> None:
-    """The weights of a Hugging Face folder, written by every rank at once. Collective.
-    1. each rank writes its own shard of every tensor (plumbing.write_shards) into folder/shards;
-    2. every rank consolidates its share of the output files (model-0000k-of-0000N.safetensors, at
-       least one per rank, none over plumbing.SHARD_FILE_BYTES), reading the shards' slices from disk
-       (torch.distributed.checkpoint's consolidate_safetensors_files_on_every_rank): no rank ever holds
-       more than one tensor slice, and nothing goes through rank 0;
-    3. rank 0 drops folder/shards; a single output file is named model.safetensors, as HF names one."""
-    from torch.distributed.checkpoint._consolidate_hf_safetensors import (
-        consolidate_safetensors_files, consolidate_safetensors_files_on_every_rank)
+    """The weights of a Hugging Face folder (model.safetensors, or model-0000k-of-0000N.safetensors and
+    model.safetensors.index.json), written by every rank at once (write_whole_files). Collective."""
+    write_whole_files(folder, sharded_state_dict(model), d)
 
-    state_dict = sharded_state_dict(model)
-    files = plumbing.file_buckets(state_dict, d.world_size)
-    plumbing.write_shards(folder / "shards", state_dict, files)
-    barrier()  # every shard is on disk before anyone reads them
-    consolidate = consolidate_safetensors_files_on_every_rank if d.enabled else consolidate_safetensors_files
-    consolidate(str(folder / "shards"), str(folder), files)  # rank 0 also writes model.safetensors.index.json
-    barrier()
-    if d.is_main:
-        import shutil
 
-        shutil.rmtree(folder / "shards")
-        if max(files.values()) == 1:
-            (folder / "model-00001-of-00001.safetensors").rename(folder / "model.safetensors")
-            (folder / "model.safetensors.index.json").unlink()
+def write_whole_files(folder: Path, tensors: dict[str, torch.Tensor], d: Dist) -> None:
+    """Whole tensors from every rank's shards into safetensors files, every rank writing its share at
+    once. Collective. plumbing.file_buckets cuts the tensors into N files (none over
+    plumbing.SHARD_FILE_BYTES, one per rank or more for a model of any size); file k belongs to rank
+    (k - 1) % W. The files are written W at a time: every rank sends its shard of each tensor to the
+    file's rank (gather_whole), then every rank writes the file it holds (safetensors save_file, straight
+    from the tensors). No rank ever holds more than one file's whole tensors, and nothing goes through
+    rank 0. One file is model.safetensors; N are model-0000k-of-0000N.safetensors with rank 0's
+    model.safetensors.index.json (Hugging Face's names, which any number of ranks can read back in
+    slices: plumbing.read_resharded)."""
+    from safetensors.torch import save_file
+
+    files = plumbing.file_buckets(tensors, d.world_size)
+    n = max(files.values())
+    name = (lambda k: "model.safetensors") if n == 1 else (lambda k: f"model-{k:05d}-of-{n:05d}.safetensors")
+    folder.mkdir(parents=True, exist_ok=True)
+    for first in range(1, n + 1, d.world_size):         # files first .. first + W - 1: one per rank
+        mine = {}                                       # the whole tensors of the file this rank writes
+        for key, k in files.items():
+            if first <= k < first + d.world_size:
+                whole = gather_whole(tensors[key], (k - 1) % d.world_size, d)
+                if whole is not None:
+                    mine[key] = whole
+        if mine:
+            save_file(mine, str(folder / name(files[next(iter(mine))])), metadata={"format": "pt"})
+        del mine
+    if d.is_main and n > 1:
+        sizes = {key: t.numel() * t.element_size() for key, t in tensors.items()}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(sizes.values())},
+             "weight_map": {key: name(k) for key, k in files.items()}}, indent=2) + "\n")
+
+
+def gather_whole(tensor: torch.Tensor, to: int, d: Dist) -> torch.Tensor | None:
+    """The whole tensor on rank `to` (None on the others), on the CPU. FSDP2 shards dim 0 in chunks of
+    ceil(dim0 / W) rows (the last ranks may hold fewer, or none): each rank pads its chunk to that size,
+    one gather, and rank `to` concatenates the chunks and drops the padding. Collective; one process:
+    the tensor itself."""
+    if not hasattr(tensor, "to_local"):  # one process, or a tensor every rank holds whole (AdamW's step)
+        return tensor.detach().cpu() if d.rank == to else None
+    if not (tensor.ndim and len(tensor.placements) == 1 and tensor.placements[0].is_shard(0)):
+        whole = tensor.full_tensor()     # not FSDP2's layout: gather it the general way
+        return whole.cpu() if d.rank == to else None
+    local, rows = tensor.to_local().detach(), tensor.shape[0]
+    chunk = math.ceil(rows / d.world_size)
+    padded = local.new_zeros((chunk, *tensor.shape[1:]))
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(d.world_size)] if d.rank == to else None
+    dist.gather(padded, parts, dst=to)
+    return torch.cat(parts)[:rows].cpu() if d.rank == to else None
 
 
 def write_model_config(folder: Path, model: nn.Module, tokenizer) -> None:
@@ -780,8 +811,9 @@ def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: d
     models: {"": main model, "reward_critic": ..., ...}; "" goes in the folder itself, others in
     sub-folders, each a Hugging Face folder (write_model_weights, write_model_config).
     train_state: {"tensors": {name: Tensor} (small, the same on every rank: rank 0 writes them),
-    "json": {...}, "shards": {name: {key: Tensor or DTensor}} (each rank writes its shards, into
-    train_state/<name>/: the AdamW moments, plumbing.optimizer_state)} or None.
+    "json": {...}, "shards": {name: {key: Tensor or DTensor}} (the AdamW moments, as each rank holds
+    them: plumbing.optimizer_state; written whole by every rank at once into train_state/<name>/,
+    write_whole_files)} or None.
     The whole save goes into a temporary sibling folder that replaces `folder` only once every rank
     has written everything (plumbing.atomic_folder on rank 0; the marker is written last): a kill at
     any moment leaves the previous checkpoint, which --resume then takes. The ranks must share a file
@@ -793,7 +825,7 @@ def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: d
             for name, m in models.items():
                 write_model_weights(tmp / name if name else tmp, m, dist_)
             for name, shards in (train_state or {}).get("shards", {}).items():
-                plumbing.write_shards(tmp / "train_state" / name, shards, plumbing.file_buckets(shards, 1))
+                write_whole_files(tmp / "train_state" / name, shards, dist_)
             if dist_.is_main:
                 for name, m in models.items():
                     write_model_config(tmp / name if name else tmp, m, tokenizer)

@@ -810,17 +810,17 @@ def save_error_reason(e: BaseException) -> str:
     return reason.split('message: "', 1)[1].split('"', 1)[0] if 'message: "' in reason else reason
 
 
-# The largest file a save writes, in bytes of whole tensors: a rank stages one file's shards on CPU
-# (and safetensors serialises them into a second copy), so this bounds a save's memory per rank.
+# The largest file a save writes, in bytes of whole tensors: the rank that writes a file holds its
+# whole tensors on the CPU for that time, so this bounds a save's memory per rank.
 SHARD_FILE_BYTES = 2 * 2**30
-# Below this, a file is not worth splitting further to give every rank one to consolidate.
+# Below this, a file is not worth splitting further to give every rank one to write.
 MIN_FILE_BYTES = 64 * 2**20
 
 
 def file_buckets(tensors: dict[str, torch.Tensor], ranks: int, max_bytes: int | None = None) -> dict[str, int]:
     """Which file (1, 2, ...) each tensor of a save goes to, in order. The files aim at total / N bytes,
     N = enough files that none exceeds max_bytes (SHARD_FILE_BYTES), and one per rank (so every rank
-    consolidates one) while files stay over MIN_FILE_BYTES; a toy model's weights are one file. A tensor
+    writes one) while files stay over MIN_FILE_BYTES; a toy model's weights are one file. A tensor
     is never split: a file ends before the tensor that would take it past the aim (so a file exceeds
     max_bytes only if one tensor alone does). Sizes are whole tensors' (a DTensor's global shape)."""
     max_bytes = SHARD_FILE_BYTES if max_bytes is None else max_bytes
@@ -847,23 +847,11 @@ def _one_process_is_intended():
         yield
 
 
-def write_shards(folder: Path, tensors: dict[str, torch.Tensor], files: dict[str, int]) -> None:
-    """Every rank writes its own shard of each tensor, at once (torch.distributed.checkpoint with its
-    safetensors writer): folder/shard-<rank+1>-model-<k>-of-<N>.safetensors, each a plain safetensors
-    file whose metadata records where its slices sit in the whole tensor (DCP_SHARDING_INFO). Reading
-    it back executes no code (no pickle, unlike DCP's default .metadata). Collective (one process:
-    a plain write). A tensor that is the same on every rank (not a DTensor) is written once."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
-
-    with _one_process_is_intended():
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=files,
-                                                                  save_distributed=True))
-
-
-def read_shards(folder: Path, targets: dict[str, torch.Tensor]) -> None:
-    """Fill `targets` (this rank's tensors or DTensor shards, any number of ranks) in place from what
-    write_shards wrote (by any number of ranks): the resharding is DCP's load plan. Collective."""
+def read_resharded(folder: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill `targets` (this rank's tensors or DTensor shards, on any number of ranks) in place from the
+    whole tensors model.write_whole_files wrote (by any number of ranks): torch.distributed.checkpoint's
+    safetensors reader plans which slice of which file each rank needs and reads just that (safe_open
+    get_slice). Reading runs no code (safetensors headers and JSON; no pickle). Collective."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
@@ -871,7 +859,7 @@ def read_shards(folder: Path, targets: dict[str, torch.Tensor]) -> None:
 
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
-        raise UserError(f"--resume: the train state in {folder} is missing (no shard files); start a new run")
+        raise UserError(f"--resume: the train state in {folder} is missing (no *.safetensors); start a new run")
     for file in files:  # a damaged file named here, before DCP's own reading (which prints tracebacks) starts
         try:
             with safe_open(str(file), framework="pt"):
@@ -888,8 +876,8 @@ def read_shards(folder: Path, targets: dict[str, torch.Tensor]) -> None:
 
 def write_train_state(folder: Path, train_state: dict) -> None:
     """Rank 0: the small part of a resumable state, {"tensors": {name: Tensor}, "json": {...}}, as two
-    files in `folder` (train_state.safetensors, train_state.json); the sharded part (train_state/) is
-    written by every rank (write_shards)."""
+    files in `folder` (train_state.safetensors, train_state.json); the AdamW moments (train_state/) are
+    written by every rank (model.write_whole_files)."""
     save_file(train_state["tensors"], str(folder / "train_state.safetensors"))
     (folder / "train_state.json").write_text(json.dumps(train_state["json"], indent=1) + "\n")
 
@@ -976,8 +964,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str) -> dict:
     """AdamW's state as this rank holds it, keyed by parameter name (torch's flattened optimizer state
     dict: "state.<param>.exp_avg", ...): the tensors (each rank's DTensor shards of the moments, and the
-    step counts) go to "shards" (written by every rank, write_shards), the rest (each parameter's
-    group: lr, betas, weight decay...) to JSON. Nothing is gathered."""
+    step counts) go to "shards" (written whole by every rank at once, model.write_whole_files), the rest
+    (each parameter's group: lr, betas, weight decay...) to JSON. Nothing is gathered here."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
@@ -987,7 +975,7 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str, state: dict) -> None:
     """Put optimizer_state's save back, on any number of ranks: this rank's shards of the moments are
-    read from train_state/<prefix>/ (read_shards reshards), the groups from JSON. Collective."""
+    read from train_state/<prefix>/ (read_resharded), the groups from JSON. Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -996,7 +984,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, pre
                         "older version of this project, or of another stage): start a new run")
     osd = get_optimizer_state_dict(model, optimizer, options=options)  # makes AdamW's (zero) state to load into
     targets = {k: v for k, v in osd.items() if isinstance(v, torch.Tensor)}
-    read_shards(Path(state["folder"]) / "train_state" / prefix, targets)
+    read_resharded(Path(state["folder"]) / "train_state" / prefix, targets)
     osd.update(targets)
     osd.update(state["json"][f"{prefix}.optimizer"])
     set_optimizer_state_dict(model, optimizer, osd, options=options)

@@ -109,7 +109,7 @@ def test_kill_during_a_sharded_save_then_resume_is_bit_identical(toy, uninterrup
     wa, wb = weights(uninterrupted), weights(b)
     assert sorted(wa) == sorted(wb)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)            # bit for bit, as on one process
-    assert (b / "train_state" / "optimizer").is_dir() and len(list((b / "train_state" / "optimizer").glob("shard-*"))) == 2
+    assert (b / "train_state" / "optimizer" / "model.safetensors").is_file()   # the moments, whole
 
 
 @pytest.mark.parametrize("ranks,per_device", [(1, 8), (4, 2)])
@@ -137,7 +137,7 @@ def test_resume_with_fresh_moments_would_not_pass(toy, uninterrupted, killed, tm
     far from the uninterrupted run, so the 1e-4 check can fail."""
     b = tmp_path / "run"
     shutil.copytree(killed, b)
-    for shard in (b / "train_state" / "optimizer").glob("shard-*.safetensors"):
+    for shard in (b / "train_state" / "optimizer").glob("*.safetensors"):
         from safetensors import safe_open
         from safetensors.torch import save_file
         with safe_open(str(shard), "pt") as f:
@@ -168,15 +168,15 @@ def test_bad_resume_inputs_are_one_line_and_write_nothing(toy, killed, tmp_path)
     refused(["reward.py", "--dataset", toy / "preference", "--output_dir", b, "--resume", "--model_name_or_path", "toy-tiny",
              "--tokenizer_name_or_path", toy / "tokenizer"],
             "was written by sft.py, not reward.py")
-    # a half-written train state: a rank's shard file missing
-    shard = next((b / "train_state" / "optimizer").glob("shard-00002-*"))
-    shard.rename(tmp_path / "away")
+    # a half-written train state: its file missing ...
+    moments = b / "train_state" / "optimizer" / "model.safetensors"
+    moments.rename(tmp_path / "away")
     before = digest(b)
-    refused(sft_args(toy, b, 8, "--resume"), f"--resume: cannot read the train state in {b / 'train_state' / 'optimizer'}")
-    (tmp_path / "away").rename(shard)
+    refused(sft_args(toy, b, 8, "--resume"), f"--resume: the train state in {moments.parent} is missing")
+    (tmp_path / "away").rename(moments)
     # ... or cut short (a copy interrupted by hand)
-    data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) // 2])
+    data = moments.read_bytes()
+    moments.write_bytes(data[: len(data) // 2])
     before = digest(b)
     refused(sft_args(toy, b, 8, "--resume"), "--resume: cannot read the train state")
 
