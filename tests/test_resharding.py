@@ -119,7 +119,7 @@ def test_resume_on_another_number_of_ranks(toy, uninterrupted, killed, tmp_path,
     micro-batches (other padding, other summation order of the token losses) and the gradients are
     reduced over another number of ranks, so float32 sums round differently (~1e-7 relative per step).
     AdamW divides by sqrt(v): on a weight whose gradient is near zero that rounding can move the update
-    by up to lr (1e-3) per step, on 3 steps; we allow 1e-4 absolute (measured: below 1e-6 here) and
+    by up to lr (1e-3) per step, on 3 steps; we allow 1e-4 absolute (measured: 1.1e-6 on 1, 1.4e-6 on 4) and
     check the moments were really loaded: resumed with fresh (zero) moments the weights differ by far more."""
     b = tmp_path / "run"
     shutil.copytree(killed, b)
@@ -127,6 +127,7 @@ def test_resume_on_another_number_of_ranks(toy, uninterrupted, killed, tmp_path,
     ok(torchrun(ranks, cmd, timeout=300) if ranks > 1 else run([sys.executable, *cmd], timeout=300))
     wa, wb = weights(uninterrupted), weights(b)
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    print(f"max |resumed on {ranks} - uninterrupted on 2| = {diff:.2e}")
     assert diff < 1e-4, diff
     records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]   # each step once
