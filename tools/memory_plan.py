@@ -43,14 +43,19 @@ schemes (formulas in `gathered_save_bytes` and `sharded_save_bytes`; N: a traine
                  plus the last model's gathered weights before their clone (4 B x N). On the GPU: one
                  tensor at a time, all-gathered.
   sharded        this version's: check_weights (a one-pass reduction per local shard, no temporary),
-                 then every rank writes its own shard of each file plumbing.file_buckets makes (DCP's
-                 safetensors writer: one file at a time, staged on the CPU and serialised by
-                 safetensors.torch.save, 2 copies of this rank's bytes of the file), consolidates the
-                 Hugging Face files k with k % W == rank (one whole tensor at a time), and writes its
-                 shards of the AdamW moments the same way (files of whole tensors, not consolidated).
-                 The plan shows the rank that holds the most.
+                 then model.write_whole_files for every trained model's weights, then for its AdamW
+                 moments: plumbing.file_buckets cuts them into files of whole tensors (at most
+                 SHARD_FILE_BYTES, 2 GiB, unless one tensor alone is larger; at least W while files stay
+                 over MIN_FILE_BYTES); file k belongs to rank (k - 1) % W and W files are written at a
+                 time: each tensor is gathered whole to its file's rank (every rank's chunk padded to
+                 ceil(dim0 / W) rows, dist.gather into W parts, torch.cat, .cpu()), which keeps its
+                 file's tensors until it writes them with safetensors' save_file (from the tensors'
+                 memory: no serialised copy). Per rank: on the CPU, the whole tensors of one file; on
+                 the GPU, one tensor's padded chunk and, on its file's rank, the W chunks and their
+                 concatenation (2 x the padded whole tensor). The plan shows the ranks that hold the most.
 On a CPU run (--no-bf16, --measure) the "GPU" state and the CPU copies share one memory: the save's
-bytes are then persistent + the CPU moment, and a staged tensor that is the local shard itself is free.
+bytes are then persistent + the CPU moment; .cpu() is then the tensor itself, so a rank keeps each
+gathered tensor as the padded concatenation, and a tensor that is not a DTensor costs nothing.
 
 rloo_lagrangian.py (--stage rloo_lagrangian) holds the same minus the two critics: no critic states,
 no critic values in scoring, no critic roots kept through the actor update, no critic update; its
@@ -65,9 +70,9 @@ The check: `--measure` runs ppo_lagrangian.py itself on a small random-init LLaM
 dispatch-mode counter of live tensor storages (`LiveTensorBytes`) and prints the measured peak per
 phase next to this estimate for the same config (fp32, `bf16=False`). Its "saving" row is the save
 the code makes (this version's sharded save, on the rank measured): live tensor bytes (on a CPU run
-the persistent state plus every CPU copy) plus the Python bytes the save allocates (tracemalloc, from
-the save's start: safetensors' output, the consolidation's bytearrays and reads) plus safetensors' Rust
-buffer (the length of its output, held as it returns).
+the persistent state plus every CPU copy); the files save_file writes on that rank are compared with
+the estimate's. The save's Python allocations are traced apart (tracemalloc) and printed: small
+objects only, since save_file writes from the tensors' memory.
 
 Run:
     python -m tools.memory_plan --model llama-7b --world_size 8 --gpu_memory_gib 80
@@ -352,21 +357,6 @@ def gathered_save_bytes(sizes: dict[str, ModelSize], trained: tuple[str, ...], f
     return {"cpu": cpu, "gpu": gpu}
 
 
-def local_rows(dim0: int, world_size: int, rank: int) -> int:
-    """Rows of a tensor's dim 0 that rank `rank` holds under FSDP2: ceil(dim0 / W) each, in order, so
-    the last ranks hold fewer (or none) when dim0 does not divide."""
-    chunk = math.ceil(dim0 / world_size)
-    return max(0, min(chunk, dim0 - rank * chunk))
-
-
-def local_bytes(tensor: torch.Tensor, world_size: int, rank: int) -> int:
-    """Bytes of rank `rank`'s shard of a whole tensor (shape and dtype only). A 0-d tensor (AdamW's step
-    count) is not sharded: DCP writes it once, counted here on rank 0."""
-    if tensor.ndim == 0:
-        return tensor.element_size() if rank == 0 else 0
-    return local_rows(tensor.shape[0], world_size, rank) * (tensor.numel() // max(1, tensor.shape[0])) * tensor.element_size()
-
-
 def adamw_shards(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors plumbing.optimizer_state hands to the save for one trained model, as meta tensors of
     their whole shapes, in its order (torch's flattened optimizer state dict): the parameters as
@@ -383,97 +373,125 @@ def adamw_shards(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_layout(model: nn.Module, world_size: int) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, int]]]:
     """What model.save_checkpoint writes for one trained model, as the code lays it out: {"weights":
-    (model.sharded_state_dict, plumbing.file_buckets(it, W)), "AdamW moments": (adamw_shards,
-    plumbing.file_buckets(it, 1))}: the tensors (whole shapes) and the file (1..N) each goes to."""
+    (model.sharded_state_dict, its files), "AdamW moments": (adamw_shards, their files)}: the tensors
+    (whole shapes) and the file (1..N) each goes to, plumbing.file_buckets(tensors, W) as
+    model.write_whole_files calls it for both."""
     weights, moments = M.sharded_state_dict(model), adamw_shards(model)
     return {"weights": (weights, plumbing.file_buckets(weights, world_size)),
-            "AdamW moments": (moments, plumbing.file_buckets(moments, 1))}
+            "AdamW moments": (moments, plumbing.file_buckets(moments, world_size))}
 
 
-def consolidation_bytes(tensors: dict[str, torch.Tensor], world_size: int) -> dict[str, int]:
-    """The Python bytes torch.distributed.checkpoint's _process_output_file holds while it assembles one
-    output file, tensor by tensor in file order, at its worst moment. For each tensor b it allocates a
-    bytearray of the whole tensor (full(b)) while the previous one (a) and a's last shard read from
-    disk are still alive (the names are rebound after); then it reads b's shards one by one, the
-    previous read alive while the next one is read. A shard: a rank's rows, at most rank 0's (s). So
-        max over b of   full(a) + s(a) + full(b),   full(b) + s(b) + max(s(a), s(b) if b has 2+ shards).
-    Returns the terms of the largest."""
-    best, before = {}, None
-    for tensor in tensors.values():
-        full, shard = tensor.numel() * tensor.element_size(), local_bytes(tensor, world_size, 0)
-        shards = sum(local_bytes(tensor, world_size, r) > 0 for r in range(world_size))
-        prev_full, prev_shard = before or (0, 0)
-        moments = [{"the previous tensor, whole": prev_full, "... and its last shard read": prev_shard,
-                    "a tensor, whole (bytearray)": full},
-                   {"a tensor, whole (bytearray)": full, "its shard read": shard,
-                    "the previous shard read": max(prev_shard, shard if shards > 1 else 0)}]
-        best = max([best, *moments], key=lambda t: sum(t.values()))
-        before = (full, shard)
-    return best
+def whole_file_bytes(tensors: dict[str, torch.Tensor], files: dict[str, int], world_size: int, rank: int,
+                     fsdp: bool, host_is_device: bool, label: str) -> tuple[dict, dict, list[int]]:
+    """model.write_whole_files(folder, tensors, d) on rank `rank`, above the persistent state: the CPU
+    and GPU bytes at the worst moment of each group of W files, and the bytes of the whole tensors of
+    each file this rank writes (what it hands safetensors' save_file). Returns (cpu, gpu, files): cpu and
+    gpu {moment: {term: bytes}}.
+
+    File k belongs to rank (k - 1) % W; files first .. first + W - 1 are written together: tensor by
+    tensor in file order, model.gather_whole brings each whole to its file's rank, which keeps it
+    (`mine`) until every tensor of the group has been gathered, writes its file with save_file (straight
+    from the tensors' memory: nothing more) and frees it. For a DTensor (FSDP2: dim 0 in chunks of
+    ceil(dim0 / W) rows), every rank allocates its chunk padded to that size (`padded`); the owner
+    allocates W such chunks (`parts`, dist.gather's outputs), then torch.cat(parts) (the padded whole),
+    slices its rows and takes it to the CPU: on a GPU the .cpu() copy (the whole tensor) is what it keeps,
+    and padded, parts and the cat (GPU) are freed as gather_whole returns; on a CPU run .cpu() is the
+    cat itself (the slice a view of it), kept padded. A tensor that is not a DTensor (one process, or
+    AdamW's 0-d step counts) is taken whole by the owner only: a CPU copy on a GPU run, itself on a CPU
+    run. On a CPU run (gloo) dist.gather also stages the W chunks in one flat tensor on the owner while
+    it runs, freed before the cat: the same bytes as the cat, so the same peak (and invisible to the
+    live-tensor counter, in gloo's thread)."""
+    cpu, gpu, mine_files = {}, {}, []
+    n = max(files.values())
+    for first in range(1, n + 1, world_size):
+        own = first + rank if first + rank <= n else None     # the file this rank writes in this group
+        held, written, best_cpu, best_gpu = 0, 0, {}, {}
+        for key, tensor in tensors.items():
+            k = files[key]
+            if not first <= k < first + world_size:
+                continue
+            owner = (k - 1) % world_size == rank
+            whole = tensor.numel() * tensor.element_size()
+            if fsdp and tensor.ndim:          # a DTensor: padded chunk, gathered, concatenated
+                chunk = math.ceil(tensor.shape[0] / world_size) * (whole // max(1, tensor.shape[0]))
+                moving = {"this tensor's chunk, padded": chunk}
+                if owner:
+                    moving |= {"... its W padded chunks gathered (parts)": world_size * chunk,
+                               "... concatenated (torch.cat)": world_size * chunk}
+                kept = (world_size * chunk if host_is_device else whole) if owner else 0
+            else:                             # taken whole by the owner: .detach().cpu()
+                moving, kept = {}, (0 if host_is_device else whole) if owner else 0
+            if host_is_device:                # one memory: everything is CPU bytes
+                now = {f"file {own}'s whole tensors gathered before (padded)": held} | moving
+            else:
+                now = {f"file {own}'s whole tensors gathered before (CPU copies)": held}
+                if owner:
+                    now["this tensor, copied to the CPU"] = kept
+                best_gpu = max(best_gpu, moving, key=lambda t: sum(t.values()))
+            best_cpu = max(best_cpu, now, key=lambda t: sum(t.values()))
+            held += kept
+            written += whole if owner else 0
+        if own is not None:
+            mine_files.append(written)
+        moment = (f"writing {label}, file {own} of {n} (this rank's)" if own is not None else
+                  f"writing {label}, files {first}-{min(n, first + world_size - 1)} of {n} (none this rank's)")
+        cpu[moment] = best_cpu
+        gpu[moment] = best_gpu
+    return cpu, gpu, mine_files
 
 
 def sharded_save_bytes(models: dict[str, nn.Module], trained: tuple[str, ...], world_size: int, rank: int,
-                       host_is_device: bool) -> dict[str, dict[str, dict[str, int]]]:
-    """The save of this version (model.save_checkpoint), on rank `rank`, above the
-    persistent state, at each of its moments. Returns {"cpu": {moment: {term: bytes}}, "gpu": {...}}.
+                       host_is_device: bool, fsdp: bool = True) -> dict:
+    """The save of this version (model.save_checkpoint), on rank `rank`, above the persistent state, at
+    each of its moments. Returns {"cpu": {moment: {term: bytes}}, "gpu": {...}, "files": [bytes of the
+    whole tensors of each file this rank writes, in the order it writes them]}.
 
       1. model.check_weights: per local shard torch.linalg.vector_norm(ord=inf), one reduction pass
          that allocates nothing of the shard's size: no term.
-      2. model.write_model_weights, model by model: plumbing.write_shards (DCP with the safetensors
-         writer) writes this rank's shard of each of the files plumbing.file_buckets(state dict, W)
-         makes (whole tensors, at most plumbing.SHARD_FILE_BYTES each, one per rank while files stay
-         over plumbing.MIN_FILE_BYTES), one file at a time (filesystem._write_files_from_queue): the
-         file's shards are staged on the CPU (`.cpu()`; on a CPU run that is the shard itself, unless
-         its storage is larger than it, FSDP2's padded last ranks: then a clone), then serialised by
-         safetensors.torch.save, which builds the file in a Rust buffer and copies it into a Python
-         bytes object, both alive as it returns: staged + 2 x this rank's bytes of the file.
-      3. then every rank consolidates the output files k with k % W == rank (all of them in one
-         process) from the shards on disk: consolidation_bytes.
-      4. the AdamW moments (plumbing.optimizer_state: DTensor shards, nothing gathered) of every model:
-         plumbing.write_shards(train_state/<model>, ..., file_buckets(moments, 1)): files of at most
-         SHARD_FILE_BYTES of whole tensors, this rank's shard of each, written as in 2; not consolidated.
-    GPU: nothing but 1 (DCP copies each shard to the CPU; the consolidation reads files)."""
-    cpu: dict[str, dict[str, int]] = {}
-    layouts = {name: save_layout(models[name], world_size) for name in trained}
-    for name, layout in layouts.items():
-        for kind, (tensors, files) in layout.items():
-            n = max(files.values())
-            for k in range(1, n + 1):
-                mine = {key: local_bytes(t, world_size, rank) for key, t in tensors.items() if files[key] == k}
-                # on a CPU run the staged shard is the shard itself, cloned only where FSDP2's padding makes
-                # its storage larger: a rank holding fewer than ceil(dim0 / W) rows of a weight
-                cloned = sum(b for key, b in mine.items() if kind == "weights" and tensors[key].ndim and
-                             local_rows(tensors[key].shape[0], world_size, rank) < math.ceil(tensors[key].shape[0] / world_size))
-                cpu[f"writing {name} {kind}, file {k} of {n}"] = {
-                    "staged on the CPU": cloned if host_is_device else sum(mine.values()),
-                    "serialised: Rust buffer + bytes": 2 * sum(mine.values())}
-            if kind == "weights":
-                for k in range(1, n + 1):
-                    if world_size == 1 or k % world_size == rank:
-                        cpu[f"consolidating {name} weights, file {k} of {n}"] = consolidation_bytes(
-                            {key: t for key, t in tensors.items() if files[key] == k}, world_size)
-    return {"cpu": cpu, "gpu": {"checking weights": {}}}
+      2. model.write_model_weights, model by model: model.write_whole_files(folder,
+         model.sharded_state_dict(m), d) (whole_file_bytes): the files plumbing.file_buckets(state dict,
+         W) makes (whole tensors, at most plumbing.SHARD_FILE_BYTES each unless one tensor alone is
+         larger, at least W while files stay over plumbing.MIN_FILE_BYTES), W at a time.
+      3. the AdamW moments of every model (plumbing.optimizer_state: DTensor shards and the 0-d step
+         counts, nothing gathered before): write_whole_files(train_state/<model>, ...), the same way.
+      4. rank 0's train_state.safetensors (RNG states, lambda) and JSON: small, not counted.
+    So per rank: on the CPU, the whole tensors of the one file it writes (padded, on a CPU run) plus the
+    tensor being gathered; on the GPU, one tensor's padded chunk, and on its file's rank the W chunks
+    and their concatenation (twice the padded whole tensor). fsdp=False (one plain process): every
+    tensor is taken whole, itself on a CPU run."""
+    cpu, gpu, files = {}, {}, []
+    for kind in ("weights", "AdamW moments"):              # all weights first, then all moments
+        for name in trained:
+            tensors, buckets = save_layout(models[name], world_size)[kind]
+            c, g, f = whole_file_bytes(tensors, buckets, world_size, rank, fsdp, host_is_device, f"{name} {kind}")
+            cpu |= c
+            gpu |= g
+            files += f
+    return {"cpu": cpu, "gpu": gpu if not host_is_device else {"one memory (a CPU run)": {}}, "files": files}
 
 
-def sharded_save_worst_rank(models: dict[str, nn.Module], trained: tuple[str, ...], world_size: int,
-                            host_is_device: bool) -> tuple[int, dict]:
-    """The rank whose sharded save holds the most CPU bytes (ranks differ in the files they
-    consolidate and, where dim 0 does not divide, in their shards), and its moments."""
-    per_rank = {r: sharded_save_bytes(models, trained, world_size, r, host_is_device) for r in range(world_size)}
-    worst = max(per_rank, key=lambda r: max(sum(t.values()) for t in per_rank[r]["cpu"].values()))
-    return worst, per_rank[worst]
+def sharded_save_worst(models: dict[str, nn.Module], trained: tuple[str, ...], world_size: int,
+                       host_is_device: bool, fsdp: bool) -> tuple[int, int, dict]:
+    """The ranks whose sharded save holds the most CPU bytes and the most GPU bytes (ranks differ in
+    the files they write and in which of them gathers the largest tensors), and their moments: (CPU
+    rank, GPU rank, {"cpu": CPU rank's moments, "gpu": GPU rank's})."""
+    per_rank = {r: sharded_save_bytes(models, trained, world_size, r, host_is_device, fsdp) for r in range(world_size)}
+    cpu_rank = max(per_rank, key=lambda r: max(sum(t.values()) for t in per_rank[r]["cpu"].values()))
+    gpu_rank = max(per_rank, key=lambda r: max(sum(t.values()) for t in per_rank[r]["gpu"].values()))
+    return cpu_rank, gpu_rank, {"cpu": per_rank[cpu_rank]["cpu"], "gpu": per_rank[gpu_rank]["gpu"]}
 
 
 def save_plan(moments: dict[str, dict[str, dict[str, int]]], persistent_total: int, host_is_device: bool) -> dict:
     """One scheme's figures: the CPU moment with the most bytes and its terms, its CPU bytes, and the GPU
-    bytes (persistent + the largest GPU moment). On a CPU run both are one memory: persistent + CPU."""
+    bytes (persistent + the largest GPU moment, its terms). On a CPU run both are one memory:
+    persistent + CPU."""
     moment = max(moments["cpu"], key=lambda k: sum(moments["cpu"][k].values()))
-    gpu_terms = max(moments["gpu"].values(), key=lambda t: sum(t.values()))
+    gpu_moment = max(moments["gpu"], key=lambda k: sum(moments["gpu"][k].values()))
     cpu = sum(moments["cpu"][moment].values())
     return {"moment": moment, "terms": {k: v for k, v in moments["cpu"][moment].items() if v},
-            "gpu_terms": {k: v for k, v in gpu_terms.items() if v},
+            "gpu_moment": gpu_moment, "gpu_terms": {k: v for k, v in moments["gpu"][gpu_moment].items() if v},
             "cpu": persistent_total + cpu if host_is_device else cpu,
-            "gpu": persistent_total + sum(gpu_terms.values())}
+            "gpu": persistent_total + sum(moments["gpu"][gpu_moment].values())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,8 +517,10 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     Each phase lists its candidate moments as {term: bytes}; the phase's peak is persistent_total plus
     its largest moment. Returns a dict: "params" per model, "persistent" {model: {part: bytes}},
     "persistent_total", "phases" {phase: {"moment", "terms", "total"}}, "peak_phase", "peak", and
-    "save" {"gathered" (the previous version's, rank 0), "sharded" (this version's, on save_rank, by
-    default the rank that holds the most)}: {"moment", "terms", "gpu_terms", "cpu", "gpu", "rank"}.
+    "save" {"gathered" (the previous version's, rank 0), "sharded" (this version's, on save_rank; by
+    default CPU on the rank that holds the most CPU bytes, GPU on the one that holds the most GPU
+    bytes)}: {"moment", "terms", "gpu_moment", "gpu_terms", "cpu", "gpu", "rank", "gpu_rank"}, and for
+    "sharded" "files" (save_rank's files, bytes of whole tensors, in the order written; None by default).
     """
     if stage not in STAGES:
         raise UserError(f"--stage {stage}: choose {' or '.join(STAGES)}")
@@ -613,12 +633,15 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     save = {"gathered": save_plan(gathered_save_bytes(sizes, trained, fsdp, host_is_device), persistent_total,
                                   host_is_device),
             "sharded": None}
-    if save_rank is None:   # the plan: the rank that holds the most
-        save_rank, moments = sharded_save_worst_rank(models, trained, world_size, host_is_device)
+    if save_rank is None:   # the plan: the ranks that hold the most, CPU and GPU
+        save_rank, gpu_rank, moments = sharded_save_worst(models, trained, world_size, host_is_device, fsdp)
+        files = None
     else:                   # a measurement: the rank measured
-        moments = sharded_save_bytes(models, trained, world_size, save_rank, host_is_device)
-    save["sharded"] = save_plan(moments, persistent_total, host_is_device) | {"rank": save_rank}
-    save["gathered"]["rank"] = 0
+        moments = sharded_save_bytes(models, trained, world_size, save_rank, host_is_device, fsdp)
+        gpu_rank, files = save_rank, moments["files"]
+    save["sharded"] = save_plan(moments, persistent_total, host_is_device) | {"rank": save_rank, "gpu_rank": gpu_rank,
+                                                                            "files": files}
+    save["gathered"] |= {"rank": 0, "gpu_rank": 0}
     return {"params": {name: s.numel for name, s in sizes.items()}, "world_size": world_size, "fsdp": fsdp, "bf16": bf16,
             "gradient_checkpointing": gradient_checkpointing, "stage": stage,
             "sizes": {"per_device_prompt_batch_size": per_device_prompt_batch_size, "samples_per_prompt": K,
@@ -660,9 +683,11 @@ def format_plan(plan: dict, model_name: str, gpu_memory_gib: float) -> str:
     lines += ["", f"{'save (CPU: the largest moment; GPU: persistent + transients)':<64}{'CPU GiB':>8}{'GPU GiB':>8}"]
     for scheme, p in plan["save"].items():
         lines.append(_row(f"{who[scheme]} rank {p['rank']}", p["cpu"], indent=2, width=64) + f"{p['gpu'] / GiB:>8.2f}")
-        lines.append(f"    at: {p['moment']}")
+        lines.append(f"    CPU at: {p['moment']}")
         lines += [_row(name, b, indent=6, width=64) for name, b in p["terms"].items()]
-        lines += [_row(name, b, indent=6, width=72) for name, b in p["gpu_terms"].items()]
+        if p["gpu_terms"]:
+            lines.append(f"    GPU at: {p['gpu_moment']}" + (f", rank {p['gpu_rank']}" if p["gpu_rank"] != p["rank"] else ""))
+            lines += [_row(name, b, indent=6, width=72) for name, b in p["gpu_terms"].items()]
     fits = plan["peak"] <= gpu_memory_gib * GiB
     lines += ["", f"peak: {plan['peak_phase']}, {plan['peak'] / GiB:.2f} GiB of {gpu_memory_gib:g} GiB per GPU: "
                   f"{'fits' if fits else 'does NOT fit'} (not counting the CUDA context and allocator fragmentation)"]
@@ -676,7 +701,8 @@ def plan_record(plan: dict, model_name: str, gpu_memory_gib: float) -> dict:
             "params": plan["params"], "persistent_gib": round(plan["persistent_total"] / GiB, 3),
             "phases_gib": {k: round(p["total"] / GiB, 3) for k, p in plan["phases"].items()},
             "peak_phase": plan["peak_phase"], "peak_gib": round(plan["peak"] / GiB, 3),
-            "save_gib": {scheme: {"cpu": round(p["cpu"] / GiB, 3), "gpu": round(p["gpu"] / GiB, 3), "moment": p["moment"], "rank": p["rank"]}
+            "save_gib": {scheme: {"cpu": round(p["cpu"] / GiB, 3), "gpu": round(p["gpu"] / GiB, 3), "moment": p["moment"], "rank": p["rank"],
+                                  "gpu_rank": p["gpu_rank"]}
                          for scheme, p in plan["save"].items()},
             "gpu_memory_gib": gpu_memory_gib, "fits": plan["peak"] <= gpu_memory_gib * GiB}
 
@@ -703,52 +729,21 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live = 0
         self.phase = "setup"
         self.peaks: dict[str, int] = {}
-        self.traced_from: int | None = None   # Python bytes already allocated when tracing began
-
-    def trace_python(self) -> None:
-        """From now on, also count Python allocations (tracemalloc): the bytes objects a save makes
-        (safetensors.torch.save's output, the consolidation's bytearrays and reads from disk), which no
-        tensor op sees. Between two tensor ops the tensor bytes only fall (frees), so the peak of an
-        interval is at most the live bytes after the op that opened it + tracemalloc's peak within it."""
-        import tracemalloc
-
-        if self.traced_from is None:
-            tracemalloc.start()
-            self.traced_from = tracemalloc.get_traced_memory()[0]
-
-    def _python(self) -> tuple[int, int]:
-        """(now, peak since the last call) of Python bytes allocated since trace_python; (0, 0) before."""
-        import tracemalloc
-
-        if self.traced_from is None:
-            return 0, 0
-        now, peak = tracemalloc.get_traced_memory()
-        tracemalloc.reset_peak()
-        return now - self.traced_from, peak - self.traced_from
 
     def _peak(self, nbytes: int) -> None:
         self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), nbytes)
 
     def _count(self, storage: torch.UntypedStorage) -> None:
         key, size = id(storage), storage.nbytes()
-        python, python_peak = self._python()
-        self._peak(self.live + python_peak)   # the interval since the last op
         if key not in self.storage_bytes:
             self.storage_bytes[key] = 0
             weakref.finalize(storage, self._release, key)
         self.live += size - self.storage_bytes[key]
         self.storage_bytes[key] = size
-        self._peak(self.live + python)
+        self._peak(self.live)
 
     def _release(self, key: int) -> None:
         self.live -= self.storage_bytes.pop(key)
-
-    def hold(self, nbytes: int) -> None:
-        """Bytes neither tensors nor Python objects (safetensors' Rust buffer) alive at this moment, on top
-        of the live tensors and Python bytes."""
-        python, python_peak = self._python()
-        self._peak(self.live + python_peak)
-        self._peak(self.live + python + nbytes)
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -777,13 +772,7 @@ class LiveTensorBytes(TorchDispatchMode):
         return super().__enter__()
 
     def __exit__(self, *exc):
-        import tracemalloc
-
         torch.UntypedStorage.resize_ = self._resize
-        if self.traced_from is not None:
-            self.hold(0)
-            tracemalloc.stop()
-            self.traced_from = None
         return super().__exit__(*exc)
 
 
@@ -828,12 +817,17 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
     Phases are marked where ppo_lagrangian.py enters them: model.sample (rollout), a no-grad forward of
     a score model or of model.policy_logprobs (scoring), policy_logprobs with grad (actor update), a
     score model with grad (critic update), optimizer_state or save_checkpoint (saving: compared with
-    the estimate of the scheme the run used, "sharded" if it called safetensors.torch.save, else
-    "gathered", as its CPU bytes on a CPU run).
+    the estimate of the scheme the run used, "sharded" if it called model.write_whole_files, else
+    "gathered", as its CPU bytes on a CPU run; the files this rank hands safetensors' save_file are
+    recorded, bytes of whole tensors each, to compare with the estimate's files). The save's Python
+    allocations are traced apart (tracemalloc, from the save's start: result["save"]["python_peak"]):
+    save_file writes straight from the tensors' memory, so they are small objects only (keys, headers,
+    the JSON train state, pickled check_weights reports), not counted in the estimate nor added here.
     "persistent" is the live bytes when the second rollout starts (gradients and AdamW states exist by
     then). Under torchrun (gloo, FSDP2) every rank runs this; rank 0's figures are reported.
     """
     import importlib
+    import tracemalloc
 
     import safetensors.torch as safetensors_torch
 
@@ -861,26 +855,31 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
         return "rollout"
 
     def saving(*args, **kwargs):
-        tracker.trace_python()   # the save's bytes objects: tracemalloc
+        if not tracemalloc.is_tracing():   # the save's Python allocations, apart from the tensors
+            tracemalloc.start()
+            seen["python_from"] = tracemalloc.get_traced_memory()[0]
         return "saving"
 
-    def serialised(fn):
-        """safetensors.torch.save (what torch.distributed.checkpoint's safetensors writer calls, imported
-        at each call): record the bytes of the file's tensors, and hold the file's length for its Rust
-        buffer, alive next to the bytes copy it returns (tracemalloc sees the copy, not the Rust
-        buffer; test_memory_plan checks the 2 copies by the process's peak RSS)."""
-        def wrapper(tensors, *args, **kwargs):
-            seen["files"].append(sum(t.nbytes for t in tensors.values()))
-            out = fn(tensors, *args, **kwargs)
-            tracker.hold(len(out))
-            return out
+    def whole_files(fn):
+        """model.write_whole_files: the sharded save of this version, weights and AdamW moments."""
+        def wrapper(*args, **kwargs):
+            seen["whole_files"] += 1
+            return fn(*args, **kwargs)
         return wrapper
 
-    seen["files"] = []
+    def written(fn):
+        """safetensors.torch.save_file (what write_whole_files calls, imported at each call): the bytes of
+        the whole tensors of each file this rank writes."""
+        def wrapper(tensors, *args, **kwargs):
+            seen["files"].append(sum(t.nbytes for t in tensors.values()))
+            return fn(tensors, *args, **kwargs)
+        return wrapper
+
+    seen["files"], seen["whole_files"] = [], 0
     originals = {"sample": M.sample, "policy_logprobs": M.policy_logprobs, "optimizer_state": plumbing.optimizer_state,
-                 "save_checkpoint": M.save_checkpoint}
+                 "save_checkpoint": M.save_checkpoint, "write_whole_files": M.write_whole_files}
     score_forward = M.ScoreModel.forward
-    st_save = safetensors_torch.save
+    st_save_file = safetensors_torch.save_file
     with tempfile.TemporaryDirectory() as tmp:
         data = _small_checkpoints(Path(tmp))
         group = {"samples_per_prompt": K} if K > 1 else {}
@@ -897,15 +896,19 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
                                       lambda *a, **k: "critic update" if torch.is_grad_enabled() else "scoring")
         plumbing.optimizer_state = marked(plumbing.optimizer_state, saving)  # save() starts with these
         M.save_checkpoint = marked(M.save_checkpoint, saving)
-        safetensors_torch.save = serialised(st_save)
+        M.write_whole_files = whole_files(M.write_whole_files)
+        safetensors_torch.save_file = written(st_save_file)
         try:
             with tracker:
                 module.main(args)
+            python_peak = tracemalloc.get_traced_memory()[1] - seen.get("python_from", 0) if tracemalloc.is_tracing() else 0
         finally:
+            if tracemalloc.is_tracing():
+                tracemalloc.stop()
             for name, fn in originals.items():
                 setattr(M, name, fn)
             M.ScoreModel.forward = score_forward
-            safetensors_torch.save = st_save
+            safetensors_torch.save_file = st_save_file
     if seen["rollouts"] != 2:
         raise UserError(f"--measure needs two rollouts and ran {seen['rollouts']}: the toy set has 64 prompts, "
                           f"fewer than 2 x {P} prompts x {world_size} ranks")
@@ -913,8 +916,8 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
                            max_length=max_length, prompt_length=seen["prompt_length"], bf16=False,
                            gradient_checkpointing=gradient_checkpointing, fsdp="RANK" in os.environ,
                            stage=stage, samples_per_prompt=K, save_rank=int(os.environ.get("RANK", "0")))
-    # the scheme the run used: the sharded save serialises with safetensors.torch.save, b9c3857's gathered save never did
-    phases, scheme = list(plan["phases"]), "sharded" if seen["files"] else "gathered"
+    # the scheme the run used: this version's save writes with model.write_whole_files, b9c3857's had none
+    phases, scheme = list(plan["phases"]), "sharded" if seen["whole_files"] else "gathered"
     measured = {"persistent": seen["persistent"], **{k: tracker.peaks[k] for k in phases},
                 "saving": tracker.peaks["saving"]}
     measured["peak"] = max(measured[k] for k in phases)
@@ -927,8 +930,8 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
             "measured": measured, "estimated": estimated, "estimated_peak_phase": plan["peak_phase"],
             "measured_peak_phase": max(phases, key=lambda k: measured[k]),
             "save": {"scheme": scheme, "moment": plan["save"][scheme]["moment"], "terms": plan["save"][scheme]["terms"],
-                     "largest_file": max(seen["files"], default=0),
-                     "files": len(seen["files"])}, "setup": tracker.peaks.get("setup", 0)}
+                     "files": seen["files"], "estimated_files": plan["save"][scheme].get("files"),
+                     "python_peak": python_peak}, "setup": tracker.peaks.get("setup", 0)}
 
 
 def format_measurement(result: dict) -> str:
@@ -946,8 +949,11 @@ def format_measurement(result: dict) -> str:
         lines.append(line)
     lines.append(f"peak phase: measured {result['measured_peak_phase']}, estimated {result['estimated_peak_phase']}; "
                  f"saving: the {result['save']['scheme']} save (estimated at: {result['save']['moment']}), "
-                 f"{result['save']['files']} files serialised by safetensors.torch.save"
-                 + (f", the largest {result['save']['largest_file'] / MiB:.1f} MiB" if result['save']['files'] else ""))
+                 f"{len(result['save']['files'])} files written by save_file on this rank"
+                 + (f", the largest {max(result['save']['files']) / MiB:.1f} MiB" if result['save']['files'] else "")
+                 + f" (estimated: {len(result['save']['estimated_files'] or [])}"
+                 + (f", the largest {max(result['save']['estimated_files']) / MiB:.1f} MiB" if result['save']['estimated_files'] else "")
+                 + f"); the save's Python allocations (tracemalloc, not counted): {result['save']['python_peak'] / MiB:.2f} MiB at most")
     return "\n".join(lines)
 
 
