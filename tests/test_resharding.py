@@ -153,33 +153,34 @@ def test_bad_resume_inputs_are_one_line_and_write_nothing(toy, killed, tmp_path)
     b = tmp_path / "run"
     shutil.copytree(killed, b)
     before = digest(b)
-
-    def refused(cmd, says):
-        p = run([sys.executable, *cmd], timeout=120)
-        assert p.returncode == 2, p.stderr[-2000:]
-        line = p.stderr.strip()
-        assert line.count("\n") == 0 and says in line, line
-        assert digest(b) == before                                  # nothing written, nothing removed
-
-    # a changed global batch (1 process, per device 4: 8 instead of 16), with what to pass
-    refused(sft_args(toy, b, 4, "--resume"),
-            "--resume: the global batch (--per_device_train_batch_size x ranks x --gradient_accumulation_steps) "
-            "was 16 (4 x 2 x 2), now 8; pass --per_device_train_batch_size 8 to keep it")
-    # the folder of another stage
-    refused(["reward.py", "--dataset", toy / "preference", "--output_dir", b, "--resume", "--model_name_or_path", "toy-tiny",
-             "--tokenizer_name_or_path", toy / "tokenizer"],
-            "was written by sft.py, not reward.py")
-    # a half-written train state: its file missing ...
+    # a changed global batch (1 process, per device 4: 8 instead of 16), with what to pass: the whole
+    # script, for its exit code and its one line
+    p = run([sys.executable, *sft_args(toy, b, 4, "--resume")], timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip() == ("error: --resume: the global batch (--per_device_train_batch_size x ranks x "
+                                "--gradient_accumulation_steps) was 16 (4 x 2 x 2), now 8; pass "
+                                "--per_device_train_batch_size 8 to keep it")
+    assert digest(b) == before                                      # nothing written, nothing removed
+    # the folder of another stage (the check reward.py and cost.py make before reading anything)
+    from types import SimpleNamespace
+    with pytest.raises(UserError, match="was written by sft.py, not reward.py"):
+        plumbing.open_run_folder(SimpleNamespace(output_dir=str(b), resume=True, overwrite=False), 2, True, "reward")
+    # a half-written train state: its file missing, or cut short (a copy interrupted by hand)
+    import model as M
+    policy = M.load_causal_lm(str(b), M.load_tokenizer(toy / "tokenizer", "right"))
+    optimizer = plumbing.make_optimizer(policy, lr=1e-3, weight_decay=0.0)
+    state = plumbing.load_train_state(b)
     moments = b / "train_state" / "optimizer" / "model.safetensors"
     moments.rename(tmp_path / "away")
-    before = digest(b)
-    refused(sft_args(toy, b, 8, "--resume"), f"--resume: the train state in {moments.parent} is missing")
-    (tmp_path / "away").rename(moments)
-    # ... or cut short (a copy interrupted by hand)
-    data = moments.read_bytes()
+    with pytest.raises(UserError, match=f"--resume: the train state in {moments.parent} is missing"):
+        plumbing.load_optimizer_state(policy, optimizer, "optimizer", state)
+    data = (tmp_path / "away").read_bytes()
     moments.write_bytes(data[: len(data) // 2])
-    before = digest(b)
-    refused(sft_args(toy, b, 8, "--resume"), "--resume: cannot read the train state")
+    with pytest.raises(UserError, match="--resume: cannot read the train state in .*model.safetensors is damaged"):
+        plumbing.load_optimizer_state(policy, optimizer, "optimizer", state)
+    moments.write_bytes(data)                                       # and whole again, it loads
+    plumbing.load_optimizer_state(policy, optimizer, "optimizer", state)
+    assert float(optimizer.state[next(iter(policy.parameters()))]["exp_avg"].abs().sum()) > 0
 
 
 def test_global_batch_check_names_what_to_pass():
