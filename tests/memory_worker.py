@@ -7,9 +7,8 @@ the storages behind the local shards of parameters, gradients and AdamW states, 
 parameters that are still unsharded after their forward (FSDP2 does not reshard a root after a forward
 without backward).
 
-`torchrun --nproc_per_node 2 tests/memory_worker.py OUT TOKENIZER measure` instead runs
-tools.memory_plan.measure_memory (a small ppo_lagrangian.py run, FSDP2 over the 2 CPU ranks) and writes
-rank 0's result to OUT/measure0.json.
+(The save on 2 ranks is checked by hand, `torchrun --nproc_per_node 2 -m tools.memory_plan --measure`:
+a whole small ppo_lagrangian.py run, too slow for the suite; docs/bench.md gives its figures.)
 """
 
 import json
@@ -73,16 +72,7 @@ def main(out: Path, tok_dir: str) -> None:
     M.teardown_distributed()
 
 
-def measure(out: Path) -> None:
-    result = MP.measure_memory(per_device_prompt_batch_size=8, per_device_train_batch_size=4, max_length=64)
-    if result["rank"] == 0:
-        (out / "measure0.json").write_text(json.dumps(result))
-
-
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     out_dir.mkdir(parents=True, exist_ok=True)
-    if sys.argv[3:] == ["measure"]:
-        measure(out_dir)
-    else:
-        main(out_dir, sys.argv[2])
+    main(out_dir, sys.argv[2])
