@@ -4,6 +4,7 @@ stages save (model.save_checkpoint with the AdamW state from plumbing.optimizer_
 
     torchrun --nproc_per_node 2 -m tools.save_bench              # 2 CPU ranks, ~110M parameters
     torchrun --nproc_per_node 2 -m tools.save_bench --repeats 3 --preset toy-small   # seconds, not minutes
+    torchrun --nproc_per_node 8 -m tools.save_bench --device cuda                    # 8 GPUs, NCCL
 
 Prints, on rank 0: parameters, bytes written, seconds per save (each repeat, then the median) and
 each rank's peak resident memory during the saves (ru_maxrss growth over the model and optimiser
@@ -44,13 +45,15 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="100m", choices=sorted(PRESETS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=None, help="where to save (default: a temporary folder, removed after)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="cpu: gloo ranks (as measured in docs/bench.md); cuda: one GPU per rank, NCCL")
     args = p.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
 
     from tools.bench import make_tokenizer
 
-    d = M.init_distributed("cpu")
+    d = M.init_distributed(args.device)
     shape = PRESETS[args.preset]
     with tempfile.TemporaryDirectory() as tmp:
         where = [args.dir or tmp]  # rank 0's folder for every rank (the ranks share a file system)
@@ -66,7 +69,7 @@ def main(argv=None) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         model = M.prepare_model(model, d, trainable=True, bf16=False)
         optimizer = plumbing.make_optimizer(model, lr=1e-4, weight_decay=0.01)
-        ids = torch.randint(4, shape["vocab_size"], (2, 16))
+        ids = torch.randint(4, shape["vocab_size"], (2, 16), device=d.device)
         model(input_ids=ids, labels=ids).loss.backward()  # one step: AdamW's moments exist, as in a run
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -81,8 +84,8 @@ def main(argv=None) -> None:
             del state
             M.barrier()
             seconds.append(time.perf_counter() - start)
-        grown = torch.tensor([peak_rss_bytes() - held], dtype=torch.float64)
-        per_rank = [torch.zeros(1, dtype=torch.float64) for _ in range(d.world_size)] if d.enabled else [grown]
+        grown = torch.tensor([peak_rss_bytes() - held], dtype=torch.float64, device=d.device)
+        per_rank = [torch.zeros_like(grown) for _ in range(d.world_size)] if d.enabled else [grown]
         if d.enabled:
             dist.all_gather(per_rank, grown)
         if d.is_main:
