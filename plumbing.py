@@ -525,6 +525,7 @@ def check_global_batches(args, saved: dict, saved_ranks: int, world_size: int) -
     must equal the interrupted run's, so the run goes on through the same global order of samples
     (epoch_order, rollout_batches: only the split over ranks changes). Otherwise one line saying what
     to pass."""
+    changed = []
     for flag, others in PER_RANK_SPLIT.items():
         if flag not in saved or not hasattr(args, flag) or flag == "gradient_accumulation_steps":
             continue
@@ -538,8 +539,10 @@ def check_global_batches(args, saved: dict, saved_ranks: int, world_size: int) -
         hint = (f"pass --{flag} {before // rest} to keep it" if before % rest == 0 else
                 f"it cannot be split evenly over {world_size} rank(s): resume on a number of ranks that divides it")
         split = " x ".join(str(v) for v in (saved[flag], saved_ranks, *(saved.get(o, 1) for o in others if o in saved)))
-        raise UserError(f"--resume: the global batch (--{flag} x ranks{''.join(' x --' + o for o in others if o in saved)}) "
-                        f"was {before} ({split}), now {after}; {hint}")
+        changed.append(f"the global batch (--{flag} x ranks{''.join(' x --' + o for o in others if o in saved)}) "
+                       f"was {before} ({split}), now {after}; {hint}")
+    if changed:  # every one in the one line, so one fix is enough
+        raise UserError("--resume: " + "; ".join(changed))
 
 
 def check_not_finished(folder, step: int, total_steps: int) -> None:
