@@ -751,6 +751,8 @@ def write_whole_files(folder: Path, tensors: dict[str, torch.Tensor], d: Dist) -
     slices: plumbing.read_resharded)."""
     from safetensors.torch import save_file
 
+    if not tensors:
+        return
     files = plumbing.file_buckets(tensors, d.world_size)
     n = max(files.values())
     name = (lambda k: "model.safetensors") if n == 1 else (lambda k: f"model-{k:05d}-of-{n:05d}.safetensors")
