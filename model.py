@@ -733,12 +733,6 @@ def sharded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_model_weights(folder: Path, model: nn.Module, d: Dist) -> None:
-    """The weights of a Hugging Face folder (model.safetensors, or model-0000k-of-0000N.safetensors and
-    model.safetensors.index.json), written by every rank at once (write_whole_files). Collective."""
-    write_whole_files(folder, sharded_state_dict(model), d)
-
-
 def write_whole_files(folder: Path, tensors: dict[str, torch.Tensor], d: Dist) -> None:
     """Whole tensors from every rank's shards into safetensors files, every rank writing its share at
     once. Collective. plumbing.file_buckets cuts the tensors into N files (none over
@@ -811,7 +805,8 @@ def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: d
     its own shards at once. Collective: every rank must call it.
 
     models: {"": main model, "reward_critic": ..., ...}; "" goes in the folder itself, others in
-    sub-folders, each a Hugging Face folder (write_model_weights, write_model_config).
+    sub-folders, each a Hugging Face folder (its weights by write_whole_files, the rest by
+    write_model_config).
     train_state: {"tensors": {name: Tensor} (small, the same on every rank: rank 0 writes them),
     "json": {...}, "shards": {name: {key: Tensor or DTensor}} (the AdamW moments, as each rank holds
     them: plumbing.optimizer_state; written whole by every rank at once into train_state/<name>/,
@@ -825,7 +820,7 @@ def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: d
     try:
         with plumbing.atomic_save(folder, dist_.is_main) as tmp:
             for name, m in models.items():
-                write_model_weights(tmp / name if name else tmp, m, dist_)
+                write_whole_files(tmp / name if name else tmp, sharded_state_dict(m), dist_)
             for name, shards in (train_state or {}).get("shards", {}).items():
                 write_whole_files(tmp / "train_state" / name, shards, dist_)
             if dist_.is_main:
@@ -833,7 +828,7 @@ def save_checkpoint(folder: str | os.PathLike, dist_: Dist, tokenizer, models: d
                     write_model_config(tmp / name if name else tmp, m, tokenizer)
                 if train_state is not None:
                     plumbing.write_train_state(tmp, train_state)
-    except (OSError, SafetensorError, plumbing.CheckpointException) as e:  # disk full, read-only: the previous checkpoint is untouched
+    except (OSError, SafetensorError) as e:  # disk full, read-only: the previous checkpoint is untouched
         raise UserError(f"cannot save to {folder}: {plumbing.save_error_reason(e)}; it keeps its previous checkpoint") from None
 
 

@@ -503,7 +503,7 @@ def open_run_folder(args, world_size: int, is_main: bool, stage: str | None = No
         saved = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
         check_global_batches(args, saved, saved_world_size(state), world_size)
         for f in dataclasses.fields(args):
-            if f.name in saved and f.name not in RESUME_MAY_CHANGE | set(PER_RANK_SPLIT) and saved[f.name] != getattr(args, f.name):
+            if f.name in saved and f.name not in RESUME_MAY_CHANGE | SPLIT_FLAGS and saved[f.name] != getattr(args, f.name):
                 raise UserError(f"--resume: --{f.name} was {saved[f.name]!r} in the interrupted run, now "
                                 f"{getattr(args, f.name)!r}; resume with the same settings")
     except UserError:
@@ -516,8 +516,8 @@ def open_run_folder(args, world_size: int, is_main: bool, stage: str | None = No
 # How a global batch is split over ranks: {flag: the other per-rank flags multiplying it}. --resume
 # may change these, and the number of ranks, as long as every global batch stays the same.
 PER_RANK_SPLIT = {"per_device_train_batch_size": ("gradient_accumulation_steps",),
-                  "gradient_accumulation_steps": ("per_device_train_batch_size",),
                   "per_device_prompt_batch_size": ()}
+SPLIT_FLAGS = {name for flag, others in PER_RANK_SPLIT.items() for name in (flag, *others)}  # all of them
 
 
 def check_global_batches(args, saved: dict, saved_ranks: int, world_size: int) -> None:
@@ -527,7 +527,7 @@ def check_global_batches(args, saved: dict, saved_ranks: int, world_size: int) -
     to pass."""
     changed = []
     for flag, others in PER_RANK_SPLIT.items():
-        if flag not in saved or not hasattr(args, flag) or flag == "gradient_accumulation_steps":
+        if flag not in saved or not hasattr(args, flag):
             continue
         def product(values, ranks):
             return values[flag] * ranks * math.prod(values.get(o, 1) for o in others)
@@ -792,7 +792,7 @@ def atomic_save(folder: Path, is_main: bool):
         error = None
         try:
             yield Path(where[0])
-        except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure must reach every rank, or they hang
+        except Exception as e:  # noqa: BLE001 - any failure must reach every rank, or they hang
             error = e
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {save_error_reason(error)}")
@@ -805,8 +805,8 @@ def atomic_save(folder: Path, is_main: bool):
 
 
 def save_error_reason(e: BaseException) -> str:
-    """Why a save failed, in a few words: DCP wraps each rank's error in a CheckpointException, and
-    safetensors wraps the OS error ('IoError(Os { ..., message: "No space left on device" })')."""
+    """Why a save or a resharded read failed, in a few words: DCP's reader wraps each rank's error in a
+    CheckpointException, and safetensors wraps the OS error ('IoError(Os { ..., message: "No space left on device" })')."""
     if isinstance(e, CheckpointException) and e.failures:
         e = next(iter(e.failures.values()))[0]  # (the first failing rank's exception, its traceback)
     reason = first_line(e)

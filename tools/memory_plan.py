@@ -448,7 +448,7 @@ def sharded_save_bytes(models: dict[str, nn.Module], trained: tuple[str, ...], w
 
       1. model.check_weights: per local shard torch.linalg.vector_norm(ord=inf), one reduction pass
          that allocates nothing of the shard's size: no term.
-      2. model.write_model_weights, model by model: model.write_whole_files(folder,
+      2. model.save_checkpoint, model by model: model.write_whole_files(folder,
          model.sharded_state_dict(m), d) (whole_file_bytes): the files plumbing.file_buckets(state dict,
          W) makes (whole tensors, at most plumbing.SHARD_FILE_BYTES each unless one tensor alone is
          larger, at least W while files stay over plumbing.MIN_FILE_BYTES), W at a time.
