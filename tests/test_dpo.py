@@ -220,3 +220,17 @@ def test_mocan_smoke_solves_the_dual_first(world, tmp_path):
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["mocan/prompts"] == 4 and first["mocan/samples"] == 2 and first["mocan/lambda"] >= 0
     assert first["mocan/dual_at_lambda"] <= first["mocan/dual_at_0"] + 1e-9
+
+
+@pytest.mark.parametrize("method", ["dpo", "sacpo"])
+def test_first_step_starts_at_the_reference(method, world, tmp_path):
+    """At step 1 the policy is the reference: every implicit reward is 0, so DPO's loss is log 2 exactly
+    (a check of the masks and of the reference pass). sacpo's step 2 starts from the SFT model here, as
+    a stand-in for step 1's DPO policy (its reference defaults to the same checkpoint)."""
+    root, data = world
+    out = tmp_path / method
+    ok(run(dpo_cmd(root, data, out, "--method", method, "--max_steps", "1", "--eval_split", "")))
+    step = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line][0]
+    assert step["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert step["train/margin"] == pytest.approx(0.0, abs=1e-5) and step["train/accuracy"] == 0.0
+    assert json.loads((out / "args.json").read_text())["method"] == method
