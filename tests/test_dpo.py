@@ -1,8 +1,7 @@
 """dpo.py: each method's loss against a hand computation or a naive loop, SafeDPO's re-ordering on the
 four safety types, MoCAN's lambda* against a brute-force grid solve of its dual, SACPO's tilt identity,
-bad input (one line, exit 2, nothing written), and a tiny run resumed equal to an uninterrupted one.
-
-Not here yet (issue #24): one update on 2 ranks equal to one process (tests/dist_worker.py style).
+bad input (one line, exit 2, nothing written), a tiny run resumed equal to an uninterrupted one, and
+one update on 2 ranks (FSDP2 over gloo) equal to one process.
 """
 
 import json
@@ -234,3 +233,28 @@ def test_first_step_starts_at_the_reference(method, world, tmp_path):
     assert step["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert step["train/margin"] == pytest.approx(0.0, abs=1e-5) and step["train/accuracy"] == 0.0
     assert json.loads((out / "args.json").read_text())["method"] == method
+
+
+def test_one_update_on_two_ranks_equals_one_process(world, tmp_path):
+    """SafeDPO, one optimiser step of the same 8 pairs: 2 ranks x 4 pairs (FSDP2 over gloo) against one
+    process x 8 pairs. fp32 on CPU: equal up to the reduction order."""
+    from conftest import torchrun
+    root, data = world
+    one, two = tmp_path / "one", tmp_path / "two"
+    # --adam_epsilon 1: AdamW's first step lr * g / (|g| + eps) is then about lr * g, linear in the
+    # gradient, so the weights after it compare like the gradients (with the default 1e-8 the step is
+    # lr * sign(g), and an entry whose gradient is ~0 may move +lr in one run and -lr in the other)
+    common = ["--method", "safedpo", "--max_steps", "1", "--eval_split", "", "--adam_epsilon", "1", "--lr", "1e-2",
+              "--per_device_train_batch_size"]
+    ok(run(dpo_cmd(root, data, one, *common, "8")))
+    ok(torchrun(2, dpo_cmd(root, data, two, *common, "4")[1:]))
+    a, b = ([json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines() if "train/loss" in line][0]
+            for f in (one, two))
+    # the loss and the global gradient norm: the gradients of the two runs agree
+    assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-6)
+    assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-5)
+    from test_supervised import weights
+    wa, wb = weights(one), weights(two)
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
