@@ -209,16 +209,22 @@ def test_safedpo_smoke_and_resume_equals_uninterrupted(world, tmp_path):
     assert_same_weights(a, b)
 
 
-def test_mocan_smoke_solves_the_dual_first(world, tmp_path):
+def test_mocan_smoke_solves_the_dual_first_and_resumes_exactly(world, tmp_path):
+    """lambda* from K samples of the reference before the first step, logged with its dual values; a run
+    stopped after step 1 and resumed draws the same samples (per-rank generator), hence the same lambda*,
+    labels and weights (on the same number of ranks)."""
     root, data = world
-    out = tmp_path / "m"
-    p = ok(run(dpo_cmd(root, data, out, "--method", "mocan", "--reward_model_name_or_path", root / "reward",
-                       "--cost_model_name_or_path", root / "cost", "--threshold", "0.0", "--mocan_prompts", "4",
-                       "--mocan_samples", "2", "--max_steps", "1")))
+    a, b = tmp_path / "a", tmp_path / "b"
+    mocan = ["--method", "mocan", "--reward_model_name_or_path", root / "reward", "--cost_model_name_or_path",
+             root / "cost", "--threshold", "0.0", "--mocan_prompts", "4", "--mocan_samples", "2", "--max_steps", "2"]
+    p = ok(run(dpo_cmd(root, data, a, *mocan)))
     assert "lambda* =" in p.stdout
-    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    first = json.loads((a / "metrics.jsonl").read_text().splitlines()[0])
     assert first["mocan/prompts"] == 4 and first["mocan/samples"] == 2 and first["mocan/lambda"] >= 0
     assert first["mocan/dual_at_lambda"] <= first["mocan/dual_at_0"] + 1e-9
+    ok(run(dpo_cmd(root, data, b, *mocan, "--stop_at_step", "1")))
+    ok(run(dpo_cmd(root, data, b, *mocan, "--resume")))
+    assert_same_weights(a, b)
 
 
 @pytest.mark.parametrize("method", ["dpo", "sacpo"])
