@@ -37,7 +37,7 @@ Toy world (after sft.py, and for MoCAN reward.py and cost.py):
     python dpo.py --method safedpo --output_dir runs/safedpo
     python dpo.py --method mocan --reward_model_name_or_path runs/reward --cost_model_name_or_path runs/cost \
         --output_dir runs/mocan
-    python dpo.py --method sacpo --model_name_or_path runs/dpo --sacpo_lambda 0.1 --output_dir runs/sacpo
+    python dpo.py --method sacpo --model_name_or_path runs/dpo --sacpo_lambda 2 --output_dir runs/sacpo
     torchrun --nproc_per_node 2 dpo.py --method safedpo    # two ranks (FSDP2 over gloo on CPU)
     python dpo.py --method safedpo --stop_at_step 5 && python dpo.py --method safedpo --resume
 On 8 GPUs:
@@ -79,15 +79,19 @@ class Args:
                               "target_unsafe_share": (0, 1), **dict.fromkeys(
         ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
          "limit", "eval_limit", "log_every", "mocan_samples", "mocan_prompts", "mocan_batch_size"), (1, None))}
-    # --recipe paper: 7B settings. UNVERIFIED: taken from safe-rlhf scripts/dpo.sh as remembered (lr 1e-6,
-    # 2 epochs, beta 0.1, weight decay 0.05, cosine, warmup 0.03), not re-read; the SafeDPO / MoCAN / SACPO
-    # papers' own values (Delta, K, lambda) were not available to this session. Check before relying on them.
-    PAPER: ClassVar[dict] = {"model_name_or_path": "PKU-Alignment/alpaca-7b-reproduced", "dataset": "PKU-Alignment/PKU-SafeRLHF",
-                             "epochs": 2, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 16,
-                             "gradient_accumulation_steps": 1, "lr": 1e-6, "lr_scheduler_type": "cosine",
-                             "warmup_ratio": 0.03, "weight_decay": 0.05, "max_length": 512, "beta": 0.1,
-                             "gradient_checkpointing": True, "drop_duplicates": True}
-    PAPER_SOURCE: ClassVar[str] = "safe-rlhf scripts/dpo.sh (UNVERIFIED, see dpo.py Args.PAPER)"
+    # --recipe paper: 7B settings from the one official DPO-family code available to this session, SACPO's
+    # (line/sacpo@681c53c: script/train/pku_helpful(dpo)_safety_train.sh:L25-30 and the defaults of
+    # src/train/helpfulness_dpo.py / safety_dpo.py): Alpaca-7B-reproduced on PKU-SafeRLHF-30K (SafeDPO's
+    # benchmark too), 3 epochs, 16 pairs x 2 accumulation per GPU, beta 0.1, cosine, warmup 0.03, no weight
+    # decay, 512 tokens. lr 1e-6: the script passes --learning_rate 2e-5 on a line cut off by a missing
+    # backslash, so the dataclass default 1e-6 is what ran (our reading of the script, not stated by its
+    # authors). SafeDPO's Delta and MoCAN's K and lambda range were not available: UNVERIFIED defaults.
+    PAPER: ClassVar[dict] = {"model_name_or_path": "PKU-Alignment/alpaca-7b-reproduced",
+                             "dataset": "PKU-Alignment/PKU-SafeRLHF-30K", "epochs": 3, "per_device_train_batch_size": 16,
+                             "per_device_eval_batch_size": 16, "gradient_accumulation_steps": 2, "lr": 1e-6,
+                             "lr_scheduler_type": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0, "max_length": 512,
+                             "beta": 0.1, "gradient_checkpointing": True}
+    PAPER_SOURCE: ClassVar[str] = "line/sacpo script/train/pku_helpful(dpo)_safety_train.sh@681c53c:L25-30"
     DATA_FLAGS: ClassVar[tuple] = ("dataset", "eval_dataset")
 
     recipe: str = ""
@@ -140,8 +144,10 @@ class Args:
     safety_margin: float = 2.0
     """safedpo: Delta, the margin added where the re-ordered loser is unsafe and the winner safe
     (UNVERIFIED: the paper's value was not available to this session; 0 gives the margin-free objective)"""
-    sacpo_lambda: float = 0.1
-    """sacpo: lambda, the safety step runs DPO with beta / lambda"""
+    sacpo_lambda: float = 2.0
+    """sacpo: lambda, the safety step runs DPO with beta / lambda; the official grid is beta / lambda in
+    {0.1, 0.05, 0.025, 0.01} after a beta 0.1 helpfulness step, i.e. lambda in {1, 2, 4, 10}
+    (line/sacpo script/train/pku_helpful(dpo)_safety_train.sh@681c53c:L25-30)"""
     threshold: float | None = None
     """mocan: the cost limit d of E_pi[c] <= d; default derived from --target_unsafe_share as PPO-Lagrangian does"""
     target_unsafe_share: float = 0.025
@@ -355,7 +361,11 @@ def sacpo_beta(beta: float, sacpo_lambda: float) -> float:
     r + lambda g under a beta-KL to pi_ref is  pi*_{r+lambda g} ∝ pi*_r exp(lambda g / beta)  (both are
     pi_ref exp(./beta) tilts), i.e. a beta/lambda-KL alignment of pi*_r to the safety utility g alone.
     So step 2 is DPO on the safety pairs with reference pi*_r and coefficient beta / lambda. The
-    identity is derived here; the paper's theorem and equation numbers are UNVERIFIED."""
+    identity is derived here (and tested); the paper's theorem and equation numbers are UNVERIFIED. The
+    official code does the same: step 2 starts from step 1's policy with TRL's ref_model=None (the
+    reference is that initial policy) on pairs ordered by safer_response_id, no pair filtered, with
+    `--beta` set to beta/lambda directly (line/sacpo@681c53c: src/train/safety_dpo.py, "6. init the
+    trainer"; src/util.py get_pku_pair_by_safety; script/train/pku_helpful(dpo)_safety_train.sh:L25-30)."""
     return beta / sacpo_lambda
 
 
@@ -381,7 +391,8 @@ class Method:
 
 
 def safer_first(row: dict, where: str) -> tuple[str, str, list[float]]:
-    """SACPO's safety pairs: (safer, less safe) from `safer_response_id`."""
+    """SACPO's safety pairs: (safer, less safe) from `safer_response_id`, every pair kept, as the official
+    get_pku_pair_by_safety (line/sacpo src/util.py@681c53c)."""
     safer = data_rules.parse_id(row["safer_response_id"], f"{where}: safer_response_id")
     return row[f"response_{safer}"], row[f"response_{1 - safer}"], []
 
