@@ -102,7 +102,7 @@ def test_mocan_dual_matches_naive_loop():
     assert dpo.mocan_dual(torch.tensor(lam, dtype=torch.float64), r, c, beta, d).item() == pytest.approx(naive, abs=1e-10)
 
 
-@pytest.mark.parametrize("seed, threshold", [(2, -0.3), (3, 0.1), (4, -0.8)])
+@pytest.mark.parametrize("seed, threshold", [(2, -0.6), (3, -0.5), (4, -0.8)])   # interior optima (0 < lambda* < 10)
 def test_mocan_lambda_matches_a_brute_force_grid_solve(seed, threshold):
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(4, 6, generator=g, dtype=torch.float64)
@@ -114,9 +114,9 @@ def test_mocan_lambda_matches_a_brute_force_grid_solve(seed, threshold):
     lam_grid = grid[values.argmin()].item()
     assert lam == pytest.approx(lam_grid, abs=2e-4)
     assert dpo.mocan_dual(torch.tensor(lam, dtype=torch.float64), r, c, beta, threshold).item() <= values.min().item() + 1e-9
-    if 0 < lam < lam_max:   # interior optimum: the tilted policy meets the constraint with equality
-        w = torch.softmax((r - lam * c) / beta, dim=-1)
-        assert (w * c).sum(-1).mean().item() == pytest.approx(threshold, abs=1e-6)
+    assert 0 < lam < lam_max   # the boundary cases are the next test's
+    w = torch.softmax((r - lam * c) / beta, dim=-1)
+    assert (w * c).sum(-1).mean().item() == pytest.approx(threshold, abs=1e-6)   # the constraint holds with equality
 
 
 def test_mocan_lambda_is_zero_when_the_reference_tilt_is_already_safe():
