@@ -494,6 +494,7 @@ def mocan_offline(args: Args, d: M.Dist, tokenizer, reference, data: data_rules.
     derivation (logged and printed)."""
     import ppo_lagrangian  # the threshold derived as PPO-Lagrangian derives it (a policy stage's math)
 
+    t0 = time.time()  # the offline phase's wall time is part of MoCAN's training cost (mocan/offline_s)
     if args.threshold is None:
         threshold, how = ppo_lagrangian.derived_threshold(args.cost_model_name_or_path, args.target_unsafe_share)
     else:
@@ -547,7 +548,7 @@ def mocan_offline(args: Args, d: M.Dist, tokenizer, reference, data: data_rules.
                "mocan/ref_cost_mean": costs.mean().item(), "mocan/ref_reward_mean": rewards.mean().item(),
                "mocan/tilted_cost_mean": (weights * costs.double()).sum(-1).mean().item(),
                "mocan/dual_at_0": dual[0], "mocan/dual_at_lambda": dual[1], "mocan/dual_at_max": dual[2],
-               "mocan/at_bound": lam >= args.lambda_max}
+               "mocan/at_bound": lam >= args.lambda_max, "mocan/offline_s": time.time() - t0}
     M.print0(f"mocan: {how}")
     M.print0(f"mocan: lambda* = {lam:.4f} minimises D(lambda) = E_x[beta log mean_k exp((r - lambda c)/beta)] + lambda d "
              f"over {len(prompts)} prompts x {K} samples of pi_ref (beta {args.beta:g}); D(0) = {dual[0]:.4f}, "
