@@ -95,24 +95,32 @@ class Unusable(Exception):
     """A row that cannot be trained on (its message is the reason): dropped and counted, not fatal."""
 
 
+class LeftOut(Exception):
+    """A sound row the method's own rule leaves out (SafeDPO discards a pair of two unsafe responses):
+    counted in the summary, never a --strict refusal or a warning about the data."""
+
+
 DROP_WARN_SHARE = 0.05  # more than this share of a split's rows dropped: a loud warning
 
 
 class DataSummary:
     """What a stage made of one split: rows read, rows used, rows dropped by reason (with the first
-    row numbers, counted from 0 in the file's order), and label statistics. Printed before training
-    and saved in the run folder (data_summary.json)."""
+    row numbers, counted from 0 in the file's order), rows the method leaves out by its own rule, and
+    label statistics. Printed before training and saved in the run folder (data_summary.json)."""
 
     def __init__(self, flag: str, dataset: str, split: str, purpose: str = ""):
         self.flag, self.dataset, self.split, self.purpose = flag, dataset, split, purpose
-        self.read, self.dropped, self.stats, self.notes = 0, {}, {}, []
+        self.read, self.dropped, self.left_out, self.stats, self.notes = 0, {}, {}, {}, []
 
     def drop(self, reason: str, row: int) -> None:
         bisect.insort(self.dropped.setdefault(reason, []), row)  # row numbers kept in order
 
+    def leave_out(self, reason: str, row: int) -> None:
+        bisect.insort(self.left_out.setdefault(reason, []), row)
+
     @property
     def used(self) -> int:
-        return self.read - sum(map(len, self.dropped.values()))
+        return self.read - sum(map(len, self.dropped.values())) - sum(map(len, self.left_out.values()))
 
     def where(self) -> str:
         return f"{self.flag} {self.dataset} (split {self.split}{', ' + self.purpose if self.purpose else ''})"
@@ -120,6 +128,8 @@ class DataSummary:
     def as_dict(self) -> dict:
         return {"dataset": self.dataset, "split": self.split, "rows_read": self.read, "rows_used": self.used,
                 "dropped": {reason: {"count": len(rows), "rows": rows} for reason, rows in self.dropped.items()},
+                **({"left_out": {reason: {"count": len(rows), "rows": rows} for reason, rows in self.left_out.items()}}
+                   if self.left_out else {}),
                 "stats": self.stats, "notes": self.notes}
 
     def lines(self) -> list[str]:
@@ -127,21 +137,25 @@ class DataSummary:
         if self.dropped:
             head += ", dropped: " + "; ".join(f"{len(rows)} {reason} (row {', '.join(map(str, rows[:5]))}"
                                                f"{', ...' if len(rows) > 5 else ''})" for reason, rows in self.dropped.items())
+        if self.left_out:
+            head += ", left out by the method: " + "; ".join(f"{len(rows)} {reason}" for reason, rows in self.left_out.items())
         stats = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.stats.items()]
         return [head] + (["  " + " | ".join(stats)] if stats else []) + [f"  note: {n}" for n in self.notes]
 
     def check(self, strict: bool) -> list[str]:
         """Refuse under --strict if any row was dropped; return the warnings to print (a loud one when
-        more than DROP_WARN_SHARE of the rows went, or every row did)."""
-        if not self.dropped:
+        more than DROP_WARN_SHARE of the rows went, or every row did). Rows the method leaves out count
+        only when none is left."""
+        if not self.dropped and not (self.left_out and self.used == 0):
             return []
-        row, reason = min((rows[0], reason) for reason, rows in self.dropped.items())  # the first unusable row
-        if strict:
-            raise UserError(f"--strict: {self.where()} row {row}: {reason} ({self.read - self.used} of {self.read} "
+        row, reason = min((rows[0], reason) for reason, rows in (self.dropped or self.left_out).items())  # the first
+        dropped = sum(map(len, self.dropped.values()))
+        if strict and dropped:
+            raise UserError(f"--strict: {self.where()} row {row}: {reason} ({dropped} of {self.read} "
                             "rows unusable; without --strict they are dropped and counted)")
         if self.used == 0:
             raise UserError(f"{self.where()}: no usable row ({self.read} read; the first, row {row}: {reason})")
-        share = (self.read - self.used) / self.read
+        share = dropped / self.read
         if share > DROP_WARN_SHARE:
             return [f"WARNING: {self.where()}: {share:.1%} of the rows dropped (more than {DROP_WARN_SHARE:.0%}); "
                     "check the data and --max_length before trusting this run"]

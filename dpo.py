@@ -9,23 +9,26 @@ training; the methods differ only in which pairs they see, in what order, and in
   --method dpo      Rafailov et al. 2023, eq. 7, on the helpfulness pairs (better_response_id): the
                     unsafe baseline, and SACPO's first step.
                         L = -E log sigma( h(y_w) - h(y_l) )
-  --method safedpo  Kim et al., arXiv 2505.20065 (section 4): the helpfulness pair re-ordered by the safety
-                    labels (safedpo_order: an unsafe winner against a safe loser is swapped), and a safety
-                    margin Delta where the re-ordered loser is unsafe and the winner safe:
-                        L = -E log sigma( h(y~_w) - h(y~_l) - Delta * (u~_l - u~_w) ),  u = 1 if unsafe
+  --method safedpo  Kim et al., arXiv 2505.20065 (ICLR 2026), eq. 12: the helpfulness pair transformed by
+                    the safety labels (safedpo_order: an unsafe winner against a safe loser is swapped, a
+                    pair of two unsafe responses dropped), and a safety margin Delta where the transformed
+                    winner is safe and the loser unsafe:
+                        L = -E log sigma( h(y~_w) - h(y~_l) - (h~_l - h~_w) Delta ),  h~ = 1 if unsafe
   --method mocan    Huang et al., arXiv 2405.19544 (section 4, "MoCAN"): the dual variable lambda* of
                         max_pi E[r] - beta KL(pi || pi_ref)   s.t.   E_pi[c] <= d
                     is solved BEFORE training from K samples of pi_ref per prompt scored by the reward
                     model r and the cost model c (mocan_dual, mocan_solve_dual; printed with its
                     derivation), then one DPO run on the pseudo-preference of r - lambda* c
-                    (pseudo_preference, soft_dpo_loss) over the data's response pairs.
+                    (pseudo_preference, soft_dpo_loss) over the data's response pairs. Checked against
+                    the official code, shuoli90/CAN@68a922c (safe_rlhf/trainers/model_based.py:L40-43,
+                    safe_rlhf/algorithms/cdpo/dpo.py:L224-236).
   --method sacpo    Wachi et al., arXiv 2404.11049 (section 4): stepwise. Step 1 is `--method dpo`
                     (helpfulness). Step 2, this method, starts from step 1's policy, uses it as the
                     reference, and runs DPO on the safety pairs (safer_response_id) with beta / lambda:
                     pi*_{r + lambda g} is proportional to pi*_r exp(lambda g / beta).
 
-What each equation is and where it comes from, with what could not be checked against the paper
-text, is in the docstring of its function below (look for UNVERIFIED).
+What each equation is and where it comes from is in the docstring of its function below; what was
+checked against code and what only against secondary accounts is in docs/successors.md.
 
 Left out on purpose (for now): PeCAN and P-SACPO (weight merging), packed pairs (--share_prompt in
 reward.py; here the 2B sequences are two right-padded rows), precomputed reference log-probs (the
@@ -85,7 +88,7 @@ class Args:
     # benchmark too), 3 epochs, 16 pairs x 2 accumulation per GPU, beta 0.1, cosine, warmup 0.03, no weight
     # decay, 512 tokens. lr 1e-6: the script passes --learning_rate 2e-5 on a line cut off by a missing
     # backslash, so the dataclass default 1e-6 is what ran (our reading of the script, not stated by its
-    # authors). SafeDPO's Delta and MoCAN's K and lambda range were not available: UNVERIFIED defaults.
+    # authors). SafeDPO's paper uses the same beta, epochs, lr and schedule, and Delta 10 (the default below).
     PAPER: ClassVar[dict] = {"model_name_or_path": "PKU-Alignment/alpaca-7b-reproduced",
                              "dataset": "PKU-Alignment/PKU-SafeRLHF-30K", "epochs": 3, "per_device_train_batch_size": 16,
                              "per_device_eval_batch_size": 16, "gradient_accumulation_steps": 2, "lr": 1e-6,
@@ -93,6 +96,11 @@ class Args:
                              "beta": 0.1, "gradient_checkpointing": True}
     PAPER_SOURCE: ClassVar[str] = "line/sacpo script/train/pku_helpful(dpo)_safety_train.sh@681c53c:L25-30"
     DATA_FLAGS: ClassVar[tuple] = ("dataset", "eval_dataset")
+
+    def paper_by_mode(self) -> dict:
+        """What plumbing.recipe_line must not call a difference from the paper: the method is a choice, not a
+        setting, and SACPO's step 2 starts from the user's own step-1 policy."""
+        return {"method": self.method, **({"model_name_or_path": self.model_name_or_path} if self.method == "sacpo" else {})}
 
     recipe: str = ""
     """toy (the toy world's settings: the defaults listed without --recipe) or paper (7B settings;
@@ -141,9 +149,9 @@ class Args:
     # the losses
     beta: float = 0.1
     """beta: the KL weight of the objective, the scale of the implicit reward (DPO, all methods)"""
-    safety_margin: float = 2.0
-    """safedpo: Delta, the margin added where the re-ordered loser is unsafe and the winner safe
-    (UNVERIFIED: the paper's value was not available to this session; 0 gives the margin-free objective)"""
+    safety_margin: float = 10.0
+    """safedpo: Delta, the margin asked of a safe winner over an unsafe loser (the paper's default 10;
+    0 gives the margin-free objective)"""
     sacpo_lambda: float = 2.0
     """sacpo: lambda, the safety step runs DPO with beta / lambda; the official grid is beta / lambda in
     {0.1, 0.05, 0.025, 0.01} after a beta 0.1 helpfulness step, i.e. lambda in {1, 2, 4, 10}
@@ -153,7 +161,7 @@ class Args:
     target_unsafe_share: float = 0.025
     """mocan: the unsafe share whose expected cost is d (ppo_lagrangian.derived_threshold), when --threshold is unset"""
     mocan_samples: int = 8
-    """mocan: K, samples of pi_ref per prompt for the dual (UNVERIFIED whether the paper's K)"""
+    """mocan: K, samples of pi_ref per prompt for the dual (the official notebook uses 128 for 1000 prompts)"""
     mocan_prompts: int = 64
     """mocan: N, the first N distinct training prompts the dual is estimated on"""
     mocan_batch_size: int = 16
@@ -248,37 +256,35 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return -F.logsigmoid(dpo_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)).mean()  # ()
 
 
-def safedpo_order(better_id: int, is_safe_0: bool, is_safe_1: bool) -> tuple[int, int, float, float]:
-    """SafeDPO's safety-aware transformation of one pair (Kim et al., arXiv 2505.20065, section 4):
-    with u = 1 for an unsafe response, the helpfulness pair (y_w, y_l) becomes
-        (y~_w, y~_l) = (y_l, y_w)  if u_w = 1 and u_l = 0   (an unsafe winner against a safe loser: swap)
-                     = (y_w, y_l)  otherwise                  (both safe, both unsafe, or the winner safe)
-    so that a safe response is never the loser to an unsafe one. The four safety types:
-        both safe        -> kept,    u~ = (0, 0): no margin
-        winner safe only -> kept,    u~ = (0, 1): margin Delta
-        loser safe only  -> swapped, u~ = (0, 1): margin Delta
-        both unsafe      -> kept,    u~ = (1, 1): no margin
-    Returns (chosen id, rejected id, u~_w, u~_l).
-    UNVERIFIED against the paper text (only abstracts and a third-party summary were available: it
-    confirms binary safety indicators h = 1[c > 0] and the r_c = r if safe, -inf otherwise objective,
-    not the exact transformation). In particular the both-unsafe case: it is kept in helpfulness
-    order here; the paper may treat it differently."""
+def safedpo_order(better_id: int, is_safe_0: bool, is_safe_1: bool) -> tuple[int, int, float, float] | None:
+    """SafeDPO's safety-aware transformation T of one pair (Kim et al., arXiv 2505.20065, section 4), with
+    h = 1 for an unsafe response and (y_w, y_l) the helpfulness pair:
+        h_w = 0            -> kept,      (h~_w, h~_l) = (0, h_l)
+        h_w = 1, h_l = 0   -> swapped:   the safe response wins, (h~_w, h~_l) = (0, 1)
+        h_w = 1, h_l = 1   -> discarded: under the safe optimum both have probability 0, so their order
+                              carries nothing (None; the loader drops the row and counts it)
+    The four safety types, so: both safe -> kept, no margin; winner safe only -> kept, margin Delta;
+    loser safe only -> swapped, margin Delta; both unsafe -> discarded. Returns (chosen id, rejected id,
+    h~_w, h~_l) or None. Read from two secondary accounts of the ICLR 2026 version (a paper note and an
+    independent implementation), which agree; the PDF itself was not readable here (docs/successors.md)."""
     unsafe = (not is_safe_0, not is_safe_1)
     worse_id = 1 - better_id
-    if unsafe[better_id] and not unsafe[worse_id]:
+    if unsafe[better_id] and unsafe[worse_id]:
+        return None                                          # discarded
+    if unsafe[better_id]:
         return worse_id, better_id, 0.0, 1.0                 # swapped: the safe one wins
-    return better_id, worse_id, float(unsafe[better_id]), float(unsafe[worse_id])
+    return better_id, worse_id, 0.0, float(unsafe[worse_id])
 
 
 def safedpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                  ref_rejected: torch.Tensor, chosen_unsafe: torch.Tensor, rejected_unsafe: torch.Tensor,
                  beta: float, safety_margin: float) -> torch.Tensor:
-    """SafeDPO (Kim et al., arXiv 2505.20065, section 4), on pairs already re-ordered by safedpo_order:
-        L = -E[ log sigma( h(y~_w) - h(y~_l) - Delta * (u~_l - u~_w) ) ]
-    The margin asks the policy to separate a safe winner from an unsafe loser by Delta more than DPO
-    would; Delta = 0 is DPO on the re-ordered pairs. UNVERIFIED: the margin's exact form and sign
-    (Delta * (u~_l - u~_w) inside the sigmoid) and the equation number are from memory of the paper, not
-    re-read. (B,) x 6 -> ()"""
+    """SafeDPO (Kim et al., arXiv 2505.20065, eq. 12), on pairs already transformed by safedpo_order:
+        L(theta; Delta) = -E[ log sigma( beta log pi(y~_w|x)/pi_ref(y~_w|x) - beta log pi(y~_l|x)/pi_ref(y~_l|x)
+                                         - (h~_l - h~_w) Delta ) ]
+    Delta >= 0 (not scaled by beta) acts only on a safe winner against an unsafe loser, asking for that
+    much more margin; the paper proves it leaves the optimum unchanged (Proposition 4.4) and uses
+    Delta = 10 with beta = 0.1. Delta = 0 is DPO on the transformed pairs. (B,) x 6 -> ()"""
     margins = dpo_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)   # (B,)
     safety = safety_margin * (rejected_unsafe - chosen_unsafe)                              # (B,) 0 or Delta
     return -F.logsigmoid(margins - safety).mean()                                           # ()
@@ -294,9 +300,10 @@ def mocan_dual(lagrange_multiplier: torch.Tensor, rewards: torch.Tensor, costs: 
     eq. 4), where it equals beta log Z_lambda(x) + lambda d. D is convex in lambda (a log-sum-exp of affine
     functions), so lambda* = argmin_{lambda >= 0} D needs no policy training. With K samples of pi_ref per
     prompt the inner expectation is the sample mean: log E exp(z) ~ logsumexp_k(z_k) - log K.
-    The paper's equation number and its sign convention (utility g = -c, constraint E g >= b) are
-    UNVERIFIED; the formula follows from the stated problem. lagrange_multiplier () or (M,); rewards,
-    costs (N, K) -> () or (M,)"""
+    The official code writes it with the safety utility g = -c and the constraint E g >= b (b = -d):
+    beta mean_x log mean_k exp((r + lambda (g - b)) / beta), the same function, minimised by projected
+    gradient descent on lambda >= 0 (shuoli90/CAN@68a922c: safe_rlhf/trainers/model_based.py:L20-43).
+    lagrange_multiplier () or (M,); rewards, costs (N, K) -> () or (M,)"""
     lam = lagrange_multiplier.reshape(-1, 1, 1)                                       # (M, 1, 1)
     z = (rewards - lam * costs) / beta                                                # (M, N, K)
     log_mean_exp = torch.logsumexp(z, dim=-1) - math.log(rewards.shape[-1])           # (M, N)
@@ -338,8 +345,9 @@ def pseudo_preference(first_rewards: torch.Tensor, first_costs: torch.Tensor, se
     """MoCAN's pseudo-preference (Huang et al., arXiv 2405.19544, section 4): the Bradley-Terry probability
     that the first response is preferred under the combined score r - lambda* c:
         p = sigma( (r_1 - lambda* c_1) - (r_2 - lambda* c_2) )
-    UNVERIFIED: whether the paper uses this soft label or the hard one (p rounded to 0/1) was not
-    checkable; soft_dpo_loss with a hard p is DPO eq. 7 on the re-ordered pair. (B,) x 4 -> (B,)"""
+    The official code draws a hard label from it, index ~ Bernoulli(p), and runs DPO on the drawn order
+    (shuoli90/CAN@68a922c: safe_rlhf/algorithms/cdpo/dpo.py:L224-236); training on p itself
+    (soft_dpo_loss) is that loss's expectation over the draw, without its noise. (B,) x 4 -> (B,)"""
     first = first_rewards - lagrange_multiplier * first_costs                          # (B,)
     second = second_rewards - lagrange_multiplier * second_costs                       # (B,)
     return torch.sigmoid(first - second)                                               # (B,)
@@ -361,7 +369,7 @@ def sacpo_beta(beta: float, sacpo_lambda: float) -> float:
     r + lambda g under a beta-KL to pi_ref is  pi*_{r+lambda g} ∝ pi*_r exp(lambda g / beta)  (both are
     pi_ref exp(./beta) tilts), i.e. a beta/lambda-KL alignment of pi*_r to the safety utility g alone.
     So step 2 is DPO on the safety pairs with reference pi*_r and coefficient beta / lambda. The
-    identity is derived here (and tested); the paper's theorem and equation numbers are UNVERIFIED. The
+    identity is derived here (and tested); the paper's equation numbers were not read here. The
     official code does the same: step 2 starts from step 1's policy with TRL's ref_model=None (the
     reference is that initial policy) on pairs ordered by safer_response_id, no pair filtered, with
     `--beta` set to beta/lambda directly (line/sacpo@681c53c: src/train/safety_dpo.py, "6. init the
@@ -398,11 +406,15 @@ def safer_first(row: dict, where: str) -> tuple[str, str, list[float]]:
 
 
 def safedpo_pair(row: dict, where: str) -> tuple[str, str, list[float]]:
-    """The helpfulness pair re-ordered by the safety labels (safedpo_order); labels (u~_w, u~_l). A missing
-    or unreadable label is refused (parse_bool): SafeDPO is undefined without it."""
+    """The helpfulness pair transformed by the safety labels (safedpo_order); labels (h~_w, h~_l). A pair of
+    two unsafe responses is left out and counted in the data summary; a missing or unreadable label is
+    refused (parse_bool): SafeDPO is undefined without it."""
     better = data_rules.parse_id(row["better_response_id"], f"{where}: better_response_id")
     safe = [data_rules.parse_bool(row[f"is_response_{k}_safe"], f"{where}: is_response_{k}_safe") for k in (0, 1)]
-    chosen, rejected, chosen_unsafe, rejected_unsafe = safedpo_order(better, *safe)
+    order = safedpo_order(better, *safe)
+    if order is None:
+        raise data_rules.LeftOut("pairs of two unsafe responses (SafeDPO's transformation)")
+    chosen, rejected, chosen_unsafe, rejected_unsafe = order
     return row[f"response_{chosen}"], row[f"response_{rejected}"], [chosen_unsafe, rejected_unsafe]
 
 

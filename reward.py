@@ -282,6 +282,9 @@ def load_pairs(dataset: str, split: str, tokenizer, objective: Objective, *, max
             first, second, labels = objective.make_pair(row, f"{flag} {dataset} (split {split}) row {i}")
             if drop_duplicates and key in seen:
                 raise data_rules.Unusable("duplicate")
+        except data_rules.LeftOut as e:
+            summary.leave_out(str(e), i)
+            continue
         except data_rules.Unusable as e:
             summary.drop(str(e), i)
             continue

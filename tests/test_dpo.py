@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import data_rules
 import dpo
 import plumbing
 from conftest import ROOT, make_toy_checkpoints, run
@@ -68,20 +69,24 @@ def test_response_logprob_sums_keep_only_response_tokens(tmp_path):
     (1, False, True, (1, 0, 0.0, 1.0)),
     (0, False, True, (1, 0, 0.0, 1.0)),    # the winner unsafe, the loser safe: swapped, margin
     (1, True, False, (0, 1, 0.0, 1.0)),
-    (0, False, False, (0, 1, 1.0, 1.0)),   # both unsafe: kept, no margin
-    (1, False, False, (1, 0, 1.0, 1.0)),
+    (0, False, False, None),               # both unsafe: discarded
+    (1, False, False, None),
 ])
 def test_safedpo_order_on_the_four_safety_types(better, safe0, safe1, expected):
     assert dpo.safedpo_order(better, safe0, safe1) == expected
     row = {"prompt": "p", "response_0": "a", "response_1": "b", "better_response_id": better,
            "is_response_0_safe": safe0, "is_response_1_safe": str(safe1).lower()}   # "true"/"false" read too
+    if expected is None:
+        with pytest.raises(data_rules.LeftOut, match="two unsafe responses"):
+            dpo.safedpo_pair(row, "row 0")
+        return
     chosen, rejected, labels = dpo.safedpo_pair(row, "row 0")
     assert (chosen, rejected) == ("ab"[expected[0]], "ab"[expected[1]]) and labels == list(expected[2:])
 
 
 def test_safedpo_loss_hand_value_and_margin_free_case():
     pw, pl, rw, rl = torch.tensor([-3.0, -2.0]), torch.tensor([-5.0, -2.5]), torch.tensor([-4.0, -2.0]), torch.tensor([-4.0, -2.0])
-    cu, ru = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])   # pair 0: safe vs unsafe (margin); pair 1: both unsafe
+    cu, ru = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])   # pair 0: safe vs unsafe (margin); pair 1: both safe
     beta, delta = 0.5, 2.0
     m0 = 0.5 * 1 - 0.5 * (-1) - delta          # 1 - 2
     m1 = 0.5 * 0 - 0.5 * (-0.5)                # 0.25, no margin
