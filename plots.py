@@ -4,6 +4,8 @@
   plot_frontier  figure 6b (helpfulness against harm per policy; the analytic KL optimum's curve over nu)
   plot_curves    figure 6c (lambda and the episode cost against the step), the reward and the KL
   plot_sqrt_kl   Bai et al. 2022 (figures 4 and 13): score against sqrt(KL) over training (stats.sqrt_kl_fit)
+  plot_successors  Safe RLHF's successors (tools/docs_blocks.py successors): benign helpfulness against the
+                 oracle's unsafe rate, a marker per family, the fixed-nu points as a line, the safety target
 Each writes its PNG(s) into `out` and returns their names; matplotlib is imported on first use, headless (Agg).
 """
 
@@ -104,3 +106,37 @@ def plot_curves(out: Path, logs: dict[str, dict]) -> list[str]:
     fig.suptitle("PPO-Lagrangian training (Safe RLHF fig. 6c)")
     fig.tight_layout(), fig.savefig(out / "training_curves.png", dpi=120), plt.close(fig)
     return ["training_curves.png"]
+
+
+FAMILY_STYLE = {  # family -> (marker, colour, legend label) of plot_successors
+    "sft": ("*", "black", "SFT"), "ppo": ("X", "tab:red", "PPO (reward only)"),
+    "nu": ("o", "tab:gray", "fixed nu (reward shaping, PPO)"),
+    "safe_rlhf": ("^", "tab:blue", "Safe RLHF family (PPO-/RLOO-Lagrangian)"),
+    "dpo": ("s", "tab:green", "DPO family (DPO, SafeDPO, MoCAN, SACPO)"), "other": ("D", "tab:purple", "other"),
+}
+
+
+def plot_successors(path: Path, points: dict[str, tuple[float, float]], labels: dict[str, str],
+                    family: dict[str, str], nu: dict[str, float], target: float) -> None:
+    """Benign helpfulness against the oracle's unsafe rate on harmful prompts, one labelled point per policy
+    (points: name -> (unsafe rate, helpfulness)), a marker per family (FAMILY_STYLE), the fixed-nu points
+    joined in the order of nu, and the safety target as a vertical line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 6))
+    line = sorted((nu[n], points[n]) for n in points if family[n] == "nu")
+    if line:
+        ax.plot([x for _, (x, _) in line], [y for _, (_, y) in line], "-", color="tab:gray", lw=1, zorder=1)
+    for kind, (marker, colour, legend) in FAMILY_STYLE.items():
+        mine = [n for n in points if family[n] == kind]
+        if mine:
+            ax.scatter([points[n][0] for n in mine], [points[n][1] for n in mine], marker=marker, color=colour,
+                       s=120 if kind == "sft" else 60, label=legend, zorder=2)
+        for n in mine:  # labels right of the point, left of it in the right third (inside the axes)
+            right = points[n][0] > 0.67
+            ax.annotate(labels[n], points[n], textcoords="offset points", xytext=(-5 if right else 5, 4), fontsize=7,
+                        ha="right" if right else "left")
+    ax.axvline(target, color="k", ls="--", lw=0.8, label=f"safety target: unsafe <= {target:g}")
+    ax.set(xlabel="oracle unsafe rate on harmful prompts", ylabel="oracle helpfulness on benign prompts",
+           title="Safe RLHF and its successors on the toy world")
+    ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)

@@ -27,6 +27,9 @@ Between the tables.
 <!-- rounds:start -->
 | stale rounds |
 <!-- rounds:end -->
+<!-- successors:start -->
+| stale successors |
+<!-- successors:end -->
 The end, without a line break."""
 RLOO_PAGE = "# RLOO\n\nintro\n\n<!-- rloo:start -->\nstale\n<!-- rloo:end -->\n\nafterword\n"
 ABLATIONS_PAGE = "# Ablations\n\n<!-- ablations:start -->\nstale\n<!-- ablations:end -->\nafterword\n"
@@ -113,10 +116,11 @@ def rounds_results(tmp_path):
     return folder
 
 
-def readme_with(headline="| stale headline |", rloo="| stale rloo |", rounds="| stale rounds |"):
+def readme_with(headline="| stale headline |", rloo="| stale rloo |", rounds="| stale rounds |",
+                successors="| stale successors |"):
     """README above with the given blocks: everything else is the hand-written text, unchanged."""
     return (README.replace("| stale headline |", headline).replace("| stale rloo |", rloo)
-            .replace("| stale rounds |", rounds))
+            .replace("| stale rounds |", rounds).replace("| stale successors |", successors))
 
 
 def files(root):
@@ -275,3 +279,152 @@ def test_a_readme_without_the_markers_is_refused_and_nothing_written(root, resul
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr == f"error: {root / 'README.md'}: no <!-- headline:start --> ... <!-- headline:end --> markers\n"
     assert files(root) == before
+
+
+# ---- successors: Safe RLHF's successors (dpo.py) beside the Lagrangian runs ---------------------------
+
+
+def successor(unsafe, helpful, refusal, majority, dominated_by):
+    """An evaluate.py oracle entry with the unsafe-in-most-samples share and the dominating policies."""
+    o = oracle(unsafe, helpful, refusal)
+    o["all"]["majority_unsafe"] = dict(zip(("rate", "lo", "hi"), majority))
+    return {**o, "dominated_by": dominated_by}
+
+
+def successors_folder(tmp_path, name, oracles, times):
+    """evaluate.py's folder (results.json only) and demo.sh's runs folder (train_times.jsonl only)."""
+    results, runs = tmp_path / f"results-{name}", tmp_path / f"runs-{name}"
+    results.mkdir(), runs.mkdir()
+    (results / "results.json").write_text(json.dumps({"oracle": oracles}))
+    (runs / "train_times.jsonl").write_text("".join(json.dumps({"name": n, "wall_s": t}) + "\n" for n, t in times))
+    return results, runs
+
+
+SUCCESSORS = {
+    "sft": successor((0.5, 0.25, 0.75), (1.0, 0.75, 1.25), (0.125, 0.0, 0.25), (0.5, 0.25, 0.75), ["ppo_lagrangian"]),
+    "nu_1": successor((0.25, 0.125, 0.5), (0.5, 0.25, 0.75), (0.5, 0.25, 0.75), (0.25, 0.0, 0.5), ["sft", "dpo"]),
+    "ppo_lagrangian": successor((0.0625, 0.0, 0.125), (1.5, 1.25, 1.75), (0.0, 0.0, 0.25), (0.0, 0.0, 0.25), []),
+    "rloo_lagrangian": successor((0.0, 0.0, 0.125), (0.5, 0.25, 0.75), (0.25, 0.0, 0.5), (0.0, 0.0, 0.25), []),
+    "dpo": successor((0.75, 0.5, 1.0), (2.0, 1.75, 2.25), (0.0, 0.0, 0.25), (1.0, 0.75, 1.0), []),
+    "safedpo_d10": successor((0.03125, 0.0, 0.0625), (1.25, 1.0, 1.5), (0.0, 0.0, 0.25), (0.0, 0.0, 0.25), []),
+    "mocan": successor((0.125, 0.0, 0.25), (1.75, 1.5, 2.0), (0.0, 0.0, 0.25), (0.125, 0.0, 0.25), []),
+    "sacpo_l4": successor((0.25, 0.0, 0.5), (1.0, 0.75, 1.25), (0.25, 0.0, 0.5), (0.375, 0.25, 0.5), ["mocan"]),
+    "sacpo_l10": successor(None, (1.0, 0.75, 1.25), (0.25, 0.0, 0.5), (None, None, None), None),
+}
+# seconds; sft was run twice (the last line counts); no line for sacpo_l10
+TRAIN_TIMES = [("sft", 600), ("reward", 120), ("cost", 180), ("sft", 300), ("nu_1", 900), ("ppo_lagrangian", 1200),
+               ("rloo_lagrangian", 48), ("dpo", 240), ("safedpo_d10", 250), ("mocan", 400), ("sacpo_l4", 200)]
+# own stage and the pipeline from SFT on, by hand: sft 300 (5.0 min); reward + cost 300 more for the RL runs and MoCAN;
+# nu_1 900 -> 1500 s; ppo_lagrangian 1200 -> 1800; rloo 48 s -> 648 (10.8 min); dpo 240 -> 540; safedpo 250 (4.17 min)
+# -> 550 (9.17); mocan 400 (6.67) -> 1000 (16.67); sacpo_l4 = dpo 240 + 200 = 440 (7.33) -> + sft = 740 (12.33)
+SUCCESSORS_TABLE = """\
+| method | unsafe on harmful | benign helpfulness | benign over-refusal | unsafe in most samples | dominated by \
+| own training wall time | pipeline wall time from SFT on | models held in training |
+|---|---|---|---|---|---|---|---|---|
+| SFT | 0.500 [0.250, 0.750] | 1.000 [0.750, 1.250] | 0.125 [0.000, 0.250] | 0.500 [0.250, 0.750] \
+| PPO-Lagrangian (Safe RLHF) | 5.0 min | 5.0 min | 1 |
+| fixed ν=1 | 0.250 [0.125, 0.500] | 0.500 [0.250, 0.750] | 0.500 [0.250, 0.750] | 0.250 [0.000, 0.500] \
+| SFT, DPO (helpfulness only) | 15.0 min | 25.0 min | 6 |
+| PPO-Lagrangian (Safe RLHF) | 0.062 [0.000, 0.125] | 1.500 [1.250, 1.750] | 0.000 [0.000, 0.250] \
+| 0.000 [0.000, 0.250] | none | 20.0 min | 30.0 min | 6 |
+| RLOO-Lagrangian | 0.000 [0.000, 0.125] | 0.500 [0.250, 0.750] | 0.250 [0.000, 0.500] | 0.000 [0.000, 0.250] \
+| none | 48 s | 10.8 min | 4 |
+| DPO (helpfulness only) | 0.750 [0.500, 1.000] | 2.000 [1.750, 2.250] | 0.000 [0.000, 0.250] \
+| 1.000 [0.750, 1.000] | none | 4.0 min | 9.0 min | 2 |
+| SafeDPO Δ=10 | 0.031 [0.000, 0.062] | 1.250 [1.000, 1.500] | 0.000 [0.000, 0.250] | 0.000 [0.000, 0.250] \
+| none | 4.2 min | 9.2 min | 2 |
+| MoCAN | 0.125 [0.000, 0.250] | 1.750 [1.500, 2.000] | 0.000 [0.000, 0.250] | 0.125 [0.000, 0.250] | none \
+| 6.7 min | 16.7 min | 2 (4 offline) |
+| SACPO β/λ=0.025 | 0.250 [0.000, 0.500] | 1.000 [0.750, 1.250] | 0.250 [0.000, 0.500] | 0.375 [0.250, 0.500] \
+| MoCAN | 7.3 min | 12.3 min | 2 |
+| SACPO β/λ=0.01 | – | 1.000 [0.750, 1.250] | 0.250 [0.000, 0.500] | – | – | n/a | n/a | 2 |"""
+SUCCESSORS_README = """\
+| method | unsafe on harmful | benign helpfulness | unsafe in most samples | pipeline wall time from SFT on \
+| models held in training |
+|---|---|---|---|---|---|
+| SFT | 0.500 [0.250, 0.750] | 1.000 [0.750, 1.250] | 0.500 [0.250, 0.750] | 5.0 min | 1 |
+| PPO-Lagrangian (Safe RLHF) | 0.062 [0.000, 0.125] | 1.500 [1.250, 1.750] | 0.000 [0.000, 0.250] | 30.0 min | 6 |
+| RLOO-Lagrangian | 0.000 [0.000, 0.125] | 0.500 [0.250, 0.750] | 0.000 [0.000, 0.250] | 10.8 min | 4 |
+| DPO (helpfulness only) | 0.750 [0.500, 1.000] | 2.000 [1.750, 2.250] | 1.000 [0.750, 1.000] | 9.0 min | 2 |
+| SafeDPO Δ=10 | 0.031 [0.000, 0.062] | 1.250 [1.000, 1.500] | 0.000 [0.000, 0.250] | 9.2 min | 2 |
+| MoCAN | 0.125 [0.000, 0.250] | 1.750 [1.500, 2.000] | 0.125 [0.000, 0.250] | 16.7 min | 2 (4 offline) |
+| SACPO β/λ=0.025 | 0.250 [0.000, 0.500] | 1.000 [0.750, 1.250] | 0.375 [0.250, 0.500] | 12.3 min | 2 |
+| SACPO β/λ=0.01 | – | 1.000 [0.750, 1.250] | – | n/a | 2 |"""
+
+
+def test_successors_block_quick_writes_the_results_folder_only(root, tmp_path, capsys):
+    results, runs = successors_folder(tmp_path, "quick", SUCCESSORS, TRAIN_TIMES)
+    before = files(root)
+    docs_blocks.main(["successors", str(results), "--runs", str(runs), "--profile", "quick", "--root", str(root)])
+    assert files(root) == before
+    assert (results / "successors.md").read_text() == SUCCESSORS_TABLE + "\n"
+    assert (results / "successors_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out == SUCCESSORS_TABLE + "\n"
+
+
+def test_successors_block_full(root, tmp_path, capsys):
+    results, runs = successors_folder(tmp_path, "full", SUCCESSORS, TRAIN_TIMES)
+    docs_blocks.main(["successors", str(results), "--runs", str(runs), "--profile", "full", "--root", str(root)])
+    assert (root / "README.md").read_text() == readme_with(successors=SUCCESSORS_README)
+    assert (root / "docs" / "successors.md").read_text() == (  # created from the template
+        "# Safe RLHF's successors on the toy world\n\n"
+        "Written by `make demo` (`demo.sh`, then `python -m tools.docs_blocks successors`).\n\n"
+        f"<!-- successors:start -->\n{SUCCESSORS_TABLE}\n<!-- successors:end -->\n\n### Over seeds\n\n"
+        "<!-- successors-seeds:start -->\n<!-- successors-seeds:end -->\n")
+    assert (root / "docs" / "successors_frontier.png").read_bytes() == (results / "successors_frontier.png").read_bytes()
+    assert capsys.readouterr().out.endswith(
+        "\ndocs/successors.md's and README.md's tables and docs/successors_frontier.png updated\n")
+    first = files(root)
+    docs_blocks.main(["successors", str(results), "--runs", str(runs), "--profile", "full", "--root", str(root)])
+    assert files(root) == first  # a second run changes nothing
+
+
+def test_successors_without_train_times_or_readme_markers(root, tmp_path):
+    results, runs = successors_folder(tmp_path, "bare", {"sft": SUCCESSORS["sft"], "mystery": SUCCESSORS["dpo"]}, [])
+    (runs / "train_times.jsonl").unlink()
+    (root / "README.md").write_text("# A README someone rewrote\n")
+    before = files(root)
+    p = run([sys.executable, "-m", "tools.docs_blocks", "successors", results, "--runs", runs, "--profile", "full",
+             "--root", root])
+    assert p.returncode == 2
+    assert p.stderr == (f"note: no {runs / 'train_times.jsonl'}; every wall time is n/a\n"
+                        f"error: {root / 'README.md'}: no <!-- successors:start --> ... <!-- successors:end --> markers\n")
+    assert files(root) == before
+    # results.md's table was still written: an unknown policy keeps its name, no times, no model count
+    assert (results / "successors.md").read_text().splitlines()[2:] == [
+        "| SFT | 0.500 [0.250, 0.750] | 1.000 [0.750, 1.250] | 0.125 [0.000, 0.250] | 0.500 [0.250, 0.750] "
+        "| PPO-Lagrangian (Safe RLHF) | n/a | n/a | 1 |",
+        "| mystery | 0.750 [0.500, 1.000] | 2.000 [1.750, 2.250] | 0.000 [0.000, 0.250] | 1.000 [0.750, 1.000] "
+        "| none | n/a | n/a | n/a |"]
+
+
+def test_successors_seeds(root, tmp_path, capsys):
+    seeds = [successors_folder(tmp_path, f"seed{i}", oracles, times) for i, (oracles, times) in enumerate([
+        ({"sft": SUCCESSORS["sft"], "safedpo_d10": SUCCESSORS["safedpo_d10"], "mocan": SUCCESSORS["mocan"]},
+         [("sft", 60), ("safedpo_d10", 30)]),
+        ({"sft": SUCCESSORS["sft"], "safedpo_d10": SUCCESSORS["ppo_lagrangian"], "mocan": SUCCESSORS["sacpo_l10"]},
+         [("sft", 90), ("safedpo_d10", 60)]),
+        ({"sft": SUCCESSORS["sft"], "mocan": SUCCESSORS["mocan"]}, [("sft", 30)])])]
+    docs_blocks.main(["successors-seeds", *(str(r) for r, _ in seeds), "--runs", *(str(r) for _, r in seeds),
+                      "--root", str(root)])
+    table = """\
+| method | seed 0: unsafe / helpfulness / most unsafe | seed 1: unsafe / helpfulness / most unsafe \
+| seed 2: unsafe / helpfulness / most unsafe | unsafe <= 0.05 on every seed | pipeline wall time per seed |
+|---|---|---|---|---|---|
+| SFT | 0.500 / 1.00 / 0.50 | 0.500 / 1.00 / 0.50 | 0.500 / 1.00 / 0.50 | no | 1.0 min / 1.5 min / 30 s |
+| SafeDPO Δ=10 | 0.031 / 1.25 / 0.00 | 0.062 / 1.50 / 0.00 | n/a | no | 1.5 min / 2.5 min / n/a |
+| MoCAN | 0.125 / 1.75 / 0.12 | – / 1.00 / – | 0.125 / 1.75 / 0.12 | no | n/a / n/a / n/a |"""
+    assert (root / "docs" / "successors.md").read_text() == SUCCESSORS_PAGE_WITH_SEEDS.format(table=table)
+    assert capsys.readouterr().out == table + "\ndocs/successors.md's seeds table updated\n"
+    # the target on every seed: yes only when every seed has the policy and meets it, n/a when one is missing
+    seeds = [successors_folder(tmp_path, f"met{i}", oracles, []) for i, oracles in enumerate([
+        {"a": SUCCESSORS["safedpo_d10"], "b": SUCCESSORS["safedpo_d10"]}, {"a": SUCCESSORS["rloo_lagrangian"]}])]
+    docs_blocks.main(["successors-seeds", *(str(r) for r, _ in seeds), "--root", str(root)])
+    assert capsys.readouterr().out.splitlines()[2:4] == ["| a | 0.031 / 1.25 / 0.00 | 0.000 / 0.50 / 0.00 | yes |",
+                                                         "| b | 0.031 / 1.25 / 0.00 | n/a | n/a |"]
+
+
+SUCCESSORS_PAGE_WITH_SEEDS = ("# Safe RLHF's successors on the toy world\n\n"
+                              "Written by `make demo` (`demo.sh`, then `python -m tools.docs_blocks successors`).\n\n"
+                              "<!-- successors:start -->\n<!-- successors:end -->\n\n### Over seeds\n\n"
+                              "<!-- successors-seeds:start -->\n{table}\n<!-- successors-seeds:end -->\n")

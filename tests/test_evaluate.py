@@ -125,6 +125,40 @@ def test_policy_tradeoff_of_a_run_started_from_a_run_is_iterated(tmp_path):
     assert E.policy_tradeoff(str(tmp_path / "v1"))["kind"] == "ppo_lagrangian"
     assert E.policy_tradeoff(str(tmp_path / "v2"))["kind"] == "iterated"     # its optimum is around v1, not pi_sft
 
+
+def test_policy_tradeoff_of_a_dpo_run_is_direct(tmp_path):
+    # dpo.py's args.json: a "method", a beta and a reference, no lambda_init; not the SFT policy (beta = inf)
+    (tmp_path / "safedpo").mkdir()
+    (tmp_path / "safedpo" / "args.json").write_text(json.dumps(
+        {"method": "safedpo", "beta": 0.1, "delta": 10.0, "model_name_or_path": str(tmp_path / "sft")}))
+    t = E.policy_tradeoff(str(tmp_path / "safedpo"))
+    assert t["kind"] == "direct" and math.isnan(t["nu"]) and math.isnan(t["beta"])
+    assert E.policy_tradeoff(str(tmp_path / "sft")) == {"kind": "sft", "nu": 0.0, "beta": math.inf}  # no args.json
+
+
+def test_majority_unsafe_counts_prompts_unsafe_in_more_than_half_their_samples():
+    harmful = [r for r in toyworld.REQUESTS if r.is_harmful]
+    a, b = [r for r in harmful if not r.held_out][:2]
+    c = next(r for r in harmful if r.held_out)
+    d = next(r for r in toyworld.REQUESTS if not r.is_harmful)
+    unsafe, safe = "steps_2", "refuse"
+    styles = {a: [unsafe, unsafe, safe, unsafe],   # 3 of 4 unsafe: a majority
+              b: [unsafe, safe, safe, unsafe],     # 2 of 4: not more than half
+              c: [unsafe] * 4,                     # 4 of 4 (held out)
+              d: [safe] * 4}                       # benign: not counted
+    pairs = [(toyworld.format_prompt(r.text), toyworld.canonical_response(r, s)) for r, ss in styles.items() for s in ss]
+    pairs = pairs[1::2] + pairs[::2]  # the samples of a prompt need not be next to each other
+    prompts, responses = [p for p, _ in pairs], [y for _, y in pairs]
+    m = E.majority_unsafe(prompts, responses)
+    assert (m["rate"], m["k"], m["n"]) == (pytest.approx(2 / 3), 2, 3)  # a and c of a, b, c
+    assert (m["lo"], m["hi"]) == S.wilson_interval(2, 3)
+    held_out = E.majority_unsafe(prompts, responses, "held_out")
+    assert (held_out["k"], held_out["n"]) == (1, 1)  # c alone
+    o = E.oracle_summary(prompts, responses)
+    assert o["all"]["majority_unsafe"] == m and o["held_out"]["majority_unsafe"] == held_out
+    assert (o["all"]["unsafe_rate"]["k"], o["all"]["unsafe_rate"]["n"]) == (9, 12)  # per sample: 3 + 2 + 4 of 12
+    assert E.majority_unsafe(prompts[:0], responses[:0])["rate"] is None  # no harmful prompt
+
 # ---- small helpers -------------------------------------------------------------------------------
 
 
@@ -263,6 +297,12 @@ def test_oracle_numbers_recomputed_from_responses(toy, tmp_path):
             assert o["helpfulness_benign"]["mean"] == pytest.approx(sum(j.helpfulness for j in benign) / len(benign))
             assert o["over_refusal_rate"]["rate"] == pytest.approx(sum(j.refused for j in benign) / len(benign))
             assert 0 <= o["unsafe_rate"]["lo"] <= o["unsafe_rate"]["rate"] <= o["unsafe_rate"]["hi"] <= 1
+            per_prompt = {}
+            for row, j in judged:
+                if toyworld.find_request(row["prompt"]).is_harmful:
+                    per_prompt.setdefault(row["prompt"], []).append(not j.is_safe)
+            assert (o["majority_unsafe"]["k"], o["majority_unsafe"]["n"]) == (
+                sum(2 * sum(u) > len(u) for u in per_prompt.values()), len(per_prompt))
 
 
 def test_preference_and_curves_only(toy, tmp_path):
