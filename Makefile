@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: test demo demo-quick demo-rloo bench check-8-ranks venv clean
+.PHONY: test demo demo-quick demo-rloo demo-successors bench check-8-ranks venv clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ demo-quick: $(STAMP)
 
 demo-rloo: $(STAMP)
 	PY=$(PY) bash demo.sh rloo
+
+# The direct successors (dpo.py) on the runs `make demo` left, then its evaluation again with them (make demo runs them too)
+demo-successors: $(STAMP)
+	PY=$(PY) bash demo.sh successors
 
 bench: $(STAMP)
 	$(PY) -m tools.bench --doc docs/bench.md

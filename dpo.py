@@ -171,8 +171,9 @@ class Args:
     temperature: float = 1.0
     """mocan: sampling temperature of pi_ref (1: pi_ref itself, as the dual needs)"""
     # optimisation
-    epochs: float = 2
-    """passes over the training pairs, fractions allowed"""
+    epochs: float = 1
+    """passes over the training pairs, fractions allowed (toy: 1; on seed 0 SafeDPO's held-out loss was 0.985
+    after 1.1 epochs and 0.986 after 2)"""
     max_steps: int = 0
     """optimiser steps of the whole run; overrides --epochs (0: --epochs decides)"""
     per_device_train_batch_size: int = 16

@@ -84,6 +84,19 @@ def test_safedpo_order_on_the_four_safety_types(better, safe0, safe1, expected):
     assert (chosen, rejected) == ("ab"[expected[0]], "ab"[expected[1]]) and labels == list(expected[2:])
 
 
+def test_pairs_safedpo_leaves_out_are_counted_never_refused_or_warned_about():
+    summary = data_rules.DataSummary("--dataset", "d", "train")
+    summary.read = 10
+    for row in range(3):
+        summary.leave_out("pairs of two unsafe responses (SafeDPO's transformation)", row)
+    assert summary.used == 7 and summary.check(strict=True) == []          # 30% left out: no warning, no --strict refusal
+    assert "left out by the method: 3 pairs of two unsafe responses" in summary.lines()[0]
+    for row in range(3, 10):
+        summary.leave_out("pairs of two unsafe responses (SafeDPO's transformation)", row)
+    with pytest.raises(UserError, match="no usable row .* row 0: pairs of two unsafe responses"):
+        summary.check(strict=False)
+
+
 def test_safedpo_loss_hand_value_and_margin_free_case():
     pw, pl, rw, rl = torch.tensor([-3.0, -2.0]), torch.tensor([-5.0, -2.5]), torch.tensor([-4.0, -2.0]), torch.tensor([-4.0, -2.0])
     cu, ru = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])   # pair 0: safe vs unsafe (margin); pair 1: both safe

@@ -15,7 +15,15 @@ def test_demo_pipeline_smoke(tmp_path):
     for stage in ("1/5 SFT", "2/5 reward", "3/5 cost", "4/5 PPO-Lagrangian", "4/5 baseline: plain PPO", "5/5 evaluation"):
         assert stage in p.stdout
     results = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert list(results["policies"]) == ["sft", "ppo", "nu_1", "ppo_lagrangian"]
+    assert list(results["policies"]) == ["sft", "ppo", "nu_1", "ppo_lagrangian", "rloo_lagrangian", "dpo", "safedpo_d10",
+                                         "mocan", "sacpo_l2"]
+    # the successors (dpo.py) beside the rest, with every training command's wall time
+    times = [json.loads(line)["name"] for line in (tmp_path / "runs" / "train_times.jsonl").read_text().splitlines()]
+    assert times == ["sft", "reward", "cost", "ppo_lagrangian", "ppo", "nu_1", "rloo_lagrangian", "rloo", "dpo",
+                     "safedpo_d10", "mocan", "sacpo_l2"]
+    table = (tmp_path / "results" / "successors.md").read_text()
+    assert "SafeDPO Δ=10" in table and "SACPO β/λ=0.05" in table and "n/a" not in table
+    assert (tmp_path / "results" / "successors_frontier.png").stat().st_size > 1000
     for png in ("frontier.png", "training_curves.png", "scatter.png", "histograms.png"):
         assert (tmp_path / "results" / png).stat().st_size > 0
     # the critic-free stage next to PPO-Lagrangian: every policy measured by the oracle, both lambda curves

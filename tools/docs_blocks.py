@@ -355,8 +355,7 @@ def main(argv: list[str] | None = None) -> None:
             sub.add_argument("--profile", required=True, help="demo.sh's profile; only full rewrites README and docs")
         if name == "successors":
             sub.add_argument("--runs", type=Path, required=True, help="demo.sh's runs folder (train_times.jsonl)")
-            sub.add_argument("--profile", choices=("full", "quick"), default="quick",
-                             help="demo.sh's profile; only full rewrites README and docs")
+            sub.add_argument("--profile", required=True, help="demo.sh's profile; only full rewrites README and docs")
     args = vars(parser.parse_args(argv))
     block, _ = args.pop("block"), args.pop("name")
     try:
