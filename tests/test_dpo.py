@@ -13,7 +13,6 @@ import torch
 
 import data_rules
 import dpo
-import plumbing
 from conftest import ROOT, make_toy_checkpoints, run
 from plumbing import UserError
 from test_supervised import assert_same_weights, ok, one_line_error, write_jsonl
@@ -219,7 +218,9 @@ def test_safedpo_smoke_and_resume_equals_uninterrupted(world, tmp_path):
     result = json.loads((a / "eval.json").read_text())
     assert {"eval/loss", "eval/accuracy"} <= set(result) and math.isfinite(result["eval/loss"])
     records = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+    summary = json.loads((a / "data_summary.json").read_text())["train"]
+    assert summary["rows_used"] == 16 - summary["left_out"]["pairs of two unsafe responses (SafeDPO's transformation)"]["count"]
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, summary["rows_used"] // 4 + 1))
     # step 1 starts at policy == reference: every implicit reward is 0, the loss log 2 + the margin's share
     ok(run(dpo_cmd(root, data, b, "--method", "safedpo", "--stop_at_step", "2")))
     assert json.loads((b / "train_state.json").read_text())["trainer"]["step"] == 2
