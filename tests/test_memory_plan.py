@@ -234,6 +234,73 @@ def test_rloo_holds_the_ppo_plan_less_the_critics():
     assert "both critics' roots (kept since scoring)" not in rloo["phases"]["actor update"]["terms"]
 
 
+def test_dpo_holds_the_rloo_plan_less_the_score_models():
+    """dpo.py's policy is trained as rloo's actor, its reference frozen the same way: the persistent state
+    is rloo's less the reward and cost models' shards and their roots left gathered."""
+    config = M.preset_config("toy-small", vocab_size=101)
+    for bf16, W in ((False, 2), (True, 3)):
+        rloo = MP.estimate_memory(config, W, bf16=bf16, stage="rloo_lagrangian", samples_per_prompt=4, **SIZES)
+        dpo = MP.estimate_memory(config, W, bf16=bf16, stage="dpo", **SIZES)
+        assert set(dpo["params"]) == {"policy", "reference"} and list(dpo["phases"]) == ["update"]
+        assert dpo["persistent"]["policy"] == rloo["persistent"]["actor"]
+        assert dpo["persistent"]["reference"] == rloo["persistent"]["reference"]
+        c = 2 if bf16 else 4
+        scorers = {n: MP.model_size(m, W) for n, m in MP.meta_models(config).items() if n.endswith("_model")}
+        shares = sum(c * (s.shard + W * s.root_shard) for s in scorers.values())
+        assert dpo["persistent_total"] == rloo["persistent_total"] - shares > 0
+
+
+def test_dpo_update_is_the_actor_update_at_2b_rows():
+    """A micro-batch of B pairs is 2B rows: the actor update's moments at 2B sequences, plus the policy's
+    root kept gathered (never under gathered_weights) until the backward, and the reference's forward
+    run while the policy's graph is kept (above the forward's end)."""
+    config = M.preset_config("toy-small", vocab_size=101)
+    B, W = 4, 2
+    sizes = dict(SIZES, per_device_train_batch_size=B)
+    for gc in (False, True):
+        dpo = MP.estimate_memory(config, W, bf16=True, stage="dpo", gradient_checkpointing=gc, **sizes)
+        rloo = MP.estimate_memory(config, W, bf16=True, stage="rloo_lagrangian", samples_per_prompt=4,
+                                  gradient_checkpointing=gc, **dict(sizes, per_device_train_batch_size=2 * B))
+        ours = {k: v - dpo["persistent_total"] for k, v in dpo["phases"]["update"]["moments"].items()}
+        actor = {k: v - rloo["persistent_total"] for k, v in rloo["phases"]["actor update"]["moments"].items()}
+        root = 2 * W * MP.model_size(MP.meta_models(config, "dpo", scorers=False)["policy"], W).root_shard
+        assert ours["backward, last layer"] == actor["backward, last layer"]   # the root is gathered there in both
+        assert ours["forward end"] == actor["forward end"] + root
+        assert ours["backward start"] == actor["backward start"] + root
+        assert ours["reference forward (the policy's graph kept)"] > ours["forward end"]
+        assert dpo["phases"]["update"]["total"] == max(dpo["phases"]["update"]["moments"].values())
+
+
+def test_mocan_adds_its_offline_phase():
+    config = M.preset_config("toy-small", vocab_size=101)
+    dpo = MP.estimate_memory(config, 2, bf16=True, stage="dpo", **SIZES)
+    mocan = MP.estimate_memory(config, 2, bf16=True, stage="dpo", method="mocan", **SIZES)
+    assert list(mocan["phases"]) == ["offline (mocan)", "update"]
+    assert mocan["persistent_total"] == dpo["persistent_total"]
+    assert mocan["phases"]["update"] == dpo["phases"]["update"]
+    assert mocan["phases"]["offline (mocan)"]["total"] > dpo["persistent_total"]
+    assert max(p["total"] for p in mocan["phases"].values()) >= max(p["total"] for p in dpo["phases"].values())
+    terms = mocan["phases"]["offline (mocan)"]["terms"]
+    # the policy's gradients and AdamW moments do not exist yet; the score models' shards only here
+    assert terms["policy grads, AdamW states (not yet allocated)"] == -(
+        dpo["persistent"]["policy"]["fp32 grads"] + dpo["persistent"]["policy"]["AdamW states"])
+    # dpo.Args' defaults; a larger sampling batch makes a larger phase
+    import dpo as stage
+    assert mocan["sizes"]["mocan_batch_size"] == stage.Args.mocan_batch_size == 16
+    assert mocan["sizes"]["mocan_samples"] == stage.Args.mocan_samples == 8
+    more = MP.estimate_memory(config, 2, bf16=True, stage="dpo", method="mocan", mocan_samples=16, **SIZES)
+    assert more["phases"]["offline (mocan)"]["total"] > mocan["phases"]["offline (mocan)"]["total"]
+    assert MP.Args.per_device_train_batch_size == stage.Args.per_device_train_batch_size
+    assert MP.Args.max_length == stage.Args.max_length
+
+
+def test_measure_dpo_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        MP.plumbing.run_main(MP.main, ["--measure", "--stage", "dpo"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: --measure runs")
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 
@@ -242,8 +309,11 @@ def test_rloo_holds_the_ppo_plan_less_the_critics():
     (["--model", "./no/such/folder"], "not a preset"),
     (["--world_size", "1", "--no-fsdp"], "not modelled"),     # one GPU process runs under autocast
     (["--max_length", "64", "--prompt_length", "64"], "max_length"),
-    (["--stage", "grpo"], "--stage grpo: choose ppo_lagrangian or rloo_lagrangian"),
+    (["--stage", "grpo"], "--stage grpo: choose ppo_lagrangian, rloo_lagrangian, dpo"),
     (["--stage", "rloo_lagrangian", "--samples_per_prompt", "1"], "--samples_per_prompt 1: must be a finite number >= 2"),
+    (["--measure", "--stage", "dpo"], "--measure runs ppo_lagrangian or rloo_lagrangian only, not --stage dpo"),
+    (["--method", "mocan"], "--method mocan: for --stage dpo only"),
+    (["--stage", "dpo", "--method", "ipo"], "--method ipo: dpo.py's methods are"),
 ])
 def test_bad_input_is_one_line(argv, message):
     with pytest.raises(UserError, match=message):

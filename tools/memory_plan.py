@@ -1,5 +1,5 @@
 """tools/memory_plan.py: per-rank memory of PPO-Lagrangian's six models (or the critic-free
-rloo_lagrangian.py's four) under FSDP2, from a model config.
+rloo_lagrangian.py's four, or dpo.py's policy and reference) under FSDP2, from a model config.
 
 The six models are built on the meta device as ppo_lagrangian.py builds them (actor and reference:
 AutoModelForCausalLM; reward model, cost model and both critics: model.ScoreModel over AutoModel), so
@@ -61,6 +61,20 @@ rloo_lagrangian.py (--stage rloo_lagrangian) holds the same minus the two critic
 no critic values in scoring, no critic roots kept through the actor update, no critic update; its
 rollout and scoring run on its P x K sequences (P prompts, K answers each).
 
+dpo.py (--stage dpo; DPO, SafeDPO, MoCAN, SACPO) holds a policy trained as the actor is and a reference
+frozen as PPO's is (its root left gathered), nothing else. Its one phase, "update", is a micro-batch of
+B pairs, 2B right-padded rows of L tokens: the actor update's formulas at 2B rows, with the policy's root
+kept gathered from its forward to its backward (FSDP2's default for a root: the policy never goes through
+gathered_weights), and one more moment: the reference's no-grad forward over the same rows, run while the
+policy's graph is kept (its saved activations and log_softmax's fp32 output). --method mocan adds
+"offline (mocan)" (dpo.mocan_offline, run by start_training after prepare_model and before
+make_optimizer: the policy's fp32 weights exist, its gradients and AdamW moments not yet): the reward and
+cost models' shards, the reference gathered whole for generation (gathered_weights) with a KV cache of
+mocan_batch_size x mocan_samples sequences, then the score models' no-grad forwards over those samples
+and over the pairs (dpo.Args' per_device_eval_batch_size of them). After gathered_weights the
+reference's root reshards after every forward; the training phase still counts it as left gathered (an
+upper bound, one root). The save is the same code for the one trained model. Defaults: dpo.Args'.
+
 Not counted: kernels' internal scratch buffers, CUDA allocator fragmentation and the CUDA/NCCL
 context (leave a few GiB), the rollout arrays of shape (P, L) (kilobytes), AdamW's step counters (on
 the CPU), and the save's small objects (state-dict keys, the JSON train state, RNG states, the
@@ -79,6 +93,8 @@ Run:
     python -m tools.memory_plan --model llama-7b --world_size 8 --gpu_memory_gib 80 --gradient_checkpointing
     python -m tools.memory_plan --model runs/sft --world_size 2            # a checkpoint folder's config.json
     python -m tools.memory_plan --model llama-7b --world_size 8 --stage rloo_lagrangian   # 4 models, 4 prompts x 4
+    python -m tools.memory_plan --model llama-7b --world_size 8 --stage dpo               # policy + reference
+    python -m tools.memory_plan --model llama-7b --world_size 8 --stage dpo --method mocan  # + the offline phase
     python -m tools.memory_plan --measure                                   # estimate vs measurement, 1 CPU process
     python -m tools.memory_plan --measure --stage rloo_lagrangian
     torchrun --nproc_per_node 2 -m tools.memory_plan --measure              # the same, FSDP2 over 2 CPU ranks
@@ -114,7 +130,10 @@ MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ("actor", "reward_critic", "cost_critic")
 FROZEN = ("reference", "reward_model", "cost_model")
-STAGES = {"ppo_lagrangian": TRAINED, "rloo_lagrangian": ("actor",)}   # each stage's trained models
+STAGES = {"ppo_lagrangian": TRAINED, "rloo_lagrangian": ("actor",), "dpo": ("policy",)}   # each stage's trained models
+FROZEN_OF = {"ppo_lagrangian": FROZEN, "rloo_lagrangian": FROZEN, "dpo": ("reference",)}  # ... and its frozen ones
+MEASURED = ("ppo_lagrangian", "rloo_lagrangian")   # the stages --measure can run
+METHODS = ("dpo", "safedpo", "mocan", "sacpo")     # dpo.py's --method: only mocan changes the memory (its offline phase)
 
 # --------------------------------------------------------------------------------------------
 # Args
@@ -136,14 +155,20 @@ class Args:
     gpu_memory_gib: float = 80.0
     """memory of one GPU, to say whether the plan fits"""
     stage: str = "ppo_lagrangian"
-    """ppo_lagrangian (six models) or rloo_lagrangian (four: no critics)"""
+    """ppo_lagrangian (six models), rloo_lagrangian (four: no critics) or dpo (a policy and its reference)"""
+    method: str = "dpo"
+    """dpo only: dpo.py's --method (dpo, safedpo, mocan, sacpo); mocan adds its offline phase"""
+    mocan_batch_size: int | None = None
+    """dpo --method mocan: prompts per rank per sampling batch; default dpo.Args' (16)"""
+    mocan_samples: int | None = None
+    """dpo --method mocan: K, samples of the reference per prompt; default dpo.Args' (8)"""
     per_device_prompt_batch_size: int | None = None
     """P: prompts per rank per rollout; default the stage's paper recipe: 16 (official, safe-rlhf
     scripts/ppo-lag.sh@82743cc:L148-198), rloo_lagrangian 4 (x K = the same 16 sequences)"""
     samples_per_prompt: int = 4
     """K: answers per prompt (rloo_lagrangian only)"""
     per_device_train_batch_size: int = 16
-    """B: sequences per rank per rl_step (official 16)"""
+    """B: sequences per rank per rl_step (official 16); dpo: pairs per micro-batch (dpo.Args' 16: 2B rows)"""
     max_length: int = 512
     """L: prompt + response tokens (official 512); rollouts are assumed to reach it"""
     prompt_length: int = 128
@@ -176,18 +201,20 @@ def load_config(name_or_path: str):
         raise UserError(f"--model {name_or_path}: cannot read its config: {plumbing.first_line(e)}") from None
 
 
-def meta_models(config, stage: str = "ppo_lagrangian") -> dict[str, nn.Module]:
+def meta_models(config, stage: str = "ppo_lagrangian", scorers: bool = True) -> dict[str, nn.Module]:
     """The models of ppo_lagrangian.py (six) or rloo_lagrangian.py (four) as model.py's `_skeleton`
-    builds them: shapes only."""
+    builds them: shapes only. dpo.py: the policy and the reference, and (scorers: --method mocan's
+    offline phase) the reward and cost models."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = copy.deepcopy(config)
     config.architectures = None
     with torch.device("meta"):
-        models = {"actor": AutoModelForCausalLM.from_config(config),
-                  "reference": AutoModelForCausalLM.from_config(config),
-                  "reward_model": M.ScoreModel(AutoModel.from_config(config), "reward"),
-                  "cost_model": M.ScoreModel(AutoModel.from_config(config), "cost")}
+        models = {STAGES[stage][0]: AutoModelForCausalLM.from_config(config),
+                  "reference": AutoModelForCausalLM.from_config(config)}
+        if scorers:
+            models |= {"reward_model": M.ScoreModel(AutoModel.from_config(config), "reward"),
+                       "cost_model": M.ScoreModel(AutoModel.from_config(config), "cost")}
         for name in STAGES[stage][1:]:  # the critics
             models[name] = M.ScoreModel(AutoModel.from_config(config), "critic")
     return models
@@ -502,9 +529,12 @@ def save_plan(moments: dict[str, dict[str, dict[str, int]]], persistent_total: i
 def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: int = 16,
                     per_device_train_batch_size: int = 16, max_length: int = 512, prompt_length: int = 128,
                     bf16: bool = True, gradient_checkpointing: bool = False, fsdp: bool | None = None,
-                    stage: str = "ppo_lagrangian", samples_per_prompt: int = 1, save_rank: int | None = None) -> dict:
+                    stage: str = "ppo_lagrangian", samples_per_prompt: int = 1, save_rank: int | None = None,
+                    method: str = "dpo", mocan_batch_size: int | None = None, mocan_samples: int | None = None) -> dict:
     """Per-rank bytes of PPO-Lagrangian (ppo_lagrangian.py), or of rloo_lagrangian.py with stage
-    "rloo_lagrangian" (its rollout: P prompts x samples_per_prompt answers), for a decoder config, on rank 0.
+    "rloo_lagrangian" (its rollout: P prompts x samples_per_prompt answers), or of dpo.py with stage "dpo"
+    (per_device_train_batch_size pairs, 2B rows, per micro-batch; method "mocan" adds its offline phase of
+    mocan_batch_size prompts x mocan_samples samples, defaults dpo.Args'), for a decoder config, on rank 0.
 
     fsdp (default: world_size > 1) is a torchrun run with FSDP2 (model.prepare_model), also with
     one rank (`torchrun --nproc_per_node 1`); fsdp=False is one plain process: whole models, nothing
@@ -523,8 +553,17 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     "sharded" "files" (save_rank's files, bytes of whole tensors, in the order written; None by default).
     """
     if stage not in STAGES:
-        raise UserError(f"--stage {stage}: choose {' or '.join(STAGES)}")
-    trained, critics = STAGES[stage], STAGES[stage][1:]
+        raise UserError(f"--stage {stage}: choose {', '.join(STAGES)}")
+    if method not in METHODS or (method != "dpo" and stage != "dpo"):
+        raise UserError(f"--method {method}: dpo.py's methods are {', '.join(METHODS)}, with --stage dpo only")
+    trained, frozen, critics = STAGES[stage], FROZEN_OF[stage], STAGES[stage][1:]
+    mocan = method == "mocan"
+    if mocan:  # dpo.Args' defaults for what is not given
+        import dpo
+
+        mocan_batch_size = mocan_batch_size or dpo.Args.mocan_batch_size
+        mocan_samples = mocan_samples or dpo.Args.mocan_samples
+        eval_batch_size = dpo.Args.per_device_eval_batch_size
     K = samples_per_prompt if stage == "rloo_lagrangian" else 1
     # P: sequences per rank per rollout (prompts x answers), the batch of generation and scoring
     P, B, L, S = per_device_prompt_batch_size * K, per_device_train_batch_size, max_length, prompt_length
@@ -539,7 +578,7 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     if missing:
         raise UserError(f"{type(config).__name__} has no {', '.join(missing)}: the activation formulas are "
                           "written for LLaMA-style decoders (RMSNorm, SwiGLU MLP)")
-    models = meta_models(config, stage)
+    models = meta_models(config, stage, scorers=stage != "dpo" or mocan)
     sizes = {name: model_size(m, world_size) for name, m in models.items()}
     h, i, V, d = config.hidden_size, config.intermediate_size, config.vocab_size, head_dim(config)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -552,11 +591,11 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     for name in trained:
         n = sizes[name].shard
         persistent[name] = {"fp32 params": 4 * n, "fp32 grads": 4 * n, "AdamW states": 8 * n}
-    for name in FROZEN:
+    for name in frozen:
         persistent[name] = {f"{'bf16' if bf16 else 'fp32'} params": c * sizes[name].shard}
     if fsdp:  # FSDP2 never reshards a root after a forward without backward
         persistent["frozen roots, left gathered"] = {
-            "params": sum(c * world_size * sizes[n].root_shard for n in FROZEN)}
+            "params": sum(c * world_size * sizes[n].root_shard for n in frozen)}
     persistent_total = sum(sum(parts.values()) for parts in persistent.values())
 
     def unsharded(name: str, part: str) -> int:
@@ -567,16 +606,20 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
         return c * world_size * shard if fsdp else 0
 
     # ---- rollout: the whole actor unsharded, the KV cache --------------------------------------
-    actor = {"actor unsharded (gathered_weights)": unsharded("actor", "all")} if fsdp else {}
-    # Each decoding step grows a layer's cache by torch.cat (old and new keys exist at once); with
-    # grouped-query attention and a mask, repeat_kv also copies that layer's keys and values to a heads.
-    growth = P * L * d * c * (2 * config.num_attention_heads if kv_heads < config.num_attention_heads else kv_heads)
-    rollout = {
-        "prefill": actor | {"KV cache, prompt": kv_cache_bytes(config, P, S, c),
-                            "prefill logits or layer work": P * S * c * max(V, 2 * h + 3 * i)},
-        "end of generation": actor | {"KV cache": kv_cache_bytes(config, P, L, c), "cache growth, one layer": growth,
-                                      "last step's logits, fp32 copy, probs": P * V * (c + 8)},
-    }
+    def generation(weights: dict[str, int], P: int) -> dict[str, dict[str, int]]:
+        """model.sample of P sequences from S to L tokens under gathered_weights (`weights`: the model unsharded)."""
+        # Each decoding step grows a layer's cache by torch.cat (old and new keys exist at once); with
+        # grouped-query attention and a mask, repeat_kv also copies that layer's keys and values to a heads.
+        growth = P * L * d * c * (2 * config.num_attention_heads if kv_heads < config.num_attention_heads else kv_heads)
+        return {
+            "prefill": weights | {"KV cache, prompt": kv_cache_bytes(config, P, S, c),
+                                  "prefill logits or layer work": P * S * c * max(V, 2 * h + 3 * i)},
+            "end of generation": weights | {"KV cache": kv_cache_bytes(config, P, L, c), "cache growth, one layer": growth,
+                                            "last step's logits, fp32 copy, probs": P * V * (c + 8)},
+        }
+
+    rollout = generation({"actor unsharded (gathered_weights)": unsharded("actor", "all")} if fsdp else {}, P) \
+        if stage != "dpo" else {}
 
     # ---- scoring: no-grad forwards over the whole rollout batch, one model at a time -----------
     # The actor's root reshards after every forward (gathered_weights sets reshard_after_forward=True on
@@ -589,9 +632,16 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
                                     "layer work": no_grad_layer_bytes(config, P * L, c)}
 
     # ---- updates: forward end, backward start, backward of the last layer -----------------------
-    saved = saved_activations(config, B, L, c, gradient_checkpointing)
-
-    def update(name: str, kept_roots: dict[str, int], logits: int) -> dict[str, dict[str, int]]:
+    def update(name: str, kept_roots: dict[str, int], logits: int, batch: int = B,
+               root_kept: bool | None = None) -> dict[str, dict[str, int]]:
+        """A trained model's forward and backward over batch x L tokens. root_kept: its root stays gathered
+        from the forward to the backward (FSDP2's default for a root; not the actor's: gathered_weights set
+        reshard_after_forward on it)."""
+        saved = saved_activations(config, batch, L, c, gradient_checkpointing)
+        if root_kept is None:
+            root_kept = name != "actor"
+        if root_kept:
+            kept_roots = kept_roots | {f"{name} root unsharded": unsharded(name, "root")}
         freed = {"previous grads, freed by zero_grad": -persistent[name]["fp32 grads"]}
         # in the backward the root is gathered (kept since the forward, or the actor's re-gathered) and the
         # head's gradients are unsharded until the end; one layer: its params, the prefetched next one's,
@@ -600,12 +650,10 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
                       f"{name} head grads unsharded": unsharded(name, "head") if fsdp else 4 * sizes[name].head_shard,
                       "layer params x2 + grads, unsharded": 3 * unsharded(name, "layer"),
                       "saved activations (layers)": saved["decoder layers"],
-                      "layer backward gradients": layer_backward_bytes(config, B * L, c)}
+                      "layer backward gradients": layer_backward_bytes(config, batch * L, c)}
         if gradient_checkpointing:
-            last_layer["recomputed layer activations"] = layer_activation_bytes(config, B, L, c)
+            last_layer["recomputed layer activations"] = layer_activation_bytes(config, batch, L, c)
         forward_end = {"saved activations": sum(saved.values())}
-        if name != "actor":  # the actor's root is resharded after its forward, a critic's is not
-            forward_end[f"{name} root unsharded"] = unsharded(name, "root")
         moments = {"forward end": kept_roots | forward_end | {"logits chain": logits},
                    "backward, last layer": kept_roots | freed | last_layer}
         if logits:
@@ -614,11 +662,42 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
         return moments
 
     critic_roots = {"both critics' roots (kept since scoring)": 2 * unsharded("reward_critic", "root")} if critics else {}
-    phase_moments = {
-        "rollout": rollout,
-        "scoring": scoring,
-        "actor update": update("actor", critic_roots, logits_chain_bytes(config, B, L, c)),
-    }
+    if stage != "dpo":
+        phase_moments = {
+            "rollout": rollout,
+            "scoring": scoring,
+            "actor update": update("actor", critic_roots, logits_chain_bytes(config, B, L, c)),
+        }
+    else:
+        phase_moments = {}
+        if mocan:  # dpo.mocan_offline, inside start_training: after prepare_model, before make_optimizer
+            pm = mocan_batch_size * mocan_samples   # sequences per sampling batch
+            setup = {"policy grads, AdamW states (not yet allocated)": -persistent["policy"]["fp32 grads"]
+                                                                        - persistent["policy"]["AdamW states"],
+                     "reward, cost models' shards (freed after this phase)":
+                         c * (sizes["reward_model"].shard + sizes["cost_model"].shard),
+                     # left gathered by their first no-grad forward: while the next batch samples too
+                     "reward, cost models' roots": unsharded("reward_model", "root") + unsharded("cost_model", "root")}
+            # gathered_weights gathers the whole reference (its root included, counted as persistent) and
+            # reshards everything on exit
+            after = {"reference root (resharded by gathered_weights)": -unsharded("reference", "root"),
+                     "two layers unsharded (current, prefetched)": 2 * unsharded("reward_model", "layer")}
+            offline = {f"sampling, {k}": setup | t for k, t in generation(
+                {"reference unsharded (gathered_weights), beyond its root":
+                 unsharded("reference", "all") - unsharded("reference", "root")}, pm).items()}
+            offline["scoring the samples"] = setup | after | {"layer work": no_grad_layer_bytes(config, pm * L, c)}
+            offline["scoring the pairs"] = setup | after | {"layer work": no_grad_layer_bytes(config, 2 * eval_batch_size * L, c)}
+            phase_moments["offline (mocan)"] = offline
+        # one micro-batch of B pairs = 2B right-padded rows: the policy's forward (its root, never under
+        # gathered_weights, stays gathered until its backward), then the reference's no-grad forward while
+        # the policy's graph is kept: saved activations and log_softmax's fp32 output (what the gather's
+        # backward needs), then the backward
+        update_moments = update("policy", {}, logits_chain_bytes(config, 2 * B, L, c), batch=2 * B)
+        update_moments["reference forward (the policy's graph kept)"] = (
+            {k: v for k, v in update_moments["forward end"].items() if k != "logits chain"}
+            | {"policy's log_softmax output (kept for backward)": 4 * 2 * B * (L - 1) * V,
+               "reference logits chain (no grad)": logits_chain_bytes(config, 2 * B, L, c)})
+        phase_moments["update"] = update_moments
     if critics:  # the reward critic trains first, while the cost critic's root is still gathered from scoring
         phase_moments["critic update"] = update("reward_critic", {"cost critic root (kept since scoring)":
                                                                   unsharded("cost_critic", "root")}, 0)
@@ -626,7 +705,8 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     for phase, moments in phase_moments.items():
         moment = max(moments, key=lambda k: sum(moments[k].values()))
         terms = {k: v for k, v in moments[moment].items() if v}
-        phases[phase] = {"moment": moment, "terms": terms, "total": persistent_total + sum(terms.values())}
+        phases[phase] = {"moment": moment, "terms": terms, "total": persistent_total + sum(terms.values()),
+                         "moments": {k: persistent_total + sum(t.values()) for k, t in moments.items()}}
     peak_phase = max(phases, key=lambda k: phases[k]["total"])
     # ---- the save: CPU and GPU bytes per rank, the previous version's gathered scheme and this one's sharded -----------------
     host_is_device = not bf16  # the CPU path: one memory holds the "GPU" state and the CPU copies
@@ -645,7 +725,10 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
     return {"params": {name: s.numel for name, s in sizes.items()}, "world_size": world_size, "fsdp": fsdp, "bf16": bf16,
             "gradient_checkpointing": gradient_checkpointing, "stage": stage,
             "sizes": {"per_device_prompt_batch_size": per_device_prompt_batch_size, "samples_per_prompt": K,
-                      "per_device_train_batch_size": B, "max_length": L, "prompt_length": S},
+                      "per_device_train_batch_size": B, "max_length": L, "prompt_length": S} if stage != "dpo" else
+                     {"method": method, "per_device_train_batch_size": B, "max_length": L}
+                     | ({"mocan_batch_size": mocan_batch_size, "mocan_samples": mocan_samples, "prompt_length": S,
+                         "per_device_eval_batch_size": eval_batch_size} if mocan else {}),
             "persistent": persistent, "persistent_total": persistent_total,
             "phases": phases, "peak_phase": peak_phase, "peak": phases[peak_phase]["total"], "save": save}
 
@@ -662,15 +745,23 @@ def _row(label: str, nbytes: int, indent: int = 2, width: int = 72) -> str:
 def format_plan(plan: dict, model_name: str, gpu_memory_gib: float) -> str:
     """The per-rank table: persistent parts, each phase's peak with its transients, the verdict."""
     W, s, n = plan["world_size"], plan["sizes"], plan["params"]
-    title = {"ppo_lagrangian": "PPO-Lagrangian (six models)", "rloo_lagrangian": "RLOO-Lagrangian (four models)"}
-    batch = (f"P={s['per_device_prompt_batch_size']} prompts" + (f" x K={s['samples_per_prompt']} answers"
-                                                                 if s["samples_per_prompt"] > 1 else ""))
-    lines = [f"{title[plan['stage']]}, memory per rank: {model_name} (actor {n['actor'] / 1e9:.2f}B, each score model "
-             f"{n['reward_model'] / 1e9:.2f}B parameters)",
+    title = {"ppo_lagrangian": "PPO-Lagrangian (six models)", "rloo_lagrangian": "RLOO-Lagrangian (four models)",
+             "dpo": f"dpo.py --method {s.get('method')} (policy and reference"
+                    + (", reward and cost models offline)" if "reward_model" in n else ")")}
+    if plan["stage"] == "dpo":
+        batch = (f"B={s['per_device_train_batch_size']} pairs (2B rows) per micro-batch, L={s['max_length']}"
+                 + (f"; offline: {s['mocan_batch_size']} prompts x {s['mocan_samples']} samples, S={s['prompt_length']}, "
+                    f"{s['per_device_eval_batch_size']} pairs per scoring batch" if "mocan_samples" in s else ""))
+    else:
+        batch = (f"P={s['per_device_prompt_batch_size']} prompts" + (f" x K={s['samples_per_prompt']} answers"
+                                                                     if s["samples_per_prompt"] > 1 else "")
+                 + f", B={s['per_device_train_batch_size']} per micro-batch, L={s['max_length']}, S={s['prompt_length']}")
+    trained = STAGES[plan["stage"]][0]
+    lines = [f"{title[plan['stage']]}, memory per rank: {model_name} ({trained} {n[trained] / 1e9:.2f}B"
+             + (f", each score model {n['reward_model'] / 1e9:.2f}B" if "reward_model" in n else "") + " parameters)",
              f"{f'FSDP2 over {W} rank' + ('s' if W > 1 else '') if plan['fsdp'] else 'one process, no FSDP'}, "
              f"{'bf16 (fp32 master weights, grads, AdamW)' if plan['bf16'] else 'fp32'}, gradient checkpointing "
-             f"{'on' if plan['gradient_checkpointing'] else 'off'}; {batch}, "
-             f"B={s['per_device_train_batch_size']} per micro-batch, L={s['max_length']}, S={s['prompt_length']}",
+             f"{'on' if plan['gradient_checkpointing'] else 'off'}; {batch}",
              "", f"{'persistent':<72}{'GiB':>8}"]
     for name, parts in plan["persistent"].items():
         detail = ", ".join(f"{part} {b / GiB:.2f}" for part, b in parts.items()) if len(parts) > 1 else next(iter(parts))
@@ -831,8 +922,8 @@ def measure_memory(*, per_device_prompt_batch_size: int = MEASURE_RUN["per_devic
 
     import safetensors.torch as safetensors_torch
 
-    if stage not in STAGES:
-        raise UserError(f"--stage {stage}: choose {' or '.join(STAGES)}")
+    if stage not in MEASURED:
+        raise UserError(f"--measure runs {' or '.join(MEASURED)} only, not --stage {stage}")
     module = importlib.import_module(stage)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     K = samples_per_prompt if stage == "rloo_lagrangian" else 1
@@ -965,6 +1056,10 @@ def format_measurement(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """CLI: print the per-rank table and one JSON line; returns the JSON record (bench.py can call this)."""
     args = plumbing.parse_args(Args, argv, description=__doc__.splitlines()[0])
+    if args.method != "dpo" and args.stage != "dpo":
+        raise UserError(f"--method {args.method}: for --stage dpo only")
+    if args.measure and args.stage not in MEASURED:
+        raise UserError(f"--measure runs {' or '.join(MEASURED)} only, not --stage {args.stage}: its plan is an estimate")
     if args.measure:
         result = measure_memory(gradient_checkpointing=args.gradient_checkpointing, stage=args.stage,
                                 samples_per_prompt=args.samples_per_prompt)
@@ -979,7 +1074,8 @@ def main(argv: list[str] | None = None) -> dict:
                            per_device_prompt_batch_size=args.per_device_prompt_batch_size,
                            per_device_train_batch_size=args.per_device_train_batch_size,
                            max_length=args.max_length, prompt_length=args.prompt_length, bf16=args.bf16,
-                           gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp)
+                           gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp, method=args.method,
+                           mocan_batch_size=args.mocan_batch_size, mocan_samples=args.mocan_samples)
     record = plan_record(plan, args.model, args.gpu_memory_gib)
     print(format_plan(plan, args.model, args.gpu_memory_gib))
     print(json.dumps(record, sort_keys=True))
