@@ -711,15 +711,15 @@ def main(args: Args) -> None:
     meter = plumbing.Throughput(run.step, run.last_step)
     for global_batch in plumbing.global_batches(args, len(data.train), lengths if args.group_by_length else None,
                                                 run.step, run.last_step):
-        # ======== 1. forward (policy with grad, reference without) and backward, micro-batch by micro-batch
+        # ======== 1. forward (reference without grad, then policy with) and backward, micro-batch by micro-batch
         step_loss = torch.zeros((), device=d.device)
         logs = []
         for m in range(accum):
             mine = global_batch[(m * world + d.rank) * b:(m * world + d.rank + 1) * b]   # this rank's micro-batch
             batch = {k: v.to(d.device) for k, v in collate([data.train[i] for i in mine], tokenizer.pad_token_id).items()}
-            policy_first, policy_second = sequence_logprobs(policy, batch, d)             # (B,), (B,) with grad
-            with torch.no_grad():
+            with torch.no_grad():  # the reference first: its logits are freed before the policy's graph exists
                 ref_first, ref_second = sequence_logprobs(reference, batch, d)            # (B,), (B,)
+            policy_first, policy_second = sequence_logprobs(policy, batch, d)             # (B,), (B,) with grad
             # Loss normalisation under accumulation: the mean over the pairs of the whole optimiser step
             # (each micro-batch's mean weighted by its share of the step's pairs); FSDP averages gradients
             # over ranks, hence the factor world_size (as reward.py).

@@ -253,7 +253,7 @@ def test_dpo_holds_the_rloo_plan_less_the_score_models():
 def test_dpo_update_is_the_actor_update_at_2b_rows():
     """A micro-batch of B pairs is 2B rows: the actor update's moments at 2B sequences, plus the policy's
     root kept gathered (never under gathered_weights) until the backward, and the reference's forward
-    run while the policy's graph is kept (above the forward's end)."""
+    run first, before the policy's graph exists (below the forward's end)."""
     config = M.preset_config("toy-small", vocab_size=101)
     B, W = 4, 2
     sizes = dict(SIZES, per_device_train_batch_size=B)
@@ -267,7 +267,10 @@ def test_dpo_update_is_the_actor_update_at_2b_rows():
         assert ours["backward, last layer"] == actor["backward, last layer"]   # the root is gathered there in both
         assert ours["forward end"] == actor["forward end"] + root
         assert ours["backward start"] == actor["backward start"] + root
-        assert ours["reference forward (the policy's graph kept)"] > ours["forward end"]
+        # run first: the reference's own no-grad work only, none of the policy's graph
+        L = sizes["max_length"]
+        assert ours["reference forward (before the policy's)"] == (MP.no_grad_layer_bytes(config, 2 * B * L, 2)
+                                                                  + MP.logits_chain_bytes(config, 2 * B, L, 2))
         assert dpo["phases"]["update"]["total"] == max(dpo["phases"]["update"]["moments"].values())
 
 

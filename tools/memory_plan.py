@@ -65,8 +65,8 @@ dpo.py (--stage dpo; DPO, SafeDPO, MoCAN, SACPO) holds a policy trained as the a
 frozen as PPO's is (its root left gathered), nothing else. Its one phase, "update", is a micro-batch of
 B pairs, 2B right-padded rows of L tokens: the actor update's formulas at 2B rows, with the policy's root
 kept gathered from its forward to its backward (FSDP2's default for a root: the policy never goes through
-gathered_weights), and one more moment: the reference's no-grad forward over the same rows, run while the
-policy's graph is kept (its saved activations and log_softmax's fp32 output). --method mocan adds
+gathered_weights), and one more moment before them: the reference's no-grad forward over the same rows
+(dpo.py runs it first, so its logits chain is freed before the policy's graph exists). --method mocan adds
 "offline (mocan)" (dpo.mocan_offline, run by start_training after prepare_model and before
 make_optimizer: the policy's fp32 weights exist, its gradients and AdamW moments not yet): the reward and
 cost models' shards, the reference gathered whole for generation (gathered_weights) with a KV cache of
@@ -688,15 +688,13 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
             offline["scoring the samples"] = setup | after | {"layer work": no_grad_layer_bytes(config, pm * L, c)}
             offline["scoring the pairs"] = setup | after | {"layer work": no_grad_layer_bytes(config, 2 * eval_batch_size * L, c)}
             phase_moments["offline (mocan)"] = offline
-        # one micro-batch of B pairs = 2B right-padded rows: the policy's forward (its root, never under
-        # gathered_weights, stays gathered until its backward), then the reference's no-grad forward while
-        # the policy's graph is kept: saved activations and log_softmax's fp32 output (what the gather's
-        # backward needs), then the backward
+        # one micro-batch of B pairs = 2B right-padded rows: the reference's no-grad forward first (its
+        # logits chain freed before the policy's graph exists), then the policy's forward (its root, never
+        # under gathered_weights, stays gathered until its backward) and backward
         update_moments = update("policy", {}, logits_chain_bytes(config, 2 * B, L, c), batch=2 * B)
-        update_moments["reference forward (the policy's graph kept)"] = (
-            {k: v for k, v in update_moments["forward end"].items() if k != "logits chain"}
-            | {"policy's log_softmax output (kept for backward)": 4 * 2 * B * (L - 1) * V,
-               "reference logits chain (no grad)": logits_chain_bytes(config, 2 * B, L, c)})
+        update_moments["reference forward (before the policy's)"] = {
+            "layer work": no_grad_layer_bytes(config, 2 * B * L, c),
+            "reference logits chain (no grad)": logits_chain_bytes(config, 2 * B, L, c)}
         phase_moments["update"] = update_moments
     if critics:  # the reward critic trains first, while the cost critic's root is still gathered from scoring
         phase_moments["critic update"] = update("reward_critic", {"cost critic root (kept since scoring)":
