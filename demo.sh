@@ -3,8 +3,9 @@
 # stage stops it with that stage's error (set -e).
 #
 #   bash demo.sh            the full run (`make demo`): every stage with its default settings, PPO-
-#                           Lagrangian, plain PPO and reward shaping at seven fixed nu, then
-#                           evaluate.py over all of them; refreshes docs/results.md and README's table
+#                           Lagrangian, plain PPO, reward shaping at seven fixed nu, RLOO-Lagrangian and the
+#                           successors, then evaluate.py over all of them; refreshes docs/results.md,
+#                           docs/successors.md and README's tables
 #   bash demo.sh quick      a first look in a few minutes (`make demo-quick`): shorter training,
 #                           three nu; writes to runs-quick/ and results-quick/, README untouched
 #   bash demo.sh smoke DIR  tiny settings for the test suite, everything under DIR
@@ -14,7 +15,7 @@
 #                           annotation; win rates against SFT by the models and by the oracle;
 #                           refreshes docs/ablations.md
 #   bash demo.sh rloo       the critic-free stage (rloo_lagrangian.py, and plain RLOO) next to PPO-Lagrangian
-#                           on the runs a full run left (every profile runs it after its evaluation);
+#                           on the runs a full run left (every profile trains it before its evaluation);
 #                           the full run refreshes docs/rloo.md
 #   bash demo.sh rounds     the paper's three rounds (rounds.py) on the runs a full run left (the full
 #                           run ends with it; quick and smoke run two shorter ones); refreshes docs/rounds.md
