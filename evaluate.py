@@ -75,7 +75,6 @@ from typing import ClassVar
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import data_rules
 import model as M
@@ -494,16 +493,13 @@ def main(args: Args) -> None:
             preference[kind] = preference_metrics(score_model, pairs[kind], objective, pad, args, d)
         del score_model
 
-    # ---- 3. rank 0: summaries, tables, plots; then every rank leaves together ------------------
+    # ---- 3. rank 0: summaries, tables, plots (every rank leaves together: teardown_distributed) ---
     if d.is_main:
         results = {**summarize(args, policies, prompts, generations, scores, preference, logs, modes), "data": data_summary}
         if preference:  # the toy world knows the best accuracy any model could reach on these labels
             with contextlib.suppress(ValueError):
                 results["preference"]["bayes_ceiling"] = toyworld.bayes_ceiling([p["row"] for p in pairs["cost"]])
         write_report(out, results, args, prompts, generations, scores, logs)
-    M.barrier()  # the other ranks wait here rather than exit while rank 0 still holds the process group
-    if d.enabled:
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------
@@ -791,3 +787,4 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 if __name__ == "__main__":
     description = __doc__.split("\n")[0] + " Modes (--modes): " + "; ".join(f"{k}: {v}" for k, v in MODES.items())
     plumbing.run_main(lambda: main(plumbing.parse_args(Args, description=description + "; all: every mode that applies.")))
+    M.teardown_distributed()

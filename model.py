@@ -575,11 +575,14 @@ def init_distributed(device: str = "auto") -> Dist:
 
 
 def teardown_distributed() -> None:
-    """Wait for every rank, then destroy the process group. Without the barrier a rank that
-    finishes first can tear down while rank 0 is still writing, and gloo aborts the others."""
+    """The last line of a torchrun script, once main() has returned: wait for every rank, destroy the
+    process group, and end the process (plumbing.exit_now says why at once). Without the barrier a rank
+    that finishes first tears gloo down while rank 0 is still writing, and the others abort. A plain
+    `python x.py` has no process group: this returns, and Python exits as usual."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        plumbing.exit_now(0)
 
 
 def seed_everything(seed: int) -> None:

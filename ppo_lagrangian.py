@@ -592,10 +592,10 @@ def main(args: Args) -> None:
         if policy_run.end_of_rollout(run):   # a checkpoint when due; --stop_at_step stops at a rollout's end
             break
 
-    # ---- saving, then tearing down ----------------------------------------------------------
+    # ---- saving ------------------------------------------------------------------------------
     policy_run.finish_run(run)
-    M.teardown_distributed()
 
 
 if __name__ == "__main__":
     plumbing.run_main(lambda: main(plumbing.parse_args(Args, description=__doc__.splitlines()[0])))
+    M.teardown_distributed()

@@ -331,4 +331,4 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     {"init": init, "step": step, "generate": generate, "rloo_step": rloo_step, "ppo_step": ppo_step,
      "policy_steps": policy_steps, "init_uneven": init_uneven}[mode](out, tok)
-    M.teardown_distributed()  # barrier, then destroy: a rank tearing gloo down early aborts the other
+    M.teardown_distributed()  # barrier, destroy, os._exit: see plumbing.exit_now

@@ -318,10 +318,14 @@ def test_two_ranks_each_script_saves_a_loadable_checkpoint(sft_run, toy, tmp_pat
     p = torchrun(2, ["sft.py", "--dataset", toy / "sft", "--tokenizer_name_or_path", toy / "tokenizer",
                      "--output_dir", tmp_path / "sft", *SFT_FAST, "--toy_eval_samples", "1", "--max_new_tokens", "4"])
     ok(p)
+    # the ranks leave through model.teardown_distributed (os._exit after the atexit handlers and a flush):
+    # the run folder's lock is gone and the last line printed arrived
+    assert not (tmp_path / "sft.lock").exists() and p.stdout.strip().splitlines()[-1].startswith(f"saved {tmp_path / 'sft'}")
     assert plumbing.count_parameters(M.load_causal_lm(str(tmp_path / "sft"), toy_tok)) > 0
     assert json.loads((tmp_path / "sft" / "args.json").read_text())["global_batch_size"] == 32
     for script, score_type in (("reward.py", "reward"), ("cost.py", "cost")):
         ok(torchrun(2, pair_cmd(script, toy, tmp_path / "sft", tmp_path / score_type)[1:]))
+        assert not (tmp_path / f"{score_type}.lock").exists()
         sm = M.load_score_model(str(tmp_path / score_type), toy_tok, score_type)
         ids = torch.tensor([[1, 5, 6, 2]])
         assert sm(ids, torch.ones_like(ids)).end_scores.shape == (1,)

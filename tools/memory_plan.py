@@ -1082,3 +1082,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     plumbing.run_main(main)
+    M.teardown_distributed()  # --measure under torchrun
