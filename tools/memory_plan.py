@@ -632,15 +632,12 @@ def estimate_memory(config, world_size: int, *, per_device_prompt_batch_size: in
                                     "layer work": no_grad_layer_bytes(config, P * L, c)}
 
     # ---- updates: forward end, backward start, backward of the last layer -----------------------
-    def update(name: str, kept_roots: dict[str, int], logits: int, batch: int = B,
-               root_kept: bool | None = None) -> dict[str, dict[str, int]]:
-        """A trained model's forward and backward over batch x L tokens. root_kept: its root stays gathered
-        from the forward to the backward (FSDP2's default for a root; not the actor's: gathered_weights set
-        reshard_after_forward on it)."""
+    def update(name: str, kept_roots: dict[str, int], logits: int, batch: int = B) -> dict[str, dict[str, int]]:
+        """A trained model's forward and backward over batch x L tokens. Its root stays gathered from the
+        forward to the backward (FSDP2's default for a root), except the actor's: gathered_weights set
+        reshard_after_forward on it."""
         saved = saved_activations(config, batch, L, c, gradient_checkpointing)
-        if root_kept is None:
-            root_kept = name != "actor"
-        if root_kept:
+        if name != "actor":
             kept_roots = kept_roots | {f"{name} root unsharded": unsharded(name, "root")}
         freed = {"previous grads, freed by zero_grad": -persistent[name]["fp32 grads"]}
         # in the backward the root is gathered (kept since the forward, or the actor's re-gathered) and the
@@ -1056,8 +1053,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = plumbing.parse_args(Args, argv, description=__doc__.splitlines()[0])
     if args.method != "dpo" and args.stage != "dpo":
         raise UserError(f"--method {args.method}: for --stage dpo only")
-    if args.measure and args.stage not in MEASURED:
-        raise UserError(f"--measure runs {' or '.join(MEASURED)} only, not --stage {args.stage}: its plan is an estimate")
     if args.measure:
         result = measure_memory(gradient_checkpointing=args.gradient_checkpointing, stage=args.stage,
                                 samples_per_prompt=args.samples_per_prompt)
